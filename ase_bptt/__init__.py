@@ -1,0 +1,31 @@
+"""ase-bptt: fine-tune MLIPs by backpropagation through whole relaxations.
+
+Public entry points are imported lazily so ``import ase_bptt`` stays cheap
+(the CLI and the calculator should not pay for each other's imports).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Batch": "ase_bptt.batch",
+    "BPTTCalculator": "ase_bptt.calculator",
+    "DifferentiableRelaxer": "ase_bptt.relax.relaxer",
+    "LearnedStepOptimizer": "ase_bptt.relax.optimizer",
+    "ADAPT": "ase_bptt.models.adapt",
+    "ADAPTConfig": "ase_bptt.models.adapt",
+    "ConservativeForces": "ase_bptt.models.conservative",
+    "load_checkpoint": "ase_bptt.models.checkpoint",
+    "save_checkpoint": "ase_bptt.models.checkpoint",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ase_bptt' has no attribute {name!r}")
