@@ -1,0 +1,434 @@
+"""DifferentiableRelaxer: batched relaxations in torch that gradients flow through.
+
+``rollout`` is the functional core used by training: it unrolls frames
+``X[t+1] = X[t] + update(F_theta(X[t]))`` for a whole Batch and returns the
+final positions with their autograd graph. ``DifferentiableRelaxer`` wraps the
+same frame in the interface of ``ase.optimize.Optimizer`` (``run``, ``irun``,
+``step``, ``attach``, log and trajectory files), so an ASE user knows it at
+sight.
+
+Stopping, per structure: after a frame whose update has an RMS per-atom
+displacement below ``tol`` (the paper's rule), when the largest force on a
+movable atom is below ``fmax`` (if given; checked before the frame's update,
+as ASE does), or after ``max_steps`` frames. Decisions are taken on detached
+values and never differentiated; a stopped structure is frozen with
+``torch.where``, and fixed and padding atoms never move.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from torch.utils.checkpoint import checkpoint
+
+from ase_bptt.batch import Batch
+from ase_bptt.metrics import max_force, rms_displacement
+from ase_bptt.relax.steps import State, StepRule, make_step_rule, rule_from_relax_settings
+
+__all__ = ["RolloutResult", "rollout", "DifferentiableRelaxer"]
+
+
+class RolloutResult(NamedTuple):
+    """What :func:`rollout` returns.
+
+    Attributes:
+        positions: ``(B, N, 3)`` final positions (differentiable).
+        n_frames: ``(B,)`` long, the number of updates each structure took.
+        converged: ``(B,)`` bool, stopped by ``tol`` or ``fmax`` (not by ``max_steps``).
+    """
+
+    positions: torch.Tensor
+    n_frames: torch.Tensor
+    converged: torch.Tensor
+
+
+def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The floating dtype and device of a model's parameters (float64 on CPU if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.float64, torch.device("cpu")
+
+
+def _where_movable(move: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(move, x, torch.zeros_like(x))
+
+
+def _frame(model: torch.nn.Module, batch: Batch, rule: StepRule, frame: int, tol: float | None,
+           fmax: float | None, positions: torch.Tensor, state: State, active: torch.Tensor,
+           converged: torch.Tensor, n_frames: torch.Tensor, noise: torch.Tensor | None,
+           forces: torch.Tensor | None = None):
+    """One frame for the whole batch; returns ``(positions, state, active, converged, n_frames)``."""
+    movable = batch.movable[..., None]
+    if forces is None:
+        forces = model(batch, positions=positions).forces
+    # ASE applies FixAtoms to forces before any optimizer sees them; so do we.
+    forces = _where_movable(movable, forces)
+    if fmax is not None:
+        small = max_force(forces.detach(), batch) < fmax
+        converged = converged | (active & small)
+        active = active & ~small
+    update, state = rule(positions, forces, batch, state, frame, noise=noise)
+    move = active[:, None, None] & movable
+    update = _where_movable(move, update)
+    positions = torch.where(move, positions + update, positions)
+    n_frames = n_frames + active.long()
+    if tol is not None:
+        small = rms_displacement(update.detach(), batch) < tol
+        converged = converged | (active & small)
+        active = active & ~small
+    return positions, state, active, converged, n_frames
+
+
+def _draw_noise(rule: StepRule, positions: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    # Drawn outside any checkpointed region, so the recomputation in backward
+    # sees the same numbers whatever generator is used.
+    if not rule.wants_noise:
+        return None
+    return torch.randn(positions.shape, generator=generator, dtype=positions.dtype, device=positions.device)
+
+
+class _LaggedFlag:
+    """Reads "is any structure still moving?" one frame late on CUDA.
+
+    A host read of the current frame's flag would drain the GPU queue every
+    frame. Reading the previous frame's flag (copied asynchronously) keeps one
+    frame queued; the price is at most one extra frame in which every
+    structure is already frozen, which changes no number.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def any_moving(self, flag: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(flag)
+        previous = self.pending
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (host, event)
+        if previous is None:
+            return True
+        previous[1].synchronize()
+        return bool(previous[0])
+
+
+def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: float | None = 1e-3,
+            max_steps: int = 75, fmax: float | None = None, checkpoint_frames: bool = False,
+            generator: torch.Generator | None = None,
+            sync_active: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RolloutResult:
+    """Unroll a relaxation of every structure in ``batch``, keeping the autograd graph.
+
+    Args:
+        model: a ForceModel, ``model(batch, positions=X).forces``.
+        batch: the initial structures (cast to the model's dtype and device).
+        step_rule: the update rule (its state starts fresh).
+        tol: stop a structure after a frame whose RMS per-atom displacement
+            is below ``tol`` (A); None disables the rule.
+        max_steps: most frames per structure.
+        fmax: also stop a structure once its largest force is below ``fmax`` (eV/A).
+        checkpoint_frames: recompute each frame's activations in backward
+            (``torch.utils.checkpoint``, non-reentrant): memory per frame
+            drops to the positions and step-rule state.
+        generator: seeds the exploration noise (only drawn when the rule is in
+            training mode with ``noise > 0``).
+        sync_active: optional callable taking a 0-d float tensor (1.0 while any
+            local structure still moves) and returning the global value (e.g.
+            a DDP all-reduce with MAX), so every rank takes the same number of frames.
+
+    Returns:
+        :class:`RolloutResult` with the final positions, the frames each
+        structure took and whether it converged.
+    """
+    dtype, device = model_dtype_device(model)
+    batch = batch.to(device, dtype)
+    positions = batch.positions
+    b = len(batch)
+    state = step_rule.init_state(batch, positions)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    converged = torch.zeros(b, dtype=torch.bool, device=device)
+    n_frames = torch.zeros(b, dtype=torch.long, device=device)
+    flag_reader = _LaggedFlag(positions.device)
+    for k in range(max_steps):
+        noise = _draw_noise(step_rule, positions, generator)
+        fn = functools.partial(_frame, model, batch, step_rule, k, tol, fmax)
+        args = (positions, state, active, converged, n_frames, noise)
+        if checkpoint_frames and torch.is_grad_enabled():
+            positions, state, active, converged, n_frames = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            positions, state, active, converged, n_frames = fn(*args)
+        flag = active.any()
+        if sync_active is not None:
+            flag = sync_active(flag.to(dtype)) > 0
+        if not flag_reader.any_moving(flag):
+            break
+    return RolloutResult(positions, n_frames, converged)
+
+
+def _resolve_model(model: Any) -> tuple[torch.nn.Module, dict | None]:
+    """A ForceModel and the relax settings it came with (BPTTCalculator, checkpoint path or model)."""
+    if isinstance(model, (str, os.PathLike)):
+        from ase_bptt.models.checkpoint import load_checkpoint, load_model
+
+        ckpt = load_checkpoint(model)
+        return load_model(ckpt), ckpt.get("relax")
+    if hasattr(model, "model") and hasattr(model, "relax_settings") and not isinstance(model, torch.nn.Module):
+        return model.model, model.relax_settings
+    if isinstance(model, torch.nn.Module):
+        return model, getattr(model, "relax_settings", None)
+    raise TypeError(f"DifferentiableRelaxer needs a torch force model, a BPTTCalculator or a checkpoint path, "
+                    f"not {type(model).__name__}.")
+
+
+class DifferentiableRelaxer:
+    """Relax one or many structures in torch, keeping the graph: ``ase.optimize.Optimizer``'s interface.
+
+    >>> relaxer = DifferentiableRelaxer(atoms, model)      # like FIRE(atoms)
+    >>> relaxer.run()                                       # like FIRE(atoms).run(fmax=0.05)
+    >>> loss = dq(relaxer.positions, reference, relaxer.batch).sum(); loss.backward()
+
+    Args:
+        atoms: one ``Atoms``, a list of them (relaxed together as a batch) or a Batch.
+        model: a ForceModel, a ``BPTTCalculator`` or a checkpoint path. The
+            float dtype and device are the model's.
+        step: ``"fixed"``, ``"learned"``, ``"decoder"``, ``"fire"`` or a StepRule.
+            With ``"fixed"`` and ``eta=None`` the step rule saved with the model
+            (its checkpoint's ``relax`` settings) is used when there is one,
+            else a fixed step of :data:`~ase_bptt.relax.steps.DEFAULT_ETA` (0.05 A^2/eV).
+        eta: step size (A^2/eV) for ``"fixed"``, initial value for ``"learned"``/``"decoder"``.
+        tol: stop a structure after a frame whose RMS per-atom displacement is below ``tol`` (A).
+        maxstep: largest displacement of any atom in one frame (A), for rules built here.
+        logfile: None (default, no log), ``"-"`` for stdout, a path or an open file.
+        trajectory: an ASE trajectory path (one structure), a list of paths, or a
+            path containing ``{index}`` (one file per structure).
+        checkpoint_frames: recompute model activations in backward (saves memory).
+
+    Attributes:
+        batch: the structures; ``positions``: the current ``(B, N, 3)`` positions
+        (differentiable); ``nsteps``: frames taken; ``n_frames``: frames per
+        structure ``(B,)``; ``structure_converged``: ``(B,)`` bool.
+    """
+
+    def __init__(self, atoms: Atoms | Sequence[Atoms] | Batch, model: Any, *,
+                 step: str | StepRule = "fixed", eta: float | None = None, tol: float | None = 1e-3,
+                 maxstep: float | None = 0.2, logfile: Any = None, trajectory: Any = None,
+                 checkpoint_frames: bool = False) -> None:
+        self.model, settings = _resolve_model(model)
+        dtype, device = model_dtype_device(self.model)
+        if isinstance(atoms, Batch):
+            self.batch = atoms.to(device, dtype)
+            self._input_atoms = None
+        else:
+            self._input_atoms = [atoms] if isinstance(atoms, Atoms) else list(atoms)
+            self.batch = Batch.from_atoms(self._input_atoms, device=device, dtype=dtype)
+        if isinstance(step, StepRule):
+            rule = step
+        elif step == "fixed" and eta is None and settings:
+            rule = rule_from_relax_settings(settings)[0].to(device)
+        else:
+            rule = make_step_rule(step, eta=eta, maxstep=maxstep).to(device)
+        self.step_rule = rule
+        self.tol = tol
+        self.checkpoint_frames = checkpoint_frames
+        self.fmax: float | None = None
+        self.nsteps = 0
+        self.max_steps = 0
+        self.observers: list[tuple[Callable, int, tuple, dict]] = []
+
+        b = len(self.batch)
+        self.positions = self.batch.positions
+        self.state = rule.init_state(self.batch, self.positions)
+        self.active = torch.ones(b, dtype=torch.bool, device=device)
+        self.structure_converged = torch.zeros(b, dtype=torch.bool, device=device)
+        self.n_frames = torch.zeros(b, dtype=torch.long, device=device)
+        self._forces: torch.Tensor | None = None
+        self._energy: torch.Tensor | None = None
+
+        self._logfile = logfile
+        self._own_log = None
+        if isinstance(logfile, (str, os.PathLike)) and logfile != "-":
+            self._own_log = open(logfile, "a")
+        self._trajectories = self._open_trajectories(trajectory)
+
+    # ------------------------------------------------------------ context
+    def __enter__(self) -> "DifferentiableRelaxer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the log and trajectory files this relaxer opened."""
+        if self._own_log is not None:
+            self._own_log.close()
+            self._own_log = None
+        for traj in self._trajectories:
+            traj.close()
+        self._trajectories = []
+
+    def _open_trajectories(self, trajectory: Any) -> list:
+        if trajectory is None:
+            return []
+        from ase.io.trajectory import Trajectory
+
+        b = len(self.batch)
+        if isinstance(trajectory, (list, tuple)):
+            paths = list(trajectory)
+        elif "{index}" in os.fspath(trajectory):
+            paths = [os.fspath(trajectory).format(index=i) for i in range(b)]
+        else:
+            paths = [trajectory]
+        if len(paths) != b:
+            raise ValueError(f"trajectory names {len(paths)} file(s) for {b} structures; give a list of {b} paths "
+                             "or a name containing '{index}', e.g. 'relax-{index}.traj'.")
+        return [Trajectory(p, "w") for p in paths]
+
+    # ---------------------------------------------------------- evaluation
+    def _evaluate(self) -> torch.Tensor:
+        """Forces at the current positions (cached, like an ASE calculator)."""
+        if self._forces is None:
+            if self.checkpoint_frames and torch.is_grad_enabled():
+                out = checkpoint(lambda p: tuple(self.model(self.batch, positions=p)), self.positions,
+                                 use_reentrant=False)
+            else:
+                out = self.model(self.batch, positions=self.positions)
+            self._forces, self._energy = out[0], out[1]
+        return self._forces
+
+    def _check_fmax(self) -> None:
+        if self.fmax is None:
+            return
+        small = max_force(self._evaluate().detach(), self.batch) < self.fmax
+        self.structure_converged = self.structure_converged | (self.active & small)
+        self.active = self.active & ~small
+
+    # --------------------------------------------------------------- steps
+    def step(self) -> None:
+        """Take one frame for every structure still moving (advances ``nsteps``)."""
+        forces = self._evaluate()
+        noise = _draw_noise(self.step_rule, self.positions, None)
+        fn = functools.partial(_frame, self.model, self.batch, self.step_rule, self.nsteps, self.tol, None)
+        args = (self.positions, self.state, self.active, self.structure_converged, self.n_frames, noise)
+        if self.checkpoint_frames and torch.is_grad_enabled():
+            out = checkpoint(fn, *args, forces=forces, use_reentrant=False)
+        else:
+            out = fn(*args, forces=forces)
+        self._moved = self.active.clone()
+        self.positions, self.state, self.active, self.structure_converged, self.n_frames = out
+        self._forces = self._energy = None
+        self.nsteps += 1
+
+    def irun(self, fmax: float | None = None, steps: int = 75) -> Iterator[bool]:
+        """Relax as a generator, yielding :meth:`converged` after each frame (as ASE's ``irun``)."""
+        self.fmax = fmax
+        self.max_steps = self.nsteps + steps
+        self._evaluate()
+        if self.nsteps == 0:
+            self._moved = torch.ones_like(self.active)
+            self.log()
+            self._write_trajectory()
+            self.call_observers()
+        self._check_fmax()
+        is_converged = self.converged()
+        yield is_converged
+        while bool(self.active.any()) and self.nsteps < self.max_steps:
+            self.step()
+            self._evaluate()
+            self.log()
+            self._write_trajectory()
+            self.call_observers()
+            self._check_fmax()
+            is_converged = self.converged()
+            yield is_converged
+
+    def run(self, fmax: float | None = None, steps: int = 75) -> bool:
+        """Relax until every structure has stopped or ``steps`` frames; True if all converged.
+
+        Args:
+            fmax: optional force criterion (eV/A) next to the ``tol`` displacement rule.
+            steps: most frames to take in this call.
+        """
+        is_converged = False
+        for is_converged in self.irun(fmax=fmax, steps=steps):
+            pass
+        return is_converged
+
+    def converged(self) -> bool:
+        """True when every structure has stopped by ``tol`` or ``fmax``."""
+        return bool(self.structure_converged.all())
+
+    # ----------------------------------------------------------- observers
+    def attach(self, function: Callable, interval: int = 1, *args: Any, **kwargs: Any) -> None:
+        """Call ``function(*args, **kwargs)`` every ``interval`` frames (``interval <= 0``: only at that frame)."""
+        if not callable(function):
+            function = function.write
+        self.observers.append((function, interval, args, kwargs))
+
+    def call_observers(self) -> None:
+        for function, interval, args, kwargs in self.observers:
+            if (interval > 0 and self.nsteps % interval == 0) or (interval <= 0 and self.nsteps == abs(interval)):
+                function(*args, **kwargs)
+
+    # ------------------------------------------------------------- outputs
+    def get_atoms(self) -> list[Atoms]:
+        """The structures at the current positions, with energy and forces when known."""
+        images = self.batch.to_atoms(self.positions)
+        if self._forces is not None:
+            forces = self._forces.detach().double().cpu().numpy()
+            energy = None if self._energy is None else self._energy.detach().double().cpu().numpy()
+            mask = self.batch.mask.cpu().numpy()
+            for i, atoms in enumerate(images):
+                atoms.calc = SinglePointCalculator(atoms, forces=forces[i, mask[i]],
+                                                   energy=None if energy is None else float(energy[i]))
+        if self._input_atoms is not None:
+            for atoms, original in zip(images, self._input_atoms):
+                atoms.info.update(original.info)
+        return images
+
+    def todict(self) -> dict[str, Any]:
+        """A JSON-like description, as ASE optimizers give (written into trajectories)."""
+        rule = {k: v for k, v in self.step_rule.to_dict().items() if k != "state_dict"}
+        return {"type": "optimization", "optimizer": type(self).__name__, "step_rule": rule,
+                "tol": self.tol, "maxstep": self.step_rule.maxstep, "max_steps": self.max_steps, "fmax": self.fmax}
+
+    def log(self) -> None:
+        """One ASE-style line per structure that moved in the last frame."""
+        if self._logfile is None:
+            return
+        name = type(self).__name__
+        b = len(self.batch)
+        names = [name] if b == 1 else [f"{name}[{i}]" for i in range(b)]
+        width = max(len(n) for n in names)
+        lines = []
+        if self.nsteps == 0:
+            lines.append("%s  %4s %8s %15s  %12s\n" % (" " * width, "Step", "Time", "Energy", "fmax"))
+        fmax = max_force(self._forces.detach(), self.batch).double().cpu().tolist()
+        energy = [float("nan")] * b if self._energy is None else self._energy.detach().double().cpu().tolist()
+        t = time.localtime()
+        for i in torch.nonzero(self._moved).flatten().tolist():
+            lines.append("%s:  %3d %02d:%02d:%02d %15.6f %15.6f\n"
+                         % (names[i].ljust(width), self.nsteps, t[3], t[4], t[5], energy[i], fmax[i]))
+        text = "".join(lines)
+        if self._own_log is not None:
+            self._own_log.write(text)
+            self._own_log.flush()
+        elif self._logfile == "-":
+            print(text, end="")
+        else:
+            self._logfile.write(text)
+
+    def _write_trajectory(self) -> None:
+        if not self._trajectories:
+            return
+        images = self.get_atoms()
+        for i in torch.nonzero(self._moved).flatten().tolist():
+            self._trajectories[i].write(images[i])

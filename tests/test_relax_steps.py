@@ -1,0 +1,292 @@
+"""Step rules: updates checked by hand, serialisation, and BPTT gradients against finite differences.
+
+Also home of ``MorseModel``, a tiny smooth ForceModel (closed-form Morse pair
+forces plus a small MLP pair term, so there are model parameters to
+differentiate) that the other relax tests import.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ase_bptt.batch import Batch
+from ase_bptt.metrics import dq, minimum_image
+from ase_bptt.models.base import ForceModel, ModelOutput
+from ase_bptt.relax.relaxer import rollout
+from ase_bptt.relax.steps import (
+    DecoderStep,
+    FixedStep,
+    LearnedStep,
+    cap_displacement,
+    make_step_rule,
+    relax_settings,
+    rule_from_relax_settings,
+    safe_norm,
+    step_rule_from_dict,
+)
+
+GRAD_RTOL = 1e-5  # the issue's bound on relative error against central differences
+FD_STEP = 1e-5  # central-difference step along a unit direction in parameter space
+
+
+class MorseModel(ForceModel):
+    """Morse pair forces (minimum image) plus a small learned pair term.
+
+    ``F_i = sum_j [phi'(r_ij) + c(r_ij) mlp(r_ij)] r_ij / |r_ij|`` with
+    ``phi = D (1 - exp(-a (r - r0)))^2`` and a Gaussian envelope ``c``;
+    energy is the Morse part. Forces are closed form (no autograd inside),
+    so they also work under ``torch.no_grad`` in a calculator.
+    """
+
+    def __init__(self, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.D = nn.Parameter(torch.tensor(0.5, dtype=dtype))
+        self.a = nn.Parameter(torch.tensor(2.0, dtype=dtype))
+        self.r0 = nn.Parameter(torch.tensor(2.35, dtype=dtype))
+        self.w0 = nn.Parameter(0.5 * torch.randn(4, generator=g, dtype=torch.float64).to(dtype))
+        self.b0 = nn.Parameter(0.5 * torch.randn(4, generator=g, dtype=torch.float64).to(dtype))
+        self.w1 = nn.Parameter(0.1 * torch.randn(4, generator=g, dtype=torch.float64).to(dtype))
+
+    def forward(self, batch: Batch, positions: torch.Tensor | None = None) -> ModelOutput:
+        pos = batch.positions if positions is None else positions
+        b, n, _ = pos.shape
+        rij = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j] = x_j - x_i
+        rij = minimum_image(rij.reshape(b, n * n, 3), batch.cell, batch.pbc).reshape(b, n, n, 3)
+        eye = torch.eye(n, dtype=torch.bool, device=pos.device)
+        pair = batch.mask[:, :, None] & batch.mask[:, None, :] & ~eye
+        r = torch.where(pair, safe_norm(rij), torch.ones_like(pair, dtype=pos.dtype))
+        e = torch.exp(-self.a * (r - self.r0))
+        dphi = 2.0 * self.D * self.a * e * (1.0 - e)
+        learned = torch.tanh(r[..., None] * self.w0 + self.b0) @ self.w1 * torch.exp(-((r / 3.0) ** 2))
+        g = torch.where(pair, dphi + learned, torch.zeros_like(r))
+        forces = (g[..., None] * rij / r[..., None]).sum(dim=2)
+        energy = 0.5 * torch.where(pair, self.D * (1.0 - e) ** 2, torch.zeros_like(r)).sum(dim=(1, 2))
+        return ModelOutput(forces=forces, energy=energy)
+
+
+def reference_for(batch: Batch, seed: int = 3) -> torch.Tensor:
+    """A made-up 'relaxed' target near the initial positions."""
+    g = torch.Generator().manual_seed(seed)
+    return batch.positions + 0.05 * torch.randn(batch.positions.shape, generator=g, dtype=batch.positions.dtype)
+
+
+def check_gradients(model: nn.Module, rule: nn.Module, batch: Batch, *, frames: int, checkpoint_frames: bool,
+                    n_directions: int = 3, extra_directions: list[dict[str, float]] | None = None) -> None:
+    """Directional derivatives of Dq(final) along random unit directions vs central differences."""
+    ref = reference_for(batch)
+    params = [p for p in list(model.parameters()) + list(rule.parameters()) if p.requires_grad]
+    names = {id(p): n for n, p in list(model.named_parameters()) + [("rule." + k, v) for k, v in rule.named_parameters()]}
+
+    def loss() -> torch.Tensor:
+        out = rollout(model, batch, rule, tol=None, max_steps=frames, checkpoint_frames=checkpoint_frames)
+        assert int(out.n_frames.min()) == frames
+        return dq(out.positions, ref, batch).sum()
+
+    value = loss()
+    grads = torch.autograd.grad(value, params)
+    g = torch.Generator().manual_seed(11)
+    directions = []
+    for _ in range(n_directions):
+        d = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+        norm = math.sqrt(sum(float((x * x).sum()) for x in d))
+        directions.append([x / norm for x in d])
+    for extra in extra_directions or []:
+        directions.append([torch.full_like(p, extra.get(names[id(p)], 0.0)) for p in params])
+    for d in directions:
+        analytic = sum(float((gi * di).sum()) for gi, di in zip(grads, d))
+        with torch.no_grad():
+            for p, di in zip(params, d):
+                p.add_(FD_STEP * di)
+            plus = float(loss())
+            for p, di in zip(params, d):
+                p.sub_(2 * FD_STEP * di)
+            minus = float(loss())
+            for p, di in zip(params, d):
+                p.add_(FD_STEP * di)
+        numeric = (plus - minus) / (2 * FD_STEP)
+        assert abs(numeric) > 1e-6, "direction with no effect: the check would be vacuous"
+        assert abs(analytic - numeric) <= GRAD_RTOL * abs(numeric), (analytic, numeric)
+
+
+@pytest.fixture
+def batch(si_small):
+    return Batch.from_atoms(si_small)
+
+
+# ------------------------------------------------------------------ updates
+def test_fixed_step_update_is_eta_times_force(batch):
+    forces = torch.randn(batch.positions.shape, dtype=torch.float64) * batch.movable[..., None]
+    rule = FixedStep(0.01, maxstep=None)
+    update, state = rule(batch.positions, forces, batch, rule.init_state(batch, batch.positions), 0)
+    torch.testing.assert_close(update, 0.01 * forces, rtol=0, atol=0)
+    assert state == {}
+
+
+def test_momentum_and_annealing_by_hand(batch):
+    g = torch.Generator().manual_seed(0)
+    f0, f1 = (torch.randn(batch.positions.shape, generator=g, dtype=torch.float64) * batch.movable[..., None]
+              for _ in range(2))
+    rule = FixedStep(0.02, momentum=0.25, anneal=0.9, maxstep=None)
+    state = rule.init_state(batch, batch.positions)
+    u0, state = rule(batch.positions, f0, batch, state, 0)
+    u1, state = rule(batch.positions, f1, batch, state, 1)
+    d0 = 0.75 * 0.02 * f0.numpy()
+    d1 = 0.75 * 0.02 * 0.9 * f1.numpy() + 0.25 * d0
+    np.testing.assert_allclose(u0.numpy(), d0, rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(u1.numpy(), d1, rtol=1e-14, atol=1e-16)
+
+
+def test_maxstep_rescales_whole_structure_not_single_atoms():
+    update = torch.zeros(2, 3, 3, dtype=torch.float64)
+    update[0, 0] = torch.tensor([0.3, 0.4, 0.0], dtype=torch.float64)  # |u| = 0.5
+    update[0, 1] = torch.tensor([0.1, 0.0, 0.0], dtype=torch.float64)
+    update[1, 0] = torch.tensor([0.05, 0.0, 0.0], dtype=torch.float64)  # under the cap: untouched
+    capped = cap_displacement(update, 0.2)
+    torch.testing.assert_close(capped[0], update[0] * 0.4, rtol=1e-15, atol=0)
+    torch.testing.assert_close(capped[1], update[1], rtol=0, atol=0)
+
+
+def test_zero_update_has_finite_gradient():
+    update = torch.zeros(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    cap_displacement(update, 0.2).sum().backward()
+    assert torch.isfinite(update.grad).all()
+
+
+def test_learned_step_is_positive_and_separate(batch):
+    rule = LearnedStep(0.07)
+    assert rule.step_parameters() == [rule.log_eta]
+    assert float(rule.eta.detach()) == pytest.approx(0.07, rel=1e-6)
+    with torch.no_grad():
+        rule.log_eta.fill_(-50.0)
+    assert float(rule.eta.detach()) > 0
+
+
+def test_decoder_starts_at_eta0_per_structure(si_small, si_vacancy):
+    batch = Batch.from_atoms([si_small, si_vacancy])
+    rule = DecoderStep(0.077, dtype=torch.float64)
+    forces = torch.randn(batch.positions.shape, dtype=torch.float64) * batch.mask[..., None]
+    s = rule.step_size(batch.positions, forces, batch, {}, 0)
+    assert s.shape == (2,)
+    torch.testing.assert_close(s, torch.full((2,), 0.077, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_decoder_ignores_padding(si_small, si_vacancy):
+    rule = DecoderStep(0.05, dtype=torch.float64)
+    nn.init.normal_(rule.head.weight, std=0.5)
+    alone = Batch.from_atoms(si_small)
+    padded = Batch.from_atoms([si_small, si_vacancy])
+    forces = torch.randn(padded.positions.shape, dtype=torch.float64) * padded.mask[..., None]
+    f_alone = forces[:1, : alone.positions.shape[1]]
+    s_alone = rule.step_size(alone.positions, f_alone, alone, {}, 0)
+    s_padded = rule.step_size(padded.positions, forces, padded, {}, 0)
+    torch.testing.assert_close(s_padded[:1], s_alone, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------- serialisation
+@pytest.mark.parametrize("spec", ["fixed", "learned", "decoder", "fire"])
+def test_to_dict_round_trip(spec, batch):
+    rule = make_step_rule(spec, maxstep=0.15, noise=0.0)
+    if spec == "decoder":
+        rule = DecoderStep(0.05, dtype=torch.float64, momentum=0.05, anneal=0.99)
+        nn.init.normal_(rule.head.weight, std=0.3)
+    if spec == "learned":
+        with torch.no_grad():
+            rule.log_eta.fill_(math.log(0.0612345))
+    settings = relax_settings(rule, tol=2e-3, max_steps=50)
+    saved = torch.load(_save(settings), weights_only=True)
+    again, tol, max_steps = rule_from_relax_settings(saved)
+    assert (tol, max_steps) == (2e-3, 50)
+    assert type(again) is type(rule)
+    forces = torch.randn(batch.positions.shape, dtype=torch.float64) * batch.movable[..., None]
+    state = rule.init_state(batch, batch.positions)
+    u1, _ = rule(batch.positions, forces, batch, state, 3)
+    u2, _ = again(batch.positions, forces, batch, again.init_state(batch, batch.positions), 3)
+    torch.testing.assert_close(u1, u2, rtol=0, atol=0)
+
+
+def _save(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_flat_relax_dict_and_unknown_rule():
+    rule, tol, _ = rule_from_relax_settings({"step": "fixed", "eta": 0.03, "tol": 1e-4})
+    assert isinstance(rule, FixedStep) and rule.eta == 0.03 and tol == 1e-4
+    with pytest.raises(ValueError, match="unknown step rule 'bfgs'"):
+        step_rule_from_dict({"step": "bfgs"})
+    with pytest.raises(ValueError, match="momentum"):
+        FixedStep(0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="FIRE takes no eta"):
+        make_step_rule("fire", eta=0.1)
+
+
+# ------------------------------------------------- gradients through frames
+def _learned(**kw):
+    return LearnedStep(0.05, dtype=torch.float64, **kw)
+
+
+def _decoder(**kw):
+    rule = DecoderStep(0.05, dtype=torch.float64, d_model=8, n_heads=2, d_ff=8, **kw)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # move the head off zero so every decoder weight matters
+        rule.head.weight.copy_(0.3 * torch.randn(rule.head.weight.shape, generator=g, dtype=torch.float64))
+    return rule
+
+
+RULES = {
+    "fixed": lambda: FixedStep(0.05),
+    "learned": _learned,
+    "decoder": _decoder,
+    "momentum": lambda: _learned(momentum=0.3),
+    "anneal": lambda: _learned(anneal=0.9),
+    "maxstep": lambda: _learned(maxstep=0.005),
+}
+
+
+@pytest.mark.parametrize("checkpoint_frames", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("name", list(RULES))
+def test_gradients_match_finite_differences(name, checkpoint_frames, batch):
+    model = MorseModel()
+    rule = RULES[name]()
+    if name == "maxstep":  # the cap must actually bind on the first frame
+        with torch.no_grad():
+            forces = model(batch).forces * batch.movable[..., None]
+        raw = float(safe_norm(rule.eta.detach() * forces).max())
+        assert raw > 2 * rule.maxstep
+    # (with the cap binding on every frame eta has no effect, so no eta-only direction there)
+    extra = [{"rule.log_eta": 1.0}] if isinstance(rule, LearnedStep) and name != "maxstep" else None
+    check_gradients(model, rule, batch, frames=6, checkpoint_frames=checkpoint_frames, extra_directions=extra)
+
+
+def test_checkpointed_gradients_equal_plain_with_noise(batch):
+    model = MorseModel()
+    grads = []
+    for checkpoint_frames in (False, True):
+        rule = FixedStep(0.05, noise=0.01).train()
+        gen = torch.Generator().manual_seed(4)
+        out = rollout(model, batch, rule, tol=None, max_steps=5, checkpoint_frames=checkpoint_frames, generator=gen)
+        grads.append(torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_noise_only_in_training(batch):
+    model = MorseModel()
+    rule = FixedStep(0.05, noise=0.01)
+    runs = []
+    for mode, seed in (("train", 1), ("train", 2), ("eval", 1), ("eval", 2)):
+        getattr(rule, mode)()
+        out = rollout(model, batch, rule, tol=None, max_steps=3, generator=torch.Generator().manual_seed(seed))
+        runs.append(out.positions.detach())
+    assert not torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[2], runs[3])
