@@ -28,7 +28,9 @@ class ConservativeForces(ForceModel):
         energy_model: a callable (usually an ``nn.Module``) taking
             ``(batch, positions)`` and returning the total energy ``(B,)`` in
             eV, or a :class:`ModelOutput` whose ``energy`` is used. It must
-            ignore padding atoms (``batch.mask``).
+            ignore padding atoms (``batch.mask``) and keep their gradient
+            finite: padding atoms all sit at the origin, so mask pair
+            distances before a ``sqrt``, not after.
 
     Under ``torch.no_grad()`` (e.g. in a calculator) gradients are enabled
     locally for the positions only and the result carries no graph. Under

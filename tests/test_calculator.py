@@ -1,0 +1,139 @@
+"""BPTTCalculator with ASE's own optimizers, constraints, dtypes and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.constraints import FixAtoms
+from ase.optimize import BFGS, FIRE, LBFGS
+
+from ase_bptt.batch import Batch
+from ase_bptt.calculator import BPTTCalculator
+from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
+from ase_bptt.models.checkpoint import CheckpointNotFoundError, save_checkpoint
+
+
+def tiny_model(atoms) -> ADAPT:
+    torch.manual_seed(0)
+    m = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2))
+    batch = Batch.from_atoms(atoms)
+    # forces of a plausible size (0.3 eV/A) so the optimizers take real steps
+    m.fit_standardisation(batch, 0.3 * torch.randn(batch.positions.shape, dtype=torch.float64), torch.tensor([-4.6 * len(atoms)]))
+    return m
+
+
+@pytest.fixture
+def checkpoint(tmp_path, si_vacancy):
+    relax = {"step": {"rule": "fixed", "eta": 0.05}, "tol": 1e-3, "max_steps": 75}
+    return save_checkpoint(tmp_path / "si.pt", tiny_model(si_vacancy), relax=relax)
+
+
+def test_units_shapes_and_properties(checkpoint, si_vacancy):
+    assert BPTTCalculator.implemented_properties == ("energy", "free_energy", "forces")
+    calc = BPTTCalculator(checkpoint)
+    si_vacancy.calc = calc
+    forces = si_vacancy.get_forces()
+    energy = si_vacancy.get_potential_energy()
+    assert forces.shape == (63, 3) and forces.dtype == np.float64
+    assert np.isfinite(energy) and energy == si_vacancy.get_potential_energy(force_consistent=True)
+    assert abs(energy / 63 + 4.6) < 0.5  # the fitted per-atom energy shift, in eV
+    assert np.abs(forces.sum(0)).max() < 1e-4  # net force removed (float32)
+    # same numbers as the model itself on a Batch of one
+    out = calc.model(Batch.from_atoms(si_vacancy, dtype=torch.float32))
+    np.testing.assert_allclose(forces, out.forces[0].detach().double().numpy(), rtol=0, atol=0)
+    assert calc.relax_settings == {"step": {"rule": "fixed", "eta": 0.05}, "tol": 1e-3, "max_steps": 75}
+    assert BPTTCalculator.from_file(checkpoint).checkpoint["format"] == "ase-bptt"
+
+
+@pytest.mark.parametrize("optimizer", [FIRE, BFGS, LBFGS])
+def test_ase_optimizers_run_20_steps(checkpoint, si_vacancy, optimizer):
+    start = si_vacancy.positions.copy()
+    si_vacancy.calc = BPTTCalculator(checkpoint, dtype=torch.float64)
+    opt = optimizer(si_vacancy, logfile=None)
+    opt.run(fmax=1e-6, steps=20)  # unreachable fmax: all 20 steps are taken
+    assert opt.nsteps == 20
+    assert np.isfinite(si_vacancy.get_potential_energy())
+    assert np.isfinite(si_vacancy.get_forces()).all()
+    assert np.abs(si_vacancy.positions - start).max() > 1e-3  # it moved
+
+
+def test_fixed_atom_stays_fixed_through_fire(checkpoint, si_vacancy):
+    si_vacancy.set_constraint(FixAtoms(indices=[3, 10]))
+    fixed = si_vacancy.positions[[3, 10]].copy()
+    si_vacancy.calc = BPTTCalculator(checkpoint)
+    FIRE(si_vacancy, logfile=None).run(fmax=1e-6, steps=20)
+    assert np.array_equal(si_vacancy.positions[[3, 10]], fixed)
+    assert np.all(si_vacancy.get_forces()[[3, 10]] == 0)  # ASE zeroes them
+    assert np.abs(si_vacancy.get_forces(apply_constraint=False)[[3, 10]]).max() > 0
+
+
+def test_default_dtype_unchanged_by_float64(checkpoint, si_vacancy):
+    before = torch.get_default_dtype()
+    calc = BPTTCalculator(checkpoint, dtype=torch.float64)
+    si_vacancy.calc = calc
+    si_vacancy.get_forces()
+    assert calc.model.force_head.weight.dtype == torch.float64
+    assert torch.get_default_dtype() == before == torch.float32
+
+
+def test_float64_agrees_with_float32(checkpoint, si_vacancy):
+    a = si_vacancy.copy()
+    a.calc = BPTTCalculator(checkpoint)
+    si_vacancy.calc = BPTTCalculator(checkpoint, dtype=torch.float64)
+    np.testing.assert_allclose(a.get_forces(), si_vacancy.get_forces(), atol=1e-4)
+
+
+def test_unknown_element_is_named(checkpoint):
+    atoms = bulk("Ge", "diamond", a=5.66, cubic=True)
+    atoms.calc = BPTTCalculator(checkpoint)
+    with pytest.raises(UnknownElementError, match="Ge"):
+        atoms.get_forces()
+
+
+def test_model_object_path(si_vacancy):
+    model = tiny_model(si_vacancy).train()
+    calc = BPTTCalculator(model)
+    assert calc.model is model and not model.training and calc.relax_settings is None
+    si_vacancy.calc = calc
+    assert np.isfinite(si_vacancy.get_forces()).all()
+
+
+def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="missing.pt"):
+        BPTTCalculator(tmp_path / "missing.pt")
+    with pytest.raises(TypeError):
+        BPTTCalculator(42)
+
+
+class ForcesOnly(ForceModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, batch, positions=None):
+        pos = batch.positions if positions is None else positions
+        return ModelOutput(forces=-0.1 * self.scale * (pos - pos.mean(1, keepdim=True)))
+
+
+def test_forces_only_model_has_no_energy(si_small):
+    si_small.calc = BPTTCalculator(ForcesOnly())
+    assert si_small.get_forces().shape == (7, 3)
+    with pytest.raises(PropertyNotImplementedError, match="forces only"):
+        si_small.get_potential_energy()
+
+
+def test_works_with_ase_db_and_io(tmp_path, checkpoint, si_small):
+    import ase.db
+    import ase.io
+
+    si_small.calc = BPTTCalculator(checkpoint)
+    forces = si_small.get_forces()
+    ase.io.write(tmp_path / "a.extxyz", si_small)
+    np.testing.assert_allclose(ase.io.read(tmp_path / "a.extxyz").get_forces(), forces, atol=1e-6)
+    with ase.db.connect(tmp_path / "a.db") as db:
+        db.write(si_small)
+    np.testing.assert_allclose(ase.db.connect(tmp_path / "a.db").get(1).forces, forces)

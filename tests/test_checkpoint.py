@@ -1,0 +1,182 @@
+"""Checkpoints: bitwise reload, weights_only loading, and one error per bad file."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from ase_bptt.batch import Batch
+from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+from ase_bptt.models.checkpoint import (
+    FORMAT_VERSION,
+    MODEL_REGISTRY,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UnknownModelError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+
+
+@pytest.fixture
+def model(si_small):
+    torch.manual_seed(0)
+    m = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2))
+    batch = Batch.from_atoms(si_small)
+    m.fit_standardisation(batch, torch.randn(1, 7, 3), torch.tensor([-32.0]))
+    return m.eval()
+
+
+@pytest.fixture
+def saved(tmp_path, model):
+    relax = {"step": {"rule": "fixed", "eta": torch.tensor(0.05)}, "tol": 1e-3, "max_steps": 75}
+    return save_checkpoint(tmp_path / "si.pt", model, relax=relax, metadata={"note": "test", "n": np.int64(3)})
+
+
+def test_reload_is_bitwise_identical(saved, model, si_vacancy):
+    batch = Batch.from_atoms(si_vacancy, dtype=torch.float32)
+    loaded = load_model(saved)
+    assert not loaded.training and loaded.config == model.config
+    a, b = model(batch), loaded(batch)
+    assert torch.equal(a.forces, b.forces) and torch.equal(a.energy, b.energy)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_loads_with_plain_weights_only_torch_load(saved):
+    data = torch.load(saved, weights_only=True)  # no ase-bptt code involved
+    assert data["format"] == "ase-bptt" and data["format_version"] == FORMAT_VERSION
+    assert data["model"]["name"] == "ADAPT" and isinstance(data["model"]["config"], dict)
+    assert data["relax"]["max_steps"] == 75 and float(data["relax"]["step"]["eta"]) == pytest.approx(0.05)
+    meta = data["metadata"]
+    assert meta["note"] == "test" and meta["n"] == 3 and meta["created"].endswith("Z")
+    assert meta["package_version"] == data["package_version"]
+
+
+def test_load_model_dtype_and_dict(saved, si_small):
+    ckpt = load_checkpoint(saved)
+    m64 = load_model(ckpt, dtype=torch.float64)
+    assert m64.force_head.weight.dtype == torch.float64
+    out = m64(Batch.from_atoms(si_small))
+    assert out.forces.dtype == torch.float64
+
+
+def test_atomic_write_leaves_no_temporary(tmp_path, model):
+    path = tmp_path / "sub" / "a.pt"
+    save_checkpoint(path, model)
+    save_checkpoint(path, model)  # overwrite
+    assert sorted(os.listdir(path.parent)) == ["a.pt"]
+
+
+def test_non_json_metadata_is_refused(tmp_path, model):
+    with pytest.raises(TypeError, match="metadata.bad"):
+        save_checkpoint(tmp_path / "x.pt", model, metadata={"bad": object()})
+    assert not (tmp_path / "x.pt").exists()
+
+
+# ------------------------------------------------------------- error cases
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointNotFoundError, match="nope.pt"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):  # also an ordinary FileNotFoundError
+        load_model(path)
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(NotACheckpointError, match="notes.pt"):
+        load_checkpoint(path)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(NotACheckpointError, match="directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_plain_state_dict(tmp_path, model):
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(NotACheckpointError, match="weights.pt.*plain state dict"):
+        load_checkpoint(path)
+
+
+def test_future_format_version(tmp_path, saved):
+    data = torch.load(saved, weights_only=True)
+    data["format_version"] = FORMAT_VERSION + 1
+    path = tmp_path / "future.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointVersionError, match="future.pt.*upgrade ase-bptt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
+def test_truncated_file(tmp_path, saved, keep):
+    raw = saved.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(CorruptCheckpointError, match="cut.pt"):
+        load_checkpoint(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="empty"):
+        load_checkpoint(path)
+
+
+def test_pickled_objects_are_refused_not_run(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ase-bptt", "payload": zipfile.ZipInfo("x")}, path)
+    with pytest.raises(CorruptCheckpointError, match="evil.pt.*unsafe"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("drop", ["model", "metadata", "model.state_dict"])
+def test_missing_keys(tmp_path, saved, drop):
+    data = torch.load(saved, weights_only=True)
+    if "." in drop:
+        outer, inner = drop.split(".")
+        del data[outer][inner]
+    else:
+        del data[drop]
+    path = tmp_path / "partial.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointKeyError, match=rf"partial.pt.*{drop}"):
+        load_checkpoint(path)
+
+
+def test_weights_not_matching_config(tmp_path, saved):
+    data = torch.load(saved, weights_only=True)
+    del data["model"]["state_dict"]["force_head.weight"]
+    with pytest.raises(CheckpointKeyError, match="force_head.weight"):
+        load_model(data)
+
+
+def test_unknown_model_name(saved):
+    data = torch.load(saved, weights_only=True)
+    data["model"]["name"] = "MACE"
+    with pytest.raises(UnknownModelError, match="MACE"):
+        load_model(data)
+    assert "ADAPT" in MODEL_REGISTRY
+
+
+def test_errors_are_distinct_checkpoint_errors():
+    kinds = [CheckpointNotFoundError, NotACheckpointError, CheckpointVersionError,
+             CorruptCheckpointError, CheckpointKeyError, UnknownModelError]
+    assert all(issubclass(k, CheckpointError) for k in kinds)
+    assert len(set(kinds)) == len(kinds)
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1 :]:
+            assert not issubclass(a, b) and not issubclass(b, a)
