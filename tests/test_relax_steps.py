@@ -35,13 +35,17 @@ FD_STEP = 1e-5  # central-difference step along a unit direction in parameter sp
 
 
 class MorseModel(ForceModel):
-    """Morse pair forces (minimum image) plus a small learned pair term.
+    """Nearest-neighbour Morse pair forces (minimum image) plus a small learned pair term.
 
-    ``F_i = sum_j [phi'(r_ij) + c(r_ij) mlp(r_ij)] r_ij / |r_ij|`` with
-    ``phi = D (1 - exp(-a (r - r0)))^2`` and a Gaussian envelope ``c``;
-    energy is the Morse part. Forces are closed form (no autograd inside),
-    so they also work under ``torch.no_grad`` in a calculator.
+    ``F_i = sum_j g(r_ij) r_ij / |r_ij|`` with ``g = (phi c)' + c mlp(r)``,
+    ``phi = D (1 - exp(-a (r - r0)))^2`` and a smooth cutoff ``c`` between
+    2.9 and 3.4 A (between the first and second neighbours of silicon, so
+    the diamond cell relaxes instead of collapsing). Energy is ``sum phi c``.
+    Forces are closed form (no autograd inside), so they also work under
+    ``torch.no_grad`` in a calculator.
     """
+
+    r_on, r_cut = 2.9, 3.4
 
     def __init__(self, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
         super().__init__()
@@ -61,12 +65,17 @@ class MorseModel(ForceModel):
         eye = torch.eye(n, dtype=torch.bool, device=pos.device)
         pair = batch.mask[:, :, None] & batch.mask[:, None, :] & ~eye
         r = torch.where(pair, safe_norm(rij), torch.ones_like(pair, dtype=pos.dtype))
+        x = ((r - self.r_on) / (self.r_cut - self.r_on)).clamp(0.0, 1.0)
+        c = 0.5 * (1.0 + torch.cos(math.pi * x))
+        dc = torch.where((x > 0) & (x < 1), -0.5 * math.pi * torch.sin(math.pi * x) / (self.r_cut - self.r_on),
+                         torch.zeros_like(x))
         e = torch.exp(-self.a * (r - self.r0))
+        phi = self.D * (1.0 - e) ** 2
         dphi = 2.0 * self.D * self.a * e * (1.0 - e)
-        learned = torch.tanh(r[..., None] * self.w0 + self.b0) @ self.w1 * torch.exp(-((r / 3.0) ** 2))
-        g = torch.where(pair, dphi + learned, torch.zeros_like(r))
+        learned = torch.tanh(r[..., None] * self.w0 + self.b0) @ self.w1
+        g = torch.where(pair, dphi * c + phi * dc + learned * c, torch.zeros_like(r))
         forces = (g[..., None] * rij / r[..., None]).sum(dim=2)
-        energy = 0.5 * torch.where(pair, self.D * (1.0 - e) ** 2, torch.zeros_like(r)).sum(dim=(1, 2))
+        energy = 0.5 * torch.where(pair, phi * c, torch.zeros_like(r)).sum(dim=(1, 2))
         return ModelOutput(forces=forces, energy=energy)
 
 
