@@ -540,6 +540,7 @@ def relax_file(
         ValueError: an unknown optimizer or an input with no structures.
     """
     import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.optimize import FIRE
 
     from ase_bptt.calculator import BPTTCalculator
@@ -574,6 +575,10 @@ def relax_file(
             opt = LearnedStepOptimizer(atoms, logfile=None)
             converged = bool(opt.run(steps=steps))
         forces = atoms.get_forces()
+        energy = atoms.calc.results.get("energy")
+        # The calculator is shared by all frames: freeze this frame's results so
+        # the output file carries its own energy and forces.
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces.copy())
         moved = atoms.get_positions() - start
         done.append(
             RelaxedStructure(
