@@ -8,6 +8,7 @@ from ase.build import bulk, molecule
 
 from ase_bptt.batch import Batch
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+from ase_bptt.models.base import UnknownElementError
 
 from conftest import silicon_vacancy
 
@@ -144,3 +145,20 @@ def test_non_periodic_structure_without_cell():
     mol = molecule("CH4")  # zero cell, no pbc
     out = model(Batch.from_atoms(mol))
     assert torch.isfinite(out.forces).all() and torch.isfinite(out.energy).all()
+
+
+def test_species_grow_with_fitted_data_and_are_checked(si_small):
+    model = tiny()
+    assert model.species is None
+    model.check_species([14, 92])  # anything goes before fitting...
+    with pytest.raises(UnknownElementError, match="Am"):
+        model.check_species([14, 95])  # ...within the descriptor table
+    fitted(model, [si_small])
+    assert model.species == (14,)
+    ge = si_small.copy()
+    ge.numbers[:] = 32
+    with pytest.raises(UnknownElementError, match="Ge"):
+        model.check_species(ge.numbers, where="test structure")
+    fitted(model, [ge])
+    assert model.species == (14, 32)
+    assert ADAPTConfig.from_dict(model.config.to_dict()).species == (14, 32)

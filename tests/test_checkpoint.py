@@ -99,6 +99,14 @@ def test_text_file(tmp_path):
         load_checkpoint(path)
 
 
+def test_other_zip_archive(tmp_path):
+    path = tmp_path / "bundle.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(NotACheckpointError, match="bundle.pt.*zip archive"):
+        load_checkpoint(path)
+
+
 def test_directory(tmp_path):
     with pytest.raises(NotACheckpointError, match="directory"):
         load_checkpoint(tmp_path)
@@ -120,12 +128,23 @@ def test_future_format_version(tmp_path, saved):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("keep", [0.001, 0.5, 0.9, 0.999])
 def test_truncated_file(tmp_path, saved, keep):
     raw = saved.read_bytes()
     path = tmp_path / "cut.pt"
     path.write_bytes(raw[: int(len(raw) * keep)])
     with pytest.raises(CorruptCheckpointError, match="cut.pt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("where", [0.01, 0.3, 0.7])
+def test_damaged_bytes_are_detected(tmp_path, saved, where):
+    raw = bytearray(saved.read_bytes())
+    i = int(len(raw) * where)
+    raw[i : i + 32] = bytes(32)  # zeroed block, e.g. inside a tensor's data
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="damaged.pt"):
         load_checkpoint(path)
 
 

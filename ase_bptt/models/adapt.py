@@ -46,7 +46,7 @@ from torch import nn
 
 from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
-from ase_bptt.models.base import ForceModel, ModelOutput
+from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
 
 __all__ = ["ADAPTConfig", "ADAPT"]
 
@@ -66,8 +66,8 @@ class ADAPTConfig:
         coordinates: ``"periodic"`` (default) or ``"cartesian"``.
         frequencies: the ``k`` of the periodic features ``sin/cos(2 pi k s)``.
         remove_net_force: subtract the mean force of fully periodic cells.
-        species: atomic numbers the model was trained on, or None (set by
-            :meth:`ADAPT.fit_standardisation` to the elements it saw).
+        species: atomic numbers the model was trained on, or None for any
+            (:meth:`ADAPT.fit_standardisation` adds the elements it sees).
     """
 
     d_model: int = 64
@@ -203,6 +203,18 @@ class ADAPT(ForceModel):
     def species(self) -> tuple[int, ...] | None:  # type: ignore[override]
         return self.config.species
 
+    def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
+        """Raise ``UnknownElementError`` for an untrained element, or one beyond Z = 94."""
+        beyond = sorted({int(z) for z in torch.as_tensor(numbers).flatten().tolist() if int(z) > MAX_Z})
+        if beyond:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(chemical_symbols[z] if z < len(chemical_symbols) else f"Z={z}" for z in beyond)
+            raise UnknownElementError(
+                f"{where} contains {names}; ADAPT's element descriptors cover Z = 1..{MAX_Z} only"
+            )
+        super().check_species(numbers, where=where)
+
     @classmethod
     def from_config(cls, config: dict) -> "ADAPT":
         """Rebuild from :meth:`ADAPTConfig.to_dict` output (used by checkpoints)."""
@@ -263,7 +275,8 @@ class ADAPT(ForceModel):
             energy: their total energies ``(B,)`` eV, or None (energy
                 standardisation then stays at scale 1, shift 0).
 
-        Also sets ``config.species`` to the elements in ``batch`` when it is None.
+        ``config.species`` becomes the union of its value and the elements in
+        ``batch``: the model has now met them.
         """
         ref = self.force_head.weight
         batch = batch.to(device=ref.device, dtype=torch.float64)
@@ -287,5 +300,5 @@ class ADAPT(ForceModel):
             scale = (residual.pow(2) / n).mean().sqrt().clamp(min=1e-3)
             self.energy_shift.copy_(table)
             self.energy_scale.copy_(scale)
-        if self.config.species is None:
-            self.config.species = tuple(sorted({int(z) for z in batch.numbers[mask].tolist()}))
+        seen = {int(z) for z in batch.numbers[mask].tolist()}
+        self.config.species = tuple(sorted(seen | set(self.config.species or ())))

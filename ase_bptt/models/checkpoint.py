@@ -26,6 +26,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from zlib import error as zlib_error
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         CheckpointVersionError: written by a newer ase-bptt.
         CheckpointKeyError: required entries are missing.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist; check the path (pretrain writes e.g. runs/pretrain.pt)")
     if path.is_dir():
@@ -247,6 +248,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} is not an ase-bptt checkpoint (not a torch zip archive); "
             "write checkpoints with ase_bptt.models.checkpoint.save_checkpoint"
         )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # torch does not check the CRCs it writes: damaged bytes inside a
+            # tensor would load silently as wrong weights.
+            bad = archive.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"checksum mismatch in {bad}")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({e}); restore it from a backup or re-run "
+            "the training that wrote it"
+        ) from None
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        raise NotACheckpointError(f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
