@@ -233,9 +233,9 @@ class DifferentiableRelaxer:
         if isinstance(step, StepRule):
             rule = step
         elif step == "fixed" and eta is None and settings:
-            rule = rule_from_relax_settings(settings)[0].to(device)
+            rule = rule_from_relax_settings(settings)[0].to(device=device, dtype=dtype)
         else:
-            rule = make_step_rule(step, eta=eta, maxstep=maxstep).to(device)
+            rule = make_step_rule(step, eta=eta, maxstep=maxstep).to(device=device, dtype=dtype)
         self.step_rule = rule
         self.tol = tol
         self.checkpoint_frames = checkpoint_frames

@@ -336,7 +336,8 @@ def step_rule_from_dict(d: dict[str, Any]) -> StepRule:
     if kind == "fixed":
         return FixedStep(d.get("eta", DEFAULT_ETA), **options)
     if kind == "learned":
-        return LearnedStep(d.get("eta", DEFAULT_ETA), log_eta=d.get("log_eta"), **options)
+        # float64 keeps the saved value exactly; callers cast with .to(dtype).
+        return LearnedStep(d.get("eta", DEFAULT_ETA), log_eta=d.get("log_eta"), dtype=torch.float64, **options)
     if kind == "decoder":
         config = {k: d[k] for k in ("d_model", "n_heads", "d_ff", "dropout", "force_scale", "length_scale") if k in d}
         state_dict = d.get("state_dict")

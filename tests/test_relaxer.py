@@ -1,0 +1,196 @@
+"""rollout and DifferentiableRelaxer: per-structure stopping, masks, the ASE-like interface."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from ase.constraints import FixAtoms
+from ase.io import read
+from test_relax_steps import MorseModel, reference_for
+
+from ase_bptt import DifferentiableRelaxer
+from ase_bptt.batch import Batch
+from ase_bptt.metrics import dq, max_force
+from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+from ase_bptt.models.checkpoint import save_checkpoint
+from ase_bptt.relax.fire import FIREStep
+from ase_bptt.relax.relaxer import rollout
+from ase_bptt.relax.steps import DecoderStep, FixedStep, LearnedStep, relax_settings
+
+from conftest import silicon_vacancy
+
+POSITION_ATOL = 1e-6  # A, batch vs separate runs in float64
+TOL = 1e-3  # A, the paper's RMS-displacement stopping rule
+
+
+def three_structures():
+    """7, 6 and 15 atoms; they converge at different frames under MorseModel with eta 0.05."""
+    a = silicon_vacancy(repeat=1, rattle=0.05, seed=1)
+    b = silicon_vacancy(repeat=1, rattle=0.1, seed=2)
+    del b[3]
+    c = silicon_vacancy(repeat=1, rattle=0.03, seed=3) * (2, 1, 1)
+    return [a, b, c]
+
+
+@pytest.mark.parametrize("rule_factory", [lambda: FixedStep(0.05), lambda: FixedStep(0.05, momentum=0.05),
+                                          lambda: FIREStep()], ids=["fixed", "momentum", "fire"])
+def test_batch_equals_separate_runs(rule_factory):
+    model = MorseModel()
+    images = three_structures()
+    with torch.no_grad():
+        together = rollout(model, Batch.from_atoms(images), rule_factory(), tol=TOL, max_steps=75)
+        alone = [rollout(model, Batch.from_atoms(a), rule_factory(), tol=TOL, max_steps=75) for a in images]
+    frames = together.n_frames.tolist()
+    assert frames == [int(r.n_frames[0]) for r in alone]
+    assert len(set(frames)) == 3 and max(frames) < 75, frames  # each stopped on its own frame
+    assert together.converged.all()
+    for i, (atoms, r) in enumerate(zip(images, alone)):
+        np.testing.assert_allclose(together.positions[i, : len(atoms)].numpy(), r.positions[0].numpy(),
+                                   rtol=0, atol=POSITION_ATOL)
+
+
+@pytest.mark.parametrize("rule_factory", [
+    lambda: FixedStep(0.05, noise=0.02, momentum=0.3),
+    lambda: DecoderStep(0.05, dtype=torch.float64, noise=0.02),
+    lambda: FIREStep(noise=0.02),
+], ids=["fixed", "decoder", "fire"])
+def test_fixed_and_padding_atoms_never_move(rule_factory):
+    images = three_structures()
+    images[2].set_constraint(FixAtoms(indices=[0, 5, 9]))
+    batch = Batch.from_atoms(images)
+    rule = rule_factory().train()  # noise on: it must not leak onto fixed or padding atoms
+    out = rollout(MorseModel(), batch, rule, tol=None, max_steps=10, generator=torch.Generator().manual_seed(0))
+    still = ~batch.movable
+    assert still[2].sum() == 3 and (~batch.mask).sum() > 0
+    assert torch.equal(out.positions[still], batch.positions[still])
+    assert not torch.equal(out.positions[batch.movable], batch.positions[batch.movable])
+
+
+def test_fmax_stops_each_structure():
+    model = MorseModel()
+    batch = Batch.from_atoms(three_structures())
+    with torch.no_grad():
+        out = rollout(model, batch, FixedStep(0.05), tol=None, fmax=0.05, max_steps=75)
+        f = model(batch, positions=out.positions).forces
+    assert out.converged.all()
+    assert (max_force(f, batch) < 0.05).all()
+    assert len(set(out.n_frames.tolist())) > 1
+
+
+def test_sync_active_keeps_frames_in_step():
+    """A DDP-like hook that claims another rank still moves: frames continue, numbers unchanged."""
+    model = MorseModel()
+    batch = Batch.from_atoms(three_structures())
+    calls = []
+
+    def always_moving(flag):
+        calls.append(float(flag))
+        return torch.ones_like(flag)
+
+    with torch.no_grad():
+        ref = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40)
+        synced = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40, sync_active=always_moving)
+    assert len(calls) == 40 and calls[-1] == 0.0
+    assert torch.equal(ref.positions, synced.positions) and torch.equal(ref.n_frames, synced.n_frames)
+
+
+# ------------------------------------------------------- DifferentiableRelaxer
+def test_relaxer_matches_rollout_and_logs_like_ase(tmp_path):
+    model = MorseModel()
+    images = three_structures()
+    log = io.StringIO()
+    seen = []
+    relaxer = DifferentiableRelaxer(images, model, eta=0.05, logfile=log,
+                                    trajectory=str(tmp_path / "relax-{index}.traj"))
+    relaxer.attach(lambda: seen.append(relaxer.nsteps), interval=5)
+    assert relaxer.run() is True
+    relaxer.close()
+    out = rollout(model, Batch.from_atoms(images), FixedStep(0.05), tol=TOL, max_steps=75)
+    assert torch.equal(relaxer.n_frames, out.n_frames)
+    torch.testing.assert_close(relaxer.positions, out.positions, rtol=0, atol=1e-12)
+    assert relaxer.nsteps == int(out.n_frames.max())
+    assert seen == list(range(0, relaxer.nsteps + 1, 5))
+
+    lines = log.getvalue().splitlines()
+    assert lines[0].split() == ["Step", "Time", "Energy", "fmax"]
+    first = lines[1].split()
+    assert first[0] == "DifferentiableRelaxer[0]:" and first[1] == "0"
+    # one line per structure per frame it moved in, plus the initial frame
+    assert len(lines) - 1 == 3 + int(out.n_frames.sum())
+
+    for i, atoms in enumerate(images):
+        traj = read(tmp_path / f"relax-{i}.traj", index=":")
+        assert len(traj) == int(out.n_frames[i]) + 1
+        np.testing.assert_allclose(traj[-1].positions, out.positions[i, : len(atoms)].detach().numpy(), atol=1e-12)
+        assert traj[-1].get_forces().shape == (len(atoms), 3)
+
+    final = relaxer.get_atoms()
+    assert [len(a) for a in final] == [len(a) for a in images]
+    assert max(np.linalg.norm(a.get_forces(), axis=1).max() for a in final) < 0.05
+    d = relaxer.todict()
+    assert d["optimizer"] == "DifferentiableRelaxer" and d["step_rule"]["step"] == "fixed" and d["tol"] == TOL
+
+
+def test_single_structure_log_and_steps_limit():
+    log = io.StringIO()
+    relaxer = DifferentiableRelaxer(three_structures()[0], MorseModel(), eta=0.01, logfile=log)
+    assert relaxer.run(steps=3) is False
+    assert relaxer.nsteps == 3 and not relaxer.converged()
+    lines = log.getvalue().splitlines()
+    assert [ln.split()[:2] for ln in lines[1:]] == [["DifferentiableRelaxer:", str(k)] for k in range(4)]
+    assert relaxer.run(steps=100) is True  # resumes where it stopped
+
+
+@pytest.mark.parametrize("step", ["fixed", "learned", "decoder", "fire"])
+def test_gradients_flow_and_checkpointing_agrees(step):
+    images = three_structures()[:2]
+    grads = []
+    for checkpoint_frames in (False, True):
+        model = MorseModel()
+        torch.manual_seed(0)  # the decoder's initial weights
+        relaxer = DifferentiableRelaxer(images, model, step=step, eta=None if step == "fire" else 0.05,
+                                        checkpoint_frames=checkpoint_frames)
+        relaxer.run(steps=6)
+        loss = dq(relaxer.positions, reference_for(relaxer.batch), relaxer.batch).sum()
+        params = list(model.parameters()) + relaxer.step_rule.step_parameters()
+        assert all(p.dtype == torch.float64 for p in params)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    for a, b in zip(*grads):
+        if a is None:
+            assert b is None
+            continue
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_relaxer_fmax_and_batch_input():
+    model = MorseModel()
+    batch = Batch.from_atoms(three_structures())
+    relaxer = DifferentiableRelaxer(batch, model, eta=0.05)
+    assert relaxer.run(fmax=0.05) is True
+    with torch.no_grad():
+        out = rollout(model, batch, FixedStep(0.05), tol=TOL, fmax=0.05, max_steps=75)
+    assert torch.equal(relaxer.n_frames, out.n_frames)
+    torch.testing.assert_close(relaxer.positions, out.positions, rtol=0, atol=1e-12)
+
+
+def test_relax_settings_come_with_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = ADAPT(ADAPTConfig(d_model=8, d_ff=16, n_layers=1, n_heads=2, frequencies=(1,))).double()
+    path = save_checkpoint(tmp_path / "m.pt", model,
+                           relax=relax_settings(LearnedStep(0.0321, momentum=0.05, dtype=torch.float64), tol=2e-3, max_steps=30))
+    relaxer = DifferentiableRelaxer(three_structures()[0], str(path))
+    assert isinstance(relaxer.step_rule, LearnedStep)
+    assert float(relaxer.step_rule.eta.detach()) == pytest.approx(0.0321, rel=1e-12)
+    assert relaxer.step_rule.momentum == 0.05
+    assert relaxer.batch.dtype == torch.float64
+    # an explicit eta wins over the checkpoint
+    assert isinstance(DifferentiableRelaxer(three_structures()[0], str(path), eta=0.01).step_rule, FixedStep)
+
+
+def test_bad_trajectory_count():
+    with pytest.raises(ValueError, match="3 structures"):
+        DifferentiableRelaxer(three_structures(), MorseModel(), trajectory="one.traj")
