@@ -137,3 +137,17 @@ def test_works_with_ase_db_and_io(tmp_path, checkpoint, si_small):
     with ase.db.connect(tmp_path / "a.db") as db:
         db.write(si_small)
     np.testing.assert_allclose(ase.db.connect(tmp_path / "a.db").get(1).forces, forces)
+
+
+def test_conservative_model_matches_ase_numerical_forces(si_small):
+    """A ConservativeForces model through the calculator: forces = ASE's own finite differences."""
+    from ase.calculators.fd import calculate_numerical_forces
+
+    from ase_bptt.models.conservative import ConservativeForces
+    from test_conservative import MorsePairs
+
+    si_small.pbc = False
+    calc = BPTTCalculator(ConservativeForces(MorsePairs()))
+    si_small.calc = calc
+    numerical = calculate_numerical_forces(si_small, eps=1e-5)
+    np.testing.assert_allclose(si_small.get_forces(), numerical, rtol=0, atol=1e-7)
