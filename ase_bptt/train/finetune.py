@@ -45,7 +45,7 @@ from ase_bptt.train.distributed import DistContext, init_distributed, shard
 from ase_bptt.train.pretrain import PretrainConfig, file_digest, pretrain
 from ase_bptt.train.state import load_state, state_path
 
-__all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "DEFAULT_ETA_GRID"]
+__all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
 
 log = logging.getLogger("ase_bptt.train")
 
@@ -148,6 +148,8 @@ class FinetuneConfig:
             raise ValueError(f"loss must be 'dq' or 'mse', not {self.loss!r}.")
         if self.eta is not None and not self.eta > 0:
             raise ValueError(f"eta must be positive, got {self.eta}.")
+        if self.step == "fire" and self.eta is not None:
+            raise ValueError("the FIRE step adapts its own time step and takes no eta; leave eta unset.")
         if self.eta is None and self.step != "fire" and (not self.eta_grid or min(self.eta_grid) <= 0):
             raise ValueError("eta_grid needs at least one positive step size when eta is not given.")
         for name in ("epochs", "batch_size", "max_steps", "eval_batch_size"):
@@ -240,12 +242,30 @@ def grid_search_eta(model, data: RelaxationSet, etas, *, loss: str = "dq", tol: 
     return float(best), scores
 
 
+def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float, int]:
+    """``(tol, max_steps)`` for one training batch.
+
+    Fixed stopping: ``config.tol`` and ``config.max_steps``. Variable stopping
+    (the paper's ablation): tol log-uniform in ``config.tol_range`` and max
+    steps uniform (inclusive) in ``config.max_steps_range``, drawn from a
+    generator seeded with ``(seed, epoch, batch)``, so every rank and every
+    resumed run draws the same values.
+    """
+    if config.stopping != "variable":
+        return config.tol, config.max_steps
+    gen = seed_generator(config.seed, epoch, batch, 23)
+    lo, hi = (math.log10(t) for t in config.tol_range)
+    tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
+    max_steps = int(torch.randint(config.max_steps_range[0], config.max_steps_range[1] + 1, (), generator=gen))
+    return tol, max_steps
+
+
 def _current_eta(rule) -> float | None:
     eta = getattr(rule, "eta", None)
     if eta is None or callable(eta):
         return None
     try:
-        return float(eta)
+        return float(eta.detach()) if isinstance(eta, torch.Tensor) else float(eta)
     except (TypeError, ValueError):
         return None
 
@@ -361,7 +381,7 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             if ctx.is_main:
                 log.info("eta grid search on the train split (mean %s): %s -> eta = %g", config.loss,
                          ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()), eta)
-        rule = make_step_rule(config.step, eta=eta, maxstep=config.maxstep, momentum=config.momentum,
+        rule = make_step_rule(config.step, eta=None if config.step == "fire" else eta, maxstep=config.maxstep, momentum=config.momentum,
                               anneal=config.anneal, noise=config.noise)
     rule = rule.to(device=device, dtype=dtype)
 
@@ -395,13 +415,7 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
     loss_fn = _loss_fn(config.loss)
 
     def train_batch(epoch: int, b: int, index: torch.Tensor) -> dict | None:
-        gen = seed_generator(config.seed, epoch, b, 23)
-        tol, max_steps = config.tol, config.max_steps
-        if config.stopping == "variable":
-            lo, hi = (math.log10(t) for t in config.tol_range)
-            tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
-            max_steps = int(torch.randint(config.max_steps_range[0], config.max_steps_range[1] + 1, (),
-                                          generator=gen))
+        tol, max_steps = draw_stopping(config, epoch, b)
         noise_gen = seed_generator(config.seed, epoch, b, 29, ctx.rank, device=device)
         batch, relaxed = train.take(shard(index, ctx.rank, ctx.world_size))
         model.train(config.rollout_dropout)

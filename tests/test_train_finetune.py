@@ -1,0 +1,212 @@
+"""BPTT fine-tuning: grid search on train, best-epoch export, step rules, skipped batches, controls."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase.geometry import find_mic
+
+from test_train_pretrain import TINY_MODEL, make_db
+
+
+@pytest.fixture(scope="module")
+def emt_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("finetune") / "emt.db"
+    make_db(path, n_train=4, n_val=2, n_test=1, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def init_model(emt_db, tmp_path_factory):
+    """A tiny ADAPT with fitted standardisation (cheap stand-in for a pretrained model)."""
+    from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+    from ase_bptt.models.checkpoint import save_checkpoint
+    from ase_bptt.train.common import load_frames, open_db
+
+    frames = load_frames(open_db(emt_db), "train")
+    torch.manual_seed(0)
+    model = ADAPT(ADAPTConfig.from_dict(dict(TINY_MODEL, species=(29,))))
+    model.fit_standardisation(frames.batch, frames.forces, frames.energy)
+    path = tmp_path_factory.mktemp("init") / "init.pt"
+    save_checkpoint(path, model.float())
+    return path
+
+
+def config(**changes):
+    from ase_bptt.train.finetune import FinetuneConfig
+
+    options = dict(epochs=2, batch_size=2, lr=1e-3, eta_grid=(0.02, 0.05, 0.1), maxstep=None, max_steps=25,
+                   checkpoint_every=None, seed=0)
+    options.update(changes)
+    return FinetuneConfig(**options)
+
+
+def reference_mean_dq(model, trajectories, eta, *, tol=1e-3, max_steps=25):
+    """Fixed-step relaxations one structure at a time, Dq with ASE's minimum image (independent of rollout)."""
+    from ase_bptt.batch import Batch
+
+    values = []
+    with torch.no_grad():
+        for t in trajectories:
+            atoms = t.initial.copy()
+            x = torch.as_tensor(atoms.positions, dtype=torch.float32)
+            batch = Batch.from_atoms(atoms, dtype=torch.float32)
+            for _ in range(max_steps):
+                update = eta * model(batch, positions=x[None]).forces[0]
+                x = x + update
+                if float(update.pow(2).sum(-1).mean().sqrt()) < tol:
+                    break
+            d, _ = find_mic(x.double().numpy() - t.final.positions, atoms.cell, atoms.pbc)
+            values.append(math.sqrt(float((atoms.get_masses()[:, None] * d**2).sum())))
+    return float(np.mean(values))
+
+
+def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_model, tmp_path):
+    from ase_bptt.data.db import TrajectoryDB
+    from ase_bptt.models.checkpoint import load_checkpoint, load_model
+    from ase_bptt.train.finetune import finetune
+
+    out = finetune(emt_db, tmp_path / "ft.pt", init=init_model, config=config(), progress=False)
+    ckpt = load_checkpoint(out)
+    meta = ckpt["metadata"]
+    db = TrajectoryDB(emt_db, create=False)
+    train, val = db.trajectories("train"), db.trajectories("val")
+    # eta: the argmin of the grid, scored on the TRAIN split with the initial model.
+    grid = meta["eta_grid"]
+    assert grid["split"] == "train"
+    assert grid["chosen"] == float(min(grid["scores"], key=grid["scores"].get))
+    init = load_model(init_model)
+    chosen = grid["chosen"]
+    assert grid["scores"][repr(chosen)] == pytest.approx(reference_mean_dq(init, train, chosen), rel=1e-4)
+    # History: epoch 0 (before training) and each epoch; the export is the best by val Dq.
+    history = meta["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    best = min(history, key=lambda h: h["val_dq"])
+    assert meta["best_epoch"] == best["epoch"] and meta["improved"] == (best["epoch"] > 0)
+    tuned = load_model(out)
+    assert best["val_dq"] == pytest.approx(reference_mean_dq(tuned, val, grid["chosen"]), rel=1e-4)
+    assert history[0]["val_dq"] == pytest.approx(reference_mean_dq(init, val, grid["chosen"]), rel=1e-4)
+    assert ckpt["relax"] == {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0,
+                             "noise": 0.0, "maxstep": None, "tol": 1e-3, "max_steps": 25}
+    assert meta["skipped_batches"] == 0 and meta["steps"] == 4
+
+
+def test_no_better_epoch_exports_the_initial_model_unchanged(emt_db, init_model, tmp_path):
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+
+    # A learning rate of 1e4 wrecks the model (forces ~1e4 times too large), so no epoch beats epoch 0.
+    out = finetune(emt_db, tmp_path / "wrecked.pt", init=init_model,
+                   config=config(lr=1e4, grad_clip=None, eta=0.05, epochs=1), progress=False)
+    meta = load_checkpoint(out)["metadata"]
+    assert meta["best_epoch"] == 0 and meta["improved"] is False and "unchanged" in meta["note"]
+    exported = load_checkpoint(out)["model"]["state_dict"]
+    initial = load_checkpoint(init_model)["model"]["state_dict"]
+    assert all(torch.equal(exported[k], initial[k]) for k in initial)
+
+
+def test_learned_step_has_its_own_group_and_moves(emt_db, init_model, tmp_path):
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    out = tmp_path / "learned.pt"
+    finetune(emt_db, out, init=init_model, config=config(step="learned", eta=0.05, step_lr=0.05, epochs=1,
+                                                          lr=1e-4), progress=False)
+    state = load_state(state_path(out), kind="finetune")
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4, 0.05]
+    assert len(groups[1]["params"]) == 1  # log_eta alone
+    assert state["step_rule"]["step"] == "learned"
+    assert abs(state["step_rule"]["eta"] - 0.05) > 1e-3  # Adam moves log_eta by ~step_lr per step
+
+
+@pytest.mark.parametrize("step", ["decoder", "fire"])
+def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.relax.steps import step_rule_from_dict
+    from ase_bptt.train.finetune import finetune
+
+    out = finetune(emt_db, tmp_path / f"{step}.pt", init=init_model,
+                   config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=10, batch_size=4),
+                   progress=False)
+    ckpt = load_checkpoint(out)
+    assert ckpt["relax"]["step"] == step and ckpt["relax"]["max_steps"] == 10
+    assert type(step_rule_from_dict(ckpt["relax"])).__name__.lower().startswith(step)
+    assert all(math.isfinite(h["val_dq"]) for h in ckpt["metadata"]["history"])
+
+
+def test_non_finite_loss_skips_the_batch(emt_db, init_model, tmp_path, monkeypatch):
+    from ase_bptt import metrics
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.common import TrainingError
+    from ase_bptt.train.finetune import finetune
+
+    real_dq = metrics.dq
+    calls = {"n": 0}
+
+    def poisoned(final, ref, batch):
+        value = real_dq(final, ref, batch)
+        if torch.is_grad_enabled():  # training batches only; evaluation stays honest
+            calls["n"] += 1
+            if calls["n"] == 1 or calls["always"]:
+                return value * float("nan")
+        return value
+
+    calls["always"] = False
+    monkeypatch.setattr(metrics, "dq", poisoned)
+    out = finetune(emt_db, tmp_path / "nan.pt", init=init_model, config=config(eta=0.05, epochs=1),
+                   progress=False)
+    meta = load_checkpoint(out)["metadata"]
+    assert meta["skipped_batches"] == 1 and meta["steps"] == 2
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(out)["model"]["state_dict"].values())
+    calls["always"] = True
+    with pytest.raises(TrainingError, match="non-finite"):
+        finetune(emt_db, tmp_path / "allnan.pt", init=init_model, config=config(eta=0.05, epochs=1),
+                 progress=False)
+
+
+def test_variable_stopping_is_seeded_and_in_range():
+    from ase_bptt.train.finetune import draw_stopping
+
+    cfg = config(stopping="variable")
+    draws = [draw_stopping(cfg, e, b) for e in range(5) for b in range(40)]
+    assert draws == [draw_stopping(cfg, e, b) for e in range(5) for b in range(40)]
+    tols = np.array([d[0] for d in draws])
+    steps = np.array([d[1] for d in draws])
+    assert tols.min() >= 1e-4 and tols.max() <= 1e-2 and steps.min() >= 50 and steps.max() <= 75
+    # log-uniform: about half the draws below the geometric mean 1e-3 (200 draws, 5 sigma ~ 0.18)
+    assert abs(np.mean(tols < 1e-3) - 0.5) < 0.18
+    assert len(set(steps)) > 10
+    assert draw_stopping(config(), 0, 0) == (1e-3, 25)
+
+
+def test_proximal_term_keeps_weights_near_the_pretrained_ones(emt_db, init_model, tmp_path):
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    initial = load_checkpoint(init_model)["model"]["state_dict"]
+
+    def distance(proximal):
+        out = tmp_path / f"prox{proximal}.pt"
+        finetune(emt_db, out, init=init_model, config=config(eta=0.05, epochs=1, batch_size=1, lr=1e-2,
+                                                             grad_clip=None, proximal=proximal), progress=False)
+        current = load_state(state_path(out))["model"]
+        return sum(float((current[k] - initial[k]).pow(2).sum()) for k in initial)
+
+    assert distance(100.0) < 0.5 * distance(0.0)
+
+
+def test_finetune_without_init_pretrains_first(emt_db, tmp_path):
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.pretrain import PretrainConfig
+
+    pre = PretrainConfig(model=TINY_MODEL, epochs=1, batch_size=32, eval_frames=16, checkpoint_every=None)
+    out = finetune(emt_db, tmp_path / "auto.pt", config=config(eta=0.05, epochs=1, pretrain=pre), progress=False)
+    pretrained = tmp_path / "auto-pretrained.pt"
+    assert load_checkpoint(pretrained)["metadata"]["kind"] == "pretrain"
+    assert load_checkpoint(out)["metadata"]["init"] == str(pretrained)
