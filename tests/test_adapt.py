@@ -94,6 +94,16 @@ def test_net_force_removed_only_for_periodic_cells(si_small):
     torch.testing.assert_close(on.forces[0], off.forces[0] - off.forces[0, :7].mean(0), rtol=0, atol=TOL64)
 
 
+def test_periodic_features_exact_in_float64(si_small):
+    """sin/cos features of s and s + 1 agree to float64 precision (2 pi not rounded to float32)."""
+    model = tiny("periodic")
+    batch = Batch.from_atoms(si_small)
+    shifted = batch.positions + batch.cell[:, 0:1, :]  # every atom by one lattice vector
+    a = model._tokens(batch, batch.positions)[..., 3 : 3 + 24]
+    b = model._tokens(batch, shifted)[..., 3 : 3 + 24]
+    assert (a - b).abs().max() < 1e-13
+
+
 def test_periodic_features_see_images(si_small):
     """Shifting one atom by a lattice vector changes nothing with periodic features."""
     model = fitted(tiny("periodic"), [si_small]).eval()

@@ -200,12 +200,9 @@ class ADAPT(ForceModel):
         self.register_buffer("force_scale", torch.ones((), dtype=dtype))
         self.register_buffer("energy_scale", torch.ones((), dtype=dtype))
         self.register_buffer("energy_shift", torch.zeros(MAX_Z + 1, dtype=dtype))
-        if c.frequencies:
-            freq = 2 * math.pi * torch.tensor(c.frequencies, dtype=dtype)
-        else:
-            freq = torch.zeros(0, dtype=dtype)
-        # Not saved: it follows from the config.
-        self.register_buffer("_angular", freq, persistent=False)
+        # Not saved: it follows from the config. Integer k are exact in any
+        # float dtype; 2 pi is applied in forward at the input's precision.
+        self.register_buffer("_frequencies", torch.tensor(c.frequencies, dtype=dtype), persistent=False)
 
     # ------------------------------------------------------------- contract
     @property
@@ -259,7 +256,7 @@ class ADAPT(ForceModel):
             eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand_as(batch.cell)
             cell = torch.where(pbc.unsqueeze(-1), batch.cell, eye)
             frac = torch.linalg.solve(cell.transpose(1, 2), pos.transpose(1, 2)).transpose(1, 2)
-            phase = frac.unsqueeze(-1) * self._angular  # (B, N, 3, K)
+            phase = (2 * math.pi) * frac.unsqueeze(-1) * self._frequencies  # (B, N, 3, K)
             on = pbc[:, None, :, None].to(pos.dtype)
             parts += [(torch.sin(phase) * on).flatten(2), (torch.cos(phase) * on).flatten(2)]
         parts.append(self.elements[batch.numbers])
