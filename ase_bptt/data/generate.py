@@ -1,0 +1,179 @@
+"""Generate relaxation trajectories with a reference calculator.
+
+``generate("si-defects", db, n=300, workers=2)`` builds ``n`` structures with
+a recipe (:mod:`ase_bptt.data.recipes`), relaxes each with ASE's FIRE and the
+reference calculator to ``fmax`` (default 0.01 eV/A, at most ``max_steps``
+steps) and stores every frame. Trajectory ``i`` is built from the random
+generator seeded with ``(seed, i)`` and stored as ``<recipe>-s<seed>-<i:05d>``
+(e.g. ``si-defects-s0-00042``), so a run is deterministic and resumable: a
+rerun makes only the indices that are not in the database yet. Each
+trajectory is written in its own transaction as soon as it is done, so a run
+killed after k trajectories keeps k. Trajectories that hit ``max_steps`` are
+stored too; the database marks them unconverged when their last frame's max
+force is above its ``converged_fmax``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from typing import Any, Callable
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import BaseCalculator
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.optimize import FIRE
+
+from ase_bptt.data.db import TrajectoryDB
+from ase_bptt.data.recipes import RECIPES, Recipe, resolve_reference
+
+__all__ = ["generate", "relax_frames", "make_trajectory", "traj_id_for"]
+
+
+def traj_id_for(recipe: str, seed: int, index: int) -> str:
+    """The traj_id of trajectory ``index`` of a recipe run with ``seed``."""
+    return f"{recipe}-s{seed}-{index:05d}"
+
+
+def relax_frames(atoms: Atoms, calc: BaseCalculator, *, fmax: float = 0.01, max_steps: int = 1000) -> list[Atoms]:
+    """Relax positions with ASE's FIRE and return every frame.
+
+    The cell is fixed. Each frame carries a ``SinglePointCalculator`` with
+    the reference energy and forces; frame 0 is the input structure.
+    """
+    atoms = atoms.copy()
+    atoms.calc = calc
+    frames: list[Atoms] = []
+
+    def snapshot() -> None:
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(
+            frame,
+            energy=float(atoms.get_potential_energy()),
+            forces=atoms.get_forces(apply_constraint=False).copy(),
+        )
+        frames.append(frame)
+
+    opt = FIRE(atoms, logfile=None)
+    # ASE calls observers once before the first step and after every step.
+    opt.attach(snapshot, interval=1)
+    opt.run(fmax=fmax, steps=max_steps)
+    return frames
+
+
+def make_trajectory(
+    recipe: Recipe,
+    index: int,
+    *,
+    seed: int,
+    reference: Any,
+    factory: Callable[[], BaseCalculator],
+    options: dict,
+) -> tuple[list[Atoms], str]:
+    """Build and relax trajectory ``index``: ``(frames, label)``."""
+    rng = np.random.default_rng([seed, index])
+    atoms, label = recipe.build(rng, reference, **options)
+    frames = relax_frames(atoms, factory(), fmax=options["fmax"], max_steps=options["max_steps"])
+    return frames, label
+
+
+# Worker state, set once per process by the pool initializer.
+_WORKER: dict = {}
+
+
+def _init_worker(recipe_name: str, seed: int, reference: Any, options: dict) -> None:
+    factory, _ = resolve_reference(reference)
+    calc = factory()  # one calculator per process, reused for every trajectory
+    _WORKER.update(recipe=RECIPES[recipe_name], seed=seed, reference=reference, calc=calc, options=options)
+
+
+def _work(index: int) -> tuple[int, list[Atoms], str]:
+    w = _WORKER
+    frames, label = make_trajectory(
+        w["recipe"], index, seed=w["seed"], reference=w["reference"], factory=lambda: w["calc"], options=w["options"]
+    )
+    return index, frames, label
+
+
+def generate(
+    recipe: str,
+    db: TrajectoryDB,
+    *,
+    n: int,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    reference: Any = None,
+    **options: Any,
+) -> int:
+    """Make ``n`` relaxation trajectories with a built-in recipe.
+
+    Args:
+        recipe: ``"si-defects"`` or ``"alloys"`` (see
+            :mod:`ase_bptt.data.recipes` for their options).
+        db: where the trajectories go.
+        n: number of trajectories wanted (indices ``0 .. n-1``).
+        seed: trajectory ``i`` uses the random generator seeded with
+            ``(seed, i)``.
+        workers: processes relaxing in parallel (the parent writes).
+        progress: show a progress bar on stderr.
+        reference: the reference calculator: a built-in name (``"sw"``,
+            ``"tersoff"``, ``"emt"``), ``"module:Class"``, a Calculator or a
+            callable returning one; default the recipe's (SW for
+            ``si-defects``, EMT for ``alloys``).
+        **options: recipe options, e.g. ``size=3``, ``sigma=0.05``,
+            ``fmax``, ``max_steps``.
+
+    Returns:
+        The number of trajectories added by this call (0 when all ``n`` are
+        already in the database).
+
+    Raises:
+        KeyError: unknown recipe.
+        MissingDependencyError: the reference needs matscipy and it is not
+            installed.
+    """
+    from tqdm.auto import tqdm
+
+    if recipe not in RECIPES:
+        raise KeyError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    rec = RECIPES[recipe]
+    opts = rec.options(options)
+    if reference is None:
+        reference = rec.default_reference
+    factory, ref_name = resolve_reference(reference)
+    # Build one structure now so bad options fail before any work starts.
+    rec.build(np.random.default_rng([seed, 0]), reference, **opts)
+
+    existing = db.traj_ids()
+    missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
+    source = f"generate:{recipe}:{ref_name}"
+    added = 0
+    bar = tqdm(total=len(missing), desc=recipe, unit="traj", file=sys.stderr, disable=not progress)
+
+    def store(index: int, frames: list[Atoms], label: str) -> None:
+        nonlocal added
+        db.add_trajectory(frames, traj_id=traj_id_for(recipe, seed, index), label=label, source=source)
+        added += 1
+        bar.update(1)
+
+    try:
+        if workers <= 1 or len(missing) <= 1:
+            calc = factory()
+            for i in missing:
+                frames, label = make_trajectory(
+                    rec, i, seed=seed, reference=reference, factory=lambda: calc, options=opts
+                )
+                store(i, frames, label)
+        else:
+            # fork shares the reference object with the workers; spawn (other
+            # platforms) needs it picklable.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(recipe, seed, reference, opts)) as pool:
+                for i, frames, label in pool.imap_unordered(_work, missing):
+                    store(i, frames, label)
+    finally:
+        bar.close()
+    return added

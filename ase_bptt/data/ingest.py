@@ -1,0 +1,356 @@
+"""Import relaxation trajectories from files into a TrajectoryDB.
+
+Every file is one relaxation, except MPtrj JSON files, which hold many.
+Formats:
+
+- anything ``ase.io.read(path, index=":")`` reads with forces: ASE ``.traj``,
+  extended XYZ, VASP ``vasprun.xml`` and ``OUTCAR`` (also ``.gz``/``.bz2``/
+  ``.xz``), and the other ASE formats that carry forces;
+- the MPtrj JSON layout used by CHGNet (also ``.json.gz``)::
+
+      {mp_id: {frame_id: {"structure": <pymatgen Structure dict>,
+                          "uncorrected_total_energy": float,   # or
+                          "corrected_total_energy" / "energy",
+                          "force": [[fx, fy, fz], ...], ...}}}
+
+  One trajectory per ``mp_id`` (its traj_id). Frame ids look like
+  ``"mp-1234-0-5"``: task ``mp-1234``, calculation 0, ionic step 5; frames
+  are ordered by (task, calculation, ionic step), compared numerically. The
+  energy is taken from the first of ``uncorrected_total_energy``,
+  ``corrected_total_energy``, ``energy`` that is present (uncorrected first:
+  it is the energy whose gradient the forces are).
+
+Everything is read and validated before anything is written, and all writes
+of one call happen in one transaction: a failure part-way leaves the database
+as it was. Files that cannot be used are reported with the reason, never
+written.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from ase_bptt.data.db import InvalidTrajectoryError, TrajectoryDB, content_hash, validate_frames
+
+__all__ = ["ImportReport", "import_paths", "read_trajectory", "read_mptrj"]
+
+
+@dataclass
+class ImportReport:
+    """What one import call did.
+
+    Attributes:
+        added: traj_ids written, in order.
+        skipped: ``(path, reason)`` for every file (or MPtrj entry, as
+            ``"file.json:mp-123"``) that was not written.
+    """
+
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"added {len(self.added)} trajectories, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+class _Skip(Exception):
+    """A file (or entry) cannot be imported; the message is the reason."""
+
+
+@dataclass
+class _Candidate:
+    where: str
+    frames: list[Atoms]
+    digest: str
+    traj_id: str | None
+
+
+# ------------------------------------------------------------------ helpers
+def _open_text(path: Path):
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    return opener(path, "rt", errors="replace")
+
+
+def _base_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".bz2", ".xz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def _check_vasprun_complete(path: Path) -> None:
+    # ASE silently returns the complete frames of a truncated vasprun.xml,
+    # so the file's structure is checked here.
+    with _open_text(path) as fh:
+        text = fh.read()
+    n_calc = len(re.findall(r"<calculation>", text))
+    n_forces = len(re.findall(r'<varray\s+name="forces"', text))
+    if "</modeling>" not in text:
+        raise _Skip(
+            f"truncated vasprun.xml (no closing </modeling>; {n_calc} <calculation> "
+            f"blocks, {n_forces} with forces): the run was cut off, rerun or remove it"
+        )
+    if n_forces < n_calc:
+        raise _Skip(
+            f"truncated vasprun.xml: {n_calc} <calculation> blocks but only {n_forces} "
+            "with forces"
+        )
+
+
+def _with_single_point(atoms: Atoms, i: int) -> Atoms:
+    calc = atoms.calc
+    results = {} if calc is None else dict(getattr(calc, "results", {}) or {})
+    forces = results.get("forces")
+    if forces is None:
+        raise _Skip(f"frame {i} has no forces (a structure-only or unfinished file?)")
+    out = atoms.copy()
+    out.calc = SinglePointCalculator(out, energy=results.get("energy"), forces=np.asarray(forces))
+    return out
+
+
+def read_trajectory(path: str | os.PathLike) -> list[Atoms]:
+    """Read one relaxation with ASE and check that the file is complete.
+
+    Args:
+        path: any file ``ase.io.read(path, index=":")`` reads.
+
+    Returns:
+        Frames with ``SinglePointCalculator`` s (forces, energy when known).
+
+    Raises:
+        InvalidTrajectoryError: unknown format, unreadable or truncated file,
+            missing forces; the message names the file.
+    """
+    try:
+        return _read_ase(Path(path))
+    except _Skip as exc:
+        raise InvalidTrajectoryError(f"{path}: {exc}") from None
+
+
+def _read_ase(path: Path) -> list[Atoms]:
+    from ase.io import read
+    from ase.io.formats import UnknownFileTypeError, filetype
+
+    if path.stat().st_size == 0:
+        raise _Skip("empty file")
+    try:
+        fmt = filetype(str(path))
+    except UnknownFileTypeError:
+        fmt = None
+    except Exception as exc:  # unreadable: the reason is in the exception
+        raise _Skip(f"cannot detect its format ({type(exc).__name__}: {exc})") from None
+    if fmt is None:
+        raise _Skip(
+            "unknown format: ASE cannot detect it and it is no MPtrj JSON "
+            "(use an ASE-readable format such as .traj or extxyz)"
+        )
+    if fmt == "vasp-xml":
+        _check_vasprun_complete(path)
+    try:
+        frames = read(str(path), index=":", format=fmt)
+    except Exception as exc:  # ASE raises anything (IndexError on a broken OUTCAR)
+        raise _Skip(f"ASE cannot read it as {fmt} ({type(exc).__name__}: {exc})") from None
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    if not frames:
+        raise _Skip(f"ASE reads no frames from it as {fmt} (unfinished or broken file?)")
+    return [_with_single_point(a, i) for i, a in enumerate(frames)]
+
+
+# -------------------------------------------------------------------- MPtrj
+def _natural_key(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _mptrj_frame_key(frame_id: str) -> tuple:
+    task, sep, rest = frame_id.rpartition("-")
+    task2, sep2, calc = task.rpartition("-")
+    if not (sep and sep2 and rest.isdigit() and calc.isdigit()):
+        raise _Skip(
+            f"frame id {frame_id!r} is not of the form <task>-<calculation>-<ionic step> "
+            "(e.g. mp-1234-0-5), so the frame order is unknown"
+        )
+    return (_natural_key(task2), int(calc), int(rest))
+
+
+def _is_mptrj(data) -> bool:
+    if not isinstance(data, dict) or not data:
+        return False
+    first = next(iter(data.values()))
+    if not isinstance(first, dict) or not first:
+        return False
+    frame = next(iter(first.values()))
+    return isinstance(frame, dict) and "structure" in frame
+
+
+def _mptrj_frames(frames_by_id: dict) -> list[Atoms]:
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if not isinstance(frames_by_id, dict):
+        raise _Skip("entry is not a {frame_id: frame} mapping")
+    ordered = sorted(frames_by_id.items(), key=lambda kv: _mptrj_frame_key(kv[0]))
+    out = []
+    for i, (frame_id, frame) in enumerate(ordered):
+        try:
+            structure = Structure.from_dict(frame["structure"])
+            atoms = AseAtomsAdaptor.get_atoms(structure)
+        except Exception as exc:
+            raise _Skip(f"frame {frame_id}: bad structure ({type(exc).__name__}: {exc})") from None
+        # The adaptor attaches its own calculator when site properties hold forces; drop it.
+        atoms.calc = None
+        energy = None
+        for key in ("uncorrected_total_energy", "corrected_total_energy", "energy"):
+            if frame.get(key) is not None:
+                energy = float(frame[key])
+                break
+        forces = frame.get("force", frame.get("forces"))
+        if forces is None:
+            raise _Skip(f"frame {frame_id} has no 'force'")
+        try:
+            forces = np.asarray(forces, dtype=float)
+        except (TypeError, ValueError):
+            raise _Skip(f"frame {frame_id}: 'force' is not a numeric array") from None
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        out.append(atoms)
+    return out
+
+
+def read_mptrj(path: str | os.PathLike) -> dict[str, list[Atoms]]:
+    """Read an MPtrj JSON file into ``{mp_id: frames}`` (unvalidated)."""
+    path = Path(path)
+    with _open_text(path) as fh:
+        data = json.load(fh)
+    if not _is_mptrj(data):
+        raise InvalidTrajectoryError(f"{path}: not in the MPtrj layout")
+    return {mp_id: _mptrj_frames(frames) for mp_id, frames in data.items()}
+
+
+def _load_json(path: Path):
+    try:
+        with _open_text(path) as fh:
+            return json.load(fh)
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+# --------------------------------------------------------------------- walk
+def _walk(paths: Iterable[str | os.PathLike], recursive: bool, skipped: list) -> list[Path]:
+    files = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = p.rglob("*") if recursive else p.glob("*")
+            files.extend(sorted(f for f in found if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            skipped.append((str(p), "no such file or directory"))
+    return files
+
+
+def import_paths(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    db: TrajectoryDB,
+    *,
+    label: str | None = None,
+    source: str | None = None,
+    recursive: bool = True,
+) -> ImportReport:
+    """Import files and directories of relaxations into ``db``.
+
+    Every file is read and validated first (see the module docstring for the
+    formats and :func:`ase_bptt.data.db.validate_frames` for the rules);
+    then all good trajectories are written in one transaction.
+
+    Args:
+        paths: files and/or directories (walked).
+        db: the target database.
+        label: label given to every imported trajectory.
+        source: source recorded for every trajectory; default the file path.
+        recursive: walk directories recursively.
+
+    Returns:
+        An :class:`ImportReport` with the traj_ids added and every
+        ``(path, reason)`` skipped. Importing the same data twice adds
+        nothing: the second time each trajectory is skipped as "already in
+        the database as <traj_id>".
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    report = ImportReport()
+    candidates: list[_Candidate] = []
+    for path in _walk(paths, recursive, report.skipped):
+        where = str(path)
+        try:
+            entries = _read_file(path)
+        except _Skip as exc:
+            report.skipped.append((where, str(exc)))
+            continue
+        for entry_where, traj_id, frames in entries:
+            if isinstance(frames, _Skip):
+                report.skipped.append((entry_where, str(frames)))
+                continue
+            try:
+                validate_frames(frames)
+            except InvalidTrajectoryError as exc:
+                report.skipped.append((entry_where, str(exc)))
+                continue
+            candidates.append(_Candidate(entry_where, frames, content_hash(frames), traj_id))
+
+    seen: dict[str, str] = {}
+    taken = db.traj_ids()
+    to_write = []
+    for c in candidates:
+        existing = db.find_hash(c.digest)
+        if existing is not None:
+            report.skipped.append((c.where, f"already in the database as {existing}"))
+            continue
+        if c.digest in seen:
+            report.skipped.append((c.where, f"same trajectory as {seen[c.digest]} in this import"))
+            continue
+        seen[c.digest] = c.where
+        traj_id = c.traj_id or f"{c.frames[0].get_chemical_formula()}-{c.digest[:12]}"
+        if traj_id in taken:
+            traj_id = f"{traj_id}-{c.digest[:8]}"
+        taken.add(traj_id)
+        to_write.append((c, traj_id))
+
+    with db.transaction():
+        for c, traj_id in to_write:
+            src = source if source is not None else c.where
+            db.add_trajectory(c.frames, traj_id=traj_id, label=label, source=src)
+    report.added.extend(traj_id for _, traj_id in to_write)
+    return report
+
+
+def _read_file(path: Path) -> list[tuple[str, str | None, list[Atoms] | _Skip]]:
+    """``[(where, traj_id or None, frames or the reason to skip)]`` for one file."""
+    if path.stat().st_size == 0:
+        raise _Skip("empty file")
+    if _base_name(path).lower().endswith(".json"):
+        data = _load_json(path)
+        if data is not None and _is_mptrj(data):
+            out = []
+            for mp_id, frames_by_id in data.items():
+                where = f"{path}:{mp_id}"
+                try:
+                    out.append((where, str(mp_id), _mptrj_frames(frames_by_id)))
+                except _Skip as exc:
+                    out.append((where, str(mp_id), exc))
+            return out
+    return [(str(path), None, _read_ase(path))]
