@@ -31,7 +31,10 @@ from ase_bptt.batch import Batch
 from ase_bptt.metrics import max_force, rms_displacement
 from ase_bptt.relax.steps import State, StepRule, make_step_rule, rule_from_relax_settings
 
-__all__ = ["RolloutResult", "rollout", "DifferentiableRelaxer"]
+__all__ = ["RolloutResult", "rollout", "DifferentiableRelaxer", "DEFAULT_TOL", "DEFAULT_MAX_STEPS"]
+
+DEFAULT_TOL = 1e-3  # A, RMS per-atom displacement of one frame (the paper's stopping rule)
+DEFAULT_MAX_STEPS = 75  # frames (the paper's limit for Si defects)
 
 
 class RolloutResult(NamedTuple):
@@ -205,7 +208,9 @@ class DifferentiableRelaxer:
             (its checkpoint's ``relax`` settings) is used when there is one,
             else a fixed step of :data:`~ase_bptt.relax.steps.DEFAULT_ETA` (0.05 A^2/eV).
         eta: step size (A^2/eV) for ``"fixed"``, initial value for ``"learned"``/``"decoder"``.
-        tol: stop a structure after a frame whose RMS per-atom displacement is below ``tol`` (A).
+        tol: stop a structure after a frame whose RMS per-atom displacement is below ``tol`` (A);
+            None (default) takes the checkpoint's ``tol`` when the step rule comes from it,
+            else 1e-3 (the paper's); 0 disables the rule.
         maxstep: largest displacement of any atom in one frame (A), for rules built here.
         logfile: None (default, no log), ``"-"`` for stdout, a path or an open file.
         trajectory: an ASE trajectory path (one structure), a list of paths, or a
@@ -219,7 +224,7 @@ class DifferentiableRelaxer:
     """
 
     def __init__(self, atoms: Atoms | Sequence[Atoms] | Batch, model: Any, *,
-                 step: str | StepRule = "fixed", eta: float | None = None, tol: float | None = 1e-3,
+                 step: str | StepRule = "fixed", eta: float | None = None, tol: float | None = None,
                  maxstep: float | None = 0.2, logfile: Any = None, trajectory: Any = None,
                  checkpoint_frames: bool = False) -> None:
         self.model, settings = _resolve_model(model)
@@ -230,14 +235,18 @@ class DifferentiableRelaxer:
         else:
             self._input_atoms = [atoms] if isinstance(atoms, Atoms) else list(atoms)
             self.batch = Batch.from_atoms(self._input_atoms, device=device, dtype=dtype)
+        saved_tol = saved_steps = None
         if isinstance(step, StepRule):
             rule = step
         elif step == "fixed" and eta is None and settings:
-            rule = rule_from_relax_settings(settings)[0].to(device=device, dtype=dtype)
+            rule, saved_tol, saved_steps = rule_from_relax_settings(settings)
+            rule = rule.to(device=device, dtype=dtype)
         else:
             rule = make_step_rule(step, eta=eta, maxstep=maxstep).to(device=device, dtype=dtype)
         self.step_rule = rule
-        self.tol = tol
+        self.tol = float(tol if tol is not None else (saved_tol if saved_tol is not None else DEFAULT_TOL))
+        #: default ``steps`` of :meth:`run`: the checkpoint's ``max_steps``, else 75.
+        self.max_frames = int(saved_steps or DEFAULT_MAX_STEPS)
         self.checkpoint_frames = checkpoint_frames
         self.fmax: float | None = None
         self.nsteps = 0
@@ -327,10 +336,10 @@ class DifferentiableRelaxer:
         self._forces = self._energy = None
         self.nsteps += 1
 
-    def irun(self, fmax: float | None = None, steps: int = 75) -> Iterator[bool]:
+    def irun(self, fmax: float | None = None, steps: int | None = None) -> Iterator[bool]:
         """Relax as a generator, yielding :meth:`converged` after each frame (as ASE's ``irun``)."""
         self.fmax = fmax
-        self.max_steps = self.nsteps + steps
+        self.max_steps = self.nsteps + (self.max_frames if steps is None else steps)
         self._evaluate()
         if self.nsteps == 0:
             self._moved = torch.ones_like(self.active)
@@ -350,12 +359,13 @@ class DifferentiableRelaxer:
             is_converged = self.converged()
             yield is_converged
 
-    def run(self, fmax: float | None = None, steps: int = 75) -> bool:
+    def run(self, fmax: float | None = None, steps: int | None = None) -> bool:
         """Relax until every structure has stopped or ``steps`` frames; True if all converged.
 
         Args:
             fmax: optional force criterion (eV/A) next to the ``tol`` displacement rule.
-            steps: most frames to take in this call.
+            steps: most frames to take in this call (default: the checkpoint's
+                ``max_steps`` when the rule came from it, else 75).
         """
         is_converged = False
         for is_converged in self.irun(fmax=fmax, steps=steps):
