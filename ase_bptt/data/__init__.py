@@ -17,7 +17,6 @@ _LAZY = {
     "DuplicateTrajectoryError": "ase_bptt.data.db",
     "ImportReport": "ase_bptt.data.ingest",
     "import_paths": "ase_bptt.data.ingest",
-    "generate": "ase_bptt.data.generate",
     "RECIPES": "ase_bptt.data.recipes",
     "MissingDependencyError": "ase_bptt.data.recipes",
     "FrameDataset": "ase_bptt.data.datasets",

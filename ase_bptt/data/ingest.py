@@ -153,15 +153,18 @@ def _read_ase(path: Path) -> list[Atoms]:
         fmt = None
     except Exception as exc:  # unreadable: the reason is in the exception
         raise _Skip(f"cannot detect its format ({type(exc).__name__}: {exc})") from None
+    unknown = _Skip(
+        "unknown format: ASE cannot detect it and it is no MPtrj JSON "
+        "(use an ASE-readable format such as .traj or extxyz)"
+    )
     if fmt is None:
-        raise _Skip(
-            "unknown format: ASE cannot detect it and it is no MPtrj JSON "
-            "(use an ASE-readable format such as .traj or extxyz)"
-        )
+        raise unknown
     if fmt == "vasp-xml":
         _check_vasprun_complete(path)
     try:
         frames = read(str(path), index=":", format=fmt)
+    except UnknownFileTypeError:
+        raise unknown from None
     except Exception as exc:  # ASE raises anything (IndexError on a broken OUTCAR)
         raise _Skip(f"ASE cannot read it as {fmt} ({type(exc).__name__}: {exc})") from None
     if isinstance(frames, Atoms):
