@@ -368,7 +368,7 @@ def _given(**values: Any) -> dict[str, Any]:
 @click.option("--max-steps", type=click.IntRange(min=1), default=75, show_default=True, help="Fixed-step frame limit.")
 @click.option("--metric", type=click.Choice(["dq", "mse"]), default="dq", show_default=True,
               help="Dq (mass-weighted) or MSE (pure crystals).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Structures per rollout.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Structures per rollout batch.")
 @runtime_options()
 @click.pass_context
 def evaluate_cmd(ctx, checkpoints, db, out_dir, split, select_eta_on, eta_grid, fire_fmax, fire_steps, tol, max_steps,

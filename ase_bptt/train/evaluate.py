@@ -170,17 +170,23 @@ def _errors(split: _Split, final: torch.Tensor, metric: str) -> list[float]:
     return _metric(metric)(final.detach().to("cpu", torch.float64), split.relaxed64, split.batch64).tolist()
 
 
-def _rollout_all(model, split: _Split, rule, *, tol: float, max_steps: int, fmax: float | None, batch_size: int,
+def _rollout_all(model, initial: Sequence, rule, *, tol: float, max_steps: int, fmax: float | None, batch_size: int,
                  device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched no-grad rollouts of every structure; returns positions, n_frames, converged (CPU)."""
+    """Batched no-grad rollouts of the structures ``initial`` (Atoms).
+
+    Returns final positions ``(S, N_max, 3)`` (float64, CPU, zero padded),
+    frames taken ``(S,)`` and converged ``(S,)``.
+    """
     from ase_bptt.relax.relaxer import rollout
 
-    positions = torch.zeros_like(split.batch64.positions)
-    n_frames = torch.zeros(len(split), dtype=torch.long)
-    converged = torch.zeros(len(split), dtype=torch.bool)
-    for start in range(0, len(split), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(split)))
-        batch = Batch.from_atoms(split.initial[start : start + len(idx)], device=device, dtype=dtype)
+    n_max = max(len(a) for a in initial)
+    positions = torch.zeros(len(initial), n_max, 3, dtype=torch.float64)
+    n_frames = torch.zeros(len(initial), dtype=torch.long)
+    converged = torch.zeros(len(initial), dtype=torch.bool)
+    for start in range(0, len(initial), batch_size):
+        chunk = initial[start : start + batch_size]
+        idx = torch.arange(start, start + len(chunk))
+        batch = Batch.from_atoms(chunk, device=device, dtype=dtype)
         with torch.no_grad():
             res = rollout(model, batch, rule, tol=tol, max_steps=max_steps, fmax=fmax)
         n = res.positions.shape[1]
@@ -201,17 +207,29 @@ def _method_entry(split: _Split, values: list[float], *, frames: torch.Tensor, c
     }
 
 
-def _eta_curve(model, split: _Split, grid: Sequence[float], *, tol, max_steps, maxstep, batch_size, device, dtype,
-               metric, progress: bool, desc: str) -> list[dict[str, Any]]:
+def _eta_curves(model, splits: Sequence[_Split], grid: Sequence[float], *, tol, max_steps, maxstep, batch_size,
+                device, dtype, metric, progress: bool, desc: str) -> list[list[dict[str, Any]]]:
+    """Fixed-step rollouts over the eta grid, one curve per split.
+
+    The splits' structures are rolled out together (fuller batches, fewer
+    model calls); each structure's rollout is independent of its batch mates.
+    """
     from ase_bptt.relax.steps import FixedStep
 
-    curve = []
+    initial = [a for sp in splits for a in sp.initial]
+    curves: list[list[dict[str, Any]]] = [[] for _ in splits]
     for eta in _progress(grid, enabled=progress, desc=desc):
         rule = FixedStep(float(eta), maxstep=maxstep).to(device=device, dtype=dtype)
-        pos, frames, conv = _rollout_all(model, split, rule, tol=tol, max_steps=max_steps, fmax=None,
+        pos, frames, conv = _rollout_all(model, initial, rule, tol=tol, max_steps=max_steps, fmax=None,
                                          batch_size=batch_size, device=device, dtype=dtype)
-        curve.append(_method_entry(split, _errors(split, pos, metric), frames=frames, converged=conv, eta=float(eta)))
-    return curve
+        start = 0
+        for sp, curve in zip(splits, curves):
+            sl = slice(start, start + len(sp))
+            n = sp.batch64.positions.shape[1]
+            curve.append(_method_entry(sp, _errors(sp, pos[sl, :n], metric), frames=frames[sl], converged=conv[sl],
+                                       eta=float(eta)))
+            start += len(sp)
+    return curves
 
 
 def _best(curve: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,7 +347,7 @@ def evaluate(
     max_steps: int = 75,
     maxstep: float = 0.2,
     metric: str = "dq",
-    batch_size: int = 8,
+    batch_size: int = 16,
     names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "float32",
@@ -441,16 +459,17 @@ def evaluate(
                                       fmax=fire_fmax, max_steps=fire_steps)
         entry["fire"]["steps_mean"] = entry["fire"]["frames_mean"]
 
-        curve = _eta_curve(model, data, grid, tol=tol, max_steps=max_steps, maxstep=maxstep, metric=metric, progress=progress,
-                           desc=f"{name}: eta curve ({split})", **kw)
+        splits = [data] if selection is None else [data, selection]
+        curves = _eta_curves(model, splits, grid, tol=tol, max_steps=max_steps, maxstep=maxstep, metric=metric,
+                             progress=progress, desc=f"{name}: eta curve", **kw)
+        curve = curves[0]
         entry["eta_curve"] = [{k: v for k, v in p.items() if k != "per_structure"} for p in curve]
         best = _best(curve)
         entry["fixed_step_perfect_information"] = {**best, "chosen_on": split}
         entry["fixed_step_selected"] = None
         entry["selection_eta_curve"] = None
         if selection is not None:
-            sel_curve = _eta_curve(model, selection, grid, tol=tol, max_steps=max_steps, maxstep=maxstep, metric=metric,
-                                   progress=progress, desc=f"{name}: eta curve ({selection.name})", **kw)
+            sel_curve = curves[1]
             chosen = _best(sel_curve)
             at = next(p for p in curve if p["eta"] == chosen["eta"])
             entry["fixed_step_selected"] = {**at, "chosen_on": selection.name,
@@ -464,7 +483,7 @@ def evaluate(
             rule = rule.to(device=dev, dtype=dt).eval()
             own_tol = tol if own_tol is None else float(own_tol)
             own_max = max_steps if own_max is None else int(own_max)
-            pos, frames, conv = _rollout_all(model, data, rule, tol=own_tol, max_steps=own_max, fmax=own_fmax, **kw)
+            pos, frames, conv = _rollout_all(model, data.initial, rule, tol=own_tol, max_steps=own_max, fmax=own_fmax, **kw)
             eta = getattr(rule, "eta", None)
             entry["own_rule"] = _method_entry(
                 data, _errors(data, pos, metric), frames=frames, converged=conv, rule=_rule_name(rule),
