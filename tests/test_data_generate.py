@@ -1,0 +1,177 @@
+"""Generators: recipes, determinism, resumability, references."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.neighborlist import neighbor_list
+
+from ase_bptt.data import generate as generate_module
+from ase_bptt.data.db import TrajectoryDB
+from ase_bptt.data.generate import generate, relax_frames
+from ase_bptt.data.recipes import (
+    SI_DEFECTS,
+    SI_LATTICE_CONSTANT,
+    MissingDependencyError,
+    build_alloy,
+    build_si_defect,
+    stillinger_weber,
+)
+
+TINY = dict(size=1, max_steps=60)  # 8-site cells, short relaxations: CI-sized
+SW_COHESIVE = -4.3366  # eV/atom: -2*epsilon of Stillinger & Weber, PRB 31, 5262 (1985)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return TrajectoryDB(tmp_path / "g.db")
+
+
+def test_stillinger_weber_reference_is_the_published_potential():
+    atoms = bulk("Si", "diamond", a=SI_LATTICE_CONSTANT, cubic=True)
+    atoms.calc = stillinger_weber()
+    assert atoms.get_potential_energy() / len(atoms) == pytest.approx(SW_COHESIVE, abs=2e-4)
+    assert np.abs(atoms.get_forces()).max() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "defect, n_atoms",
+    [
+        ("vacancy", 63),
+        ("divacancy", 62),
+        ("interstitial-tetrahedral", 65),
+        ("interstitial-hexagonal", 65),
+        ("interstitial-split110", 65),
+    ],
+)
+def test_si_defect_geometry(defect, n_atoms):
+    rng = np.random.default_rng(0)
+    atoms, label = build_si_defect(rng, "sw", defects=(defect,), sigma=0.0)
+    assert label == defect and len(atoms) == n_atoms and set(atoms.get_chemical_symbols()) == {"Si"}
+    a = SI_LATTICE_CONSTANT
+    bond = np.sqrt(3) / 4 * a  # 2.352 A
+    if defect == "interstitial-tetrahedral":
+        # 4 neighbours at the bond length and 6 at a/2 (hand geometry of the T site)
+        d = atoms.get_distances(len(atoms) - 1, range(len(atoms) - 1), mic=True)
+        assert np.sum(np.isclose(d, bond, atol=1e-6)) == 4
+        assert np.sum(np.isclose(d, a / 2, atol=1e-6)) == 6
+    if defect == "interstitial-hexagonal":
+        # centre of a six-membered ring: 6 neighbours at sqrt(11)/8 a
+        d = atoms.get_distances(len(atoms) - 1, range(len(atoms) - 1), mic=True)
+        assert np.sum(np.isclose(d, np.sqrt(11) / 8 * a, atol=1e-6)) == 6
+    if defect == "divacancy":
+        # 8 atoms lost a neighbour: 6 around the pair have 3 bonds
+        i, _ = neighbor_list("ij", atoms, bond + 0.1)
+        coordination = np.bincount(i, minlength=len(atoms))
+        assert np.sum(coordination == 3) == 6 and np.sum(coordination == 4) == 56
+
+
+def test_substitution_needs_a_second_element():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="tersoff"):
+        build_si_defect(rng, "sw", defects=("substitution",))
+    atoms, label = build_si_defect(rng, "tersoff", defects=("substitution",))
+    assert label == "substitution-C" and atoms.get_chemical_symbols().count("C") == 1
+    # default defect list with SW leaves substitution out
+    labels = {build_si_defect(np.random.default_rng(i), "sw")[1] for i in range(40)}
+    assert labels == set(SI_DEFECTS) - {"substitution"}
+
+
+def test_si_defects_relaxed_against_reference(db):
+    added = generate("si-defects", db, n=3, seed=1, progress=False, **TINY)
+    assert added == 3
+    trajs = db.trajectories(converged_only=False)
+    assert [t.traj_id for t in trajs] == [f"si-defects-s1-{i:05d}" for i in range(3)]
+    calc = stillinger_weber()
+    for t in trajs:
+        assert t.label in SI_DEFECTS and t.source == "generate:si-defects:sw"
+        assert len(t.frames) >= 2
+        for frame in (t.frames[0], t.frames[-1]):
+            fresh = frame.copy()
+            fresh.calc = calc
+            assert np.abs(fresh.get_forces() - frame.get_forces()).max() < 1e-10
+            assert fresh.get_potential_energy() == pytest.approx(frame.get_potential_energy(), abs=1e-10)
+        fmax = np.linalg.norm(t.frames[-1].get_forces(), axis=1).max()
+        # FIRE stops at 0.01 eV/A unless it runs out of steps
+        assert fmax < 0.01 or len(t.frames) == TINY["max_steps"] + 1
+        assert t.converged == (fmax < db.converged_fmax)
+
+
+def test_deterministic_across_workers_and_resumable(tmp_path):
+    one = TrajectoryDB(tmp_path / "one.db")
+    two = TrajectoryDB(tmp_path / "two.db")
+    assert generate("alloys", one, n=2, progress=False, **TINY) == 2
+    assert generate("alloys", one, n=4, progress=False, **TINY) == 2  # only the missing ones
+    assert generate("alloys", one, n=4, progress=False, **TINY) == 0
+    assert generate("alloys", two, n=4, workers=2, progress=False, **TINY) == 4
+    a, b = one.trajectories(converged_only=False), two.trajectories(converged_only=False)
+    assert [t.traj_id for t in a] == [t.traj_id for t in b] == [f"alloys-s0-{i:05d}" for i in range(4)]
+    for ta, tb in zip(a, b):
+        assert ta.label == tb.label and len(ta.frames) == len(tb.frames)
+        assert np.array_equal(ta.frames[-1].positions, tb.frames[-1].positions)
+
+
+def test_killed_run_keeps_finished_trajectories(db, monkeypatch):
+    original = generate_module.make_trajectory
+
+    def dies_at_two(recipe, index, **kw):
+        if index == 2:
+            raise KeyboardInterrupt
+        return original(recipe, index, **kw)
+
+    monkeypatch.setattr(generate_module, "make_trajectory", dies_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate("alloys", db, n=4, progress=False, **TINY)
+    assert db.traj_ids() == {"alloys-s0-00000", "alloys-s0-00001"}
+    monkeypatch.setattr(generate_module, "make_trajectory", original)
+    assert generate("alloys", db, n=4, progress=False, **TINY) == 2
+
+
+def test_alloys_positions_only_and_labels(db):
+    generate("alloys", db, n=2, seed=3, progress=False, **TINY)
+    for t in db.trajectories(converged_only=False):
+        a, b = t.label.split("-")
+        assert set(t.frames[0].get_chemical_symbols()) == {a, b}
+        assert all(np.array_equal(f.cell.array, t.frames[0].cell.array) for f in t.frames)
+        assert len(t.frames[0]) == 4  # size=1: one conventional fcc cell
+
+
+def test_relax_frames_matches_ase_fire():
+    from ase.optimize import FIRE
+
+    atoms, _ = build_alloy(np.random.default_rng(5), size=1)
+    frames = relax_frames(atoms, EMT(), fmax=0.05, max_steps=200)
+    ref = atoms.copy()
+    ref.calc = EMT()
+    opt = FIRE(ref, logfile=None)
+    opt.run(fmax=0.05, steps=200)
+    assert len(frames) == opt.nsteps + 1
+    assert np.abs(frames[-1].positions - ref.positions).max() < 1e-12
+    assert np.array_equal(frames[0].positions, atoms.positions)
+
+
+@pytest.mark.parametrize("reference", ["ase.calculators.emt:EMT", EMT, EMT()])
+def test_user_references(tmp_path, reference):
+    db = TrajectoryDB(tmp_path / "r.db")
+    assert generate("alloys", db, n=1, progress=False, reference=reference, **TINY) == 1
+    (t,) = db.trajectories(converged_only=False)
+    fresh = t.frames[-1].copy()
+    fresh.calc = EMT()
+    assert np.abs(fresh.get_forces() - t.frames[-1].get_forces()).max() < 1e-12
+
+
+def test_errors(db, monkeypatch):
+    with pytest.raises(KeyError, match="unknown recipe"):
+        generate("graphene", db, n=1, progress=False)
+    with pytest.raises(TypeError, match="no option"):
+        generate("alloys", db, n=1, progress=False, colour="red")
+    with pytest.raises(ValueError, match="module:Class"):
+        generate("alloys", db, n=1, progress=False, reference="not-a-calculator")
+    monkeypatch.setitem(sys.modules, "matscipy.calculators.manybody", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install ase-bptt\[matscipy\]"):
+        generate("si-defects", db, n=1, progress=False)
+    assert len(db) == 0
