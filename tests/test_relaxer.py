@@ -194,3 +194,14 @@ def test_relax_settings_come_with_the_checkpoint(tmp_path):
 def test_bad_trajectory_count():
     with pytest.raises(ValueError, match="3 structures"):
         DifferentiableRelaxer(three_structures(), MorseModel(), trajectory="one.traj")
+
+
+def test_unknown_element_is_rejected_up_front():
+    from ase.build import bulk
+
+    from ase_bptt.models.base import UnknownElementError
+
+    model = MorseModel()
+    model.species = (14,)
+    with pytest.raises(UnknownElementError, match="Ge"):
+        DifferentiableRelaxer(bulk("Ge", "diamond", a=5.66), model)

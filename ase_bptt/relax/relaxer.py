@@ -236,6 +236,9 @@ class DifferentiableRelaxer:
             self._input_atoms = [atoms] if isinstance(atoms, Atoms) else list(atoms)
             self.batch = Batch.from_atoms(self._input_atoms, device=device, dtype=dtype)
         saved_tol = saved_steps = None
+        check = getattr(self.model, "check_species", None)
+        if check is not None:  # once here, not every frame (that would synchronise a GPU)
+            check(self.batch.numbers, where="the structures given to DifferentiableRelaxer")
         if isinstance(step, StepRule):
             rule = step
         elif step == "fixed" and eta is None and settings:

@@ -87,8 +87,8 @@ def _check_options(momentum: float, anneal: float, noise: float, maxstep: float 
 class StepRule(nn.Module):
     """Base class of step rules (see the module docstring for the update).
 
-    Subclasses implement :meth:`step_size` (a 0-d tensor or one value per
-    structure, ``(B,)``) and a ``to_dict`` that ``step_rule_from_dict`` reads.
+    Subclasses implement :meth:`step_size` (a float, a 0-d tensor or one
+    value per structure, ``(B,)``) and a ``to_dict`` that ``step_rule_from_dict`` reads.
 
     Args:
         momentum: weight ``w`` of the previous direction, in ``[0, 1)``.
@@ -124,7 +124,7 @@ class StepRule(nn.Module):
     # --------------------------------------------------------------- update
     def step_size(self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State,
                   frame: int) -> torch.Tensor:
-        """Step size before annealing: a 0-d tensor or ``(B,)``."""
+        """Step size before annealing: a float, a 0-d tensor or one value per structure ``(B,)``."""
         raise NotImplementedError
 
     def forward(self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State, frame: int,
@@ -145,9 +145,11 @@ class StepRule(nn.Module):
         eta = self.step_size(positions, forces, batch, state, frame)
         if self.anneal != 1.0:
             eta = eta * self.anneal**frame
-        if eta.dim() == 1:
-            eta = eta[:, None, None]
-        direction = eta.to(forces.dtype) * forces
+        if isinstance(eta, torch.Tensor):
+            eta = eta.to(forces.dtype)
+            if eta.dim() == 1:
+                eta = eta[:, None, None]
+        direction = eta * forces
         new_state: State = {}
         if self.momentum > 0.0:
             direction = (1.0 - self.momentum) * direction + self.momentum * state["direction"]
@@ -186,7 +188,7 @@ class FixedStep(StepRule):
         self.eta = float(eta)
 
     def step_size(self, positions, forces, batch, state, frame):
-        return torch.tensor(self.eta, dtype=forces.dtype, device=forces.device)
+        return self.eta  # a Python float: no tensor to build or copy to the device every frame
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.name, "eta": self.eta, **self._options()}
