@@ -178,3 +178,15 @@ def test_summary_counts(db):
     assert ("-", "vacancy", "yes", "2", "7") in lines
     assert ("-", "interstitial", "no", "1", "5") in lines
     assert ("total", "3", "12") in lines
+
+
+def test_json_path_rejected(tmp_path):
+    with pytest.raises(ValueError, match="SQLite"):
+        TrajectoryDB(tmp_path / "x.json")
+
+
+def test_any_extension_is_sqlite(tmp_path):
+    db = TrajectoryDB(tmp_path / "trajectories.sqlite")
+    db.add_trajectory(make_frames())
+    assert (tmp_path / "trajectories.sqlite").read_bytes()[:15] == b"SQLite format 3"
+    assert len(TrajectoryDB(tmp_path / "trajectories.sqlite", create=False)) == 1

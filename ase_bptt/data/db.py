@@ -235,9 +235,16 @@ class TrajectoryDB:
                 f"{self.name}: no such trajectory database; create one with "
                 "`ase-bptt import` or `ase-bptt generate`"
             )
+        if not is_url and self.name.endswith(".json"):
+            # ase's JSON backend rewrites the whole file per write and has no
+            # transactions, so imports could not be all-or-nothing.
+            raise ValueError(
+                f"{self.name}: a trajectory database is an SQLite file (e.g. data.db) or a "
+                "database URL, not a JSON file"
+            )
         try:
-            # Plain paths are SQLite whatever their extension (".json" keeps ase's JSON backend).
-            kind = "extract_from_name" if is_url or self.name.endswith((".db", ".json")) else "db"
+            # Plain paths are SQLite whatever their extension.
+            kind = "extract_from_name" if is_url else "db"
             self._db = ase.db.connect(self.name, type=kind)
             metadata = self._db.metadata
             n_rows = self._db.count()
