@@ -217,6 +217,9 @@ class DifferentiableRelaxer:
             path containing ``{index}`` (one file per structure).
         checkpoint_frames: recompute model activations in backward (saves memory).
 
+    Every frame is recorded for autograd while gradients are enabled; to relax
+    without training, wrap the run in ``torch.no_grad()`` (less memory, faster).
+
     Attributes:
         batch: the structures; ``positions``: the current ``(B, N, 3)`` positions
         (differentiable); ``nsteps``: frames taken; ``n_frames``: frames per
