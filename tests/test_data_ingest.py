@@ -267,3 +267,13 @@ def test_read_trajectory_names_the_file(tmp_path):
 def test_missing_path_reported(tmp_path, db):
     report = import_paths(tmp_path / "nope", db)
     assert report.skipped == [(str(tmp_path / "nope"), "no such file or directory")]
+
+
+def test_target_database_inside_walked_directory(tmp_path):
+    db = TrajectoryDB(tmp_path / "inside.db")
+    write(tmp_path / "a.traj", emt_relaxation())
+    report = import_paths(tmp_path, db)
+    assert len(report.added) == 1
+    assert (str(tmp_path / "inside.db"), "the target database itself") in report.skipped
+    again = import_paths(tmp_path, db)
+    assert again.added == [] and len(db) == 1

@@ -297,8 +297,12 @@ def import_paths(
         paths = [paths]
     report = ImportReport()
     candidates: list[_Candidate] = []
+    target = Path(db.name).resolve() if "://" not in db.name else None
     for path in _walk(paths, recursive, report.skipped):
         where = str(path)
+        if target is not None and path.resolve() in (target, Path(f"{target}-journal")):
+            report.skipped.append((where, "the target database itself"))
+            continue
         try:
             entries = _read_file(path)
         except _Skip as exc:
