@@ -107,3 +107,29 @@ def test_energy_model_without_energy_is_an_error(si_small):
     model = ConservativeForces(lambda b, p: ModelOutput(forces=p))
     with pytest.raises(ValueError, match="no energy"):
         model(Batch.from_atoms(si_small))
+
+
+def test_training_through_adapt_energy_forces(si_small):
+    """Force matching / BPTT through -dE/dX of ADAPT needs a double backward through attention."""
+    torch.manual_seed(0)
+    adapt = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2)).double()
+    model = ConservativeForces(adapt)
+    batch = Batch.from_atoms([si_small, si_small[:5]])
+    pos = batch.positions.clone().requires_grad_(True)
+    loss = model(batch, positions=pos).forces.pow(2).sum()
+    loss.backward()
+    weight = adapt.blocks[0].qkv.weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    # the parameter gradient agrees with a central finite difference
+    direction = torch.randn_like(weight)
+    h = 1e-6
+    with torch.no_grad():
+        weight += h * direction
+    plus = model(batch, positions=batch.positions.clone().requires_grad_(True)).forces.pow(2).sum()
+    with torch.no_grad():
+        weight -= 2 * h * direction
+    minus = model(batch, positions=batch.positions.clone().requires_grad_(True)).forces.pow(2).sum()
+    with torch.no_grad():
+        weight += h * direction
+    fd = (plus - minus).item() / (2 * h)
+    assert (weight.grad * direction).sum().item() == pytest.approx(fd, rel=FD_RTOL)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ase_bptt.batch import Batch
 from ase_bptt.models.base import ForceModel, ModelOutput
@@ -31,6 +32,10 @@ class ConservativeForces(ForceModel):
             ignore padding atoms (``batch.mask``) and keep their gradient
             finite: padding atoms all sit at the origin, so mask pair
             distances before a ``sqrt``, not after.
+
+    While gradients are enabled, ``F.scaled_dot_product_attention`` inside the
+    energy model runs on its math kernel, the one with a double backward
+    (e.g. for ADAPT's energy head).
 
     Under ``torch.no_grad()`` (e.g. in a calculator) gradients are enabled
     locally for the positions only and the result carries no graph. Under
@@ -60,7 +65,14 @@ class ConservativeForces(ForceModel):
             if not pos.requires_grad:
                 # A leaf of our own: never flips requires_grad on the caller's tensor.
                 pos = pos.detach().requires_grad_(True)
-            energy = self.energy_model(batch, pos)
+            if training_graph:
+                # Training backpropagates through -dE/dX (a double backward).
+                # The fused CPU/GPU attention kernels have no double backward;
+                # the math kernel is built of ordinary differentiable ops.
+                with sdpa_kernel(SDPBackend.MATH):
+                    energy = self.energy_model(batch, pos)
+            else:
+                energy = self.energy_model(batch, pos)
             if isinstance(energy, ModelOutput):
                 energy = energy.energy
             if energy is None:
