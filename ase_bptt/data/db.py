@@ -44,7 +44,7 @@ from typing import Iterator, Sequence
 import ase.db
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
+from ase.db.row import AtomsRow, atoms2dict
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -188,6 +188,24 @@ def content_hash(frames: Sequence[Atoms]) -> str:
     return h.hexdigest()
 
 
+def _row(atoms: Atoms, forces: np.ndarray, energy: float | None) -> AtomsRow:
+    # Built by hand: writing Atoms with a SinglePointCalculator makes ase
+    # compare the atoms with the calculator's copy once per property (half of
+    # the write time). Reading gives back a SinglePointCalculator.
+    bare = atoms.copy()
+    bare.calc = None
+    dct = atoms2dict(bare)
+    dct["calculator"] = "unknown"
+    dct["calculator_parameters"] = {}
+    dct["forces"] = np.array(forces, dtype=float)
+    if energy is not None:
+        dct["energy"] = float(energy)
+    row = AtomsRow(dct)
+    row.ctime = ase.db.core.now()
+    row.user = os.getenv("USER")
+    return row
+
+
 def _split_of(traj_id: str, val: float, test: float, seed: int) -> str:
     # A hash of (seed, traj_id) mapped to [0, 1): the split of a trajectory
     # depends on nothing else, so importing more data never moves old ones.
@@ -245,7 +263,9 @@ class TrajectoryDB:
         try:
             # Plain paths are SQLite whatever their extension.
             kind = "extract_from_name" if is_url else "db"
-            self._db = ase.db.connect(self.name, type=kind)
+            # SQLite locks by itself; ase's extra lock file costs two file
+            # system calls per row.
+            self._db = ase.db.connect(self.name, type=kind, use_lock_file=False)
             metadata = self._db.metadata
             n_rows = self._db.count()
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a database at all
@@ -419,12 +439,8 @@ class TrajectoryDB:
                 if value is not None:
                     common[key] = str(value)
             for i, atoms in enumerate(frames):
-                row_atoms = atoms.copy()
-                row_atoms.calc = SinglePointCalculator(
-                    row_atoms, energy=_frame_energy(atoms), forces=_frame_forces(atoms, i)
-                )
                 self._db.write(
-                    row_atoms,
+                    _row(atoms, _frame_forces(atoms, i), _frame_energy(atoms)),
                     frame=i,
                     is_final=(i == n - 1),
                     frame_fmax=fmaxes[i],
