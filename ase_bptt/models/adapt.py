@@ -154,9 +154,16 @@ class _EncoderBlock(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
         a = self.out(a.transpose(1, 2).reshape(b, n, d))
-        h1 = self.norm1(x + self.drop(a))
-        h2 = self.drop(self.ff(self.norm2(h1)))
-        return self.norm3(h2 + h1)
+        if self.dropout > 0:
+            a = self.drop(a)
+        h1 = self.norm1(x + a)
+        lin1, act, drop, lin2 = self.ff
+        h = act(lin1(self.norm2(h1)))
+        if self.dropout > 0:  # skipping no-op modules saves Python overhead per frame
+            h = self.drop(lin2(drop(h)))
+        else:
+            h = lin2(h)
+        return self.norm3(h + h1)
 
 
 class ADAPT(ForceModel):
