@@ -172,3 +172,13 @@ def test_species_grow_with_fitted_data_and_are_checked(si_small):
     fitted(model, [ge])
     assert model.species == (14, 32)
     assert ADAPTConfig.from_dict(model.config.to_dict()).species == (14, 32)
+
+
+def test_dropout_only_in_training(si_small):
+    model = fitted(tiny(dropout=0.2), [si_small])
+    batch = Batch.from_atoms(si_small)
+    model.train()
+    a, b = model(batch).forces, model(batch).forces
+    assert not torch.equal(a, b)  # stochastic while training
+    model.eval()
+    torch.testing.assert_close(model(batch).forces, model(batch).forces, rtol=0, atol=0)
