@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -39,7 +40,8 @@ def model(si_small):
 @pytest.fixture
 def saved(tmp_path, model):
     relax = {"step": {"rule": "fixed", "eta": torch.tensor(0.05)}, "tol": 1e-3, "max_steps": 75}
-    return save_checkpoint(tmp_path / "si.pt", model, relax=relax, metadata={"note": "test", "n": np.int64(3)})
+    meta = {"note": "test", "n": np.int64(3), "created": "2001-01-01T00:00:00Z"}  # stale, copied from a parent
+    return save_checkpoint(tmp_path / "si.pt", model, relax=relax, metadata=meta)
 
 
 def test_reload_is_bitwise_identical(saved, model, si_vacancy):
@@ -58,7 +60,9 @@ def test_loads_with_plain_weights_only_torch_load(saved):
     assert data["model"]["name"] == "ADAPT" and isinstance(data["model"]["config"], dict)
     assert data["relax"]["max_steps"] == 75 and float(data["relax"]["step"]["eta"]) == pytest.approx(0.05)
     meta = data["metadata"]
-    assert meta["note"] == "test" and meta["n"] == 3 and meta["created"].endswith("Z")
+    assert meta["note"] == "test" and meta["n"] == 3
+    created = datetime.fromisoformat(meta["created"].replace("Z", "+00:00"))
+    assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 600
     assert meta["package_version"] == data["package_version"]
 
 

@@ -177,7 +177,8 @@ def save_checkpoint(
         relax: the relaxation settings the model was tuned with: the step
             rule's ``to_dict()`` under ``"step"``, plus ``tol`` and ``max_steps``.
         metadata: anything JSON-like (training data fingerprint, history, ...);
-            ``created`` (UTC, ISO 8601) and ``package_version`` are added.
+            ``created`` (now, UTC, ISO 8601) and ``package_version`` are set
+            (overriding values of those names in ``metadata``).
 
     Returns:
         The path written.
@@ -187,9 +188,13 @@ def save_checkpoint(
         UnknownModelError: the model's class is not registered.
     """
     path = Path(path)
-    meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "package_version": _package_version()}
-    meta.update(metadata or {})
+    # Ours win: "created" is when this file was written, even when a caller
+    # copies the metadata of the checkpoint it started from.
+    meta = {
+        **(metadata or {}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "package_version": _package_version(),
+    }
     checkpoint = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
