@@ -79,6 +79,9 @@ def test_atomic_write_leaves_no_temporary(tmp_path, model):
     save_checkpoint(path, model)
     save_checkpoint(path, model)  # overwrite
     assert sorted(os.listdir(path.parent)) == ["a.pt"]
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode  # same permissions as open() gives
 
 
 def test_non_json_metadata_is_refused(tmp_path, model):
