@@ -38,7 +38,7 @@ import _common as C  # noqa: E402
 GOAL_MEMORY_FRACTION = 0.25
 GOAL_TIME_RATIO = 1.5
 ETA = 0.01  # A^2/eV: small enough that an untrained model's rollout stays near the crystal
-VARIANTS = ("naive", "checkpoint_frames", "segments")
+VARIANTS = ("naive", "checkpoint_frames", "segments", "recompute_frames", "recompute_segments")
 
 
 def _inputs(n_sites: int, spec: dict):
@@ -57,28 +57,98 @@ def _inputs(n_sites: int, spec: dict):
     return model, batch, reference, FixedStep(ETA)
 
 
-def _segment_rollout(model, batch, rule, *, k: int, segment: int):
-    """k frames, checkpointing ``segment`` frames at a time (the package's frame function inside)."""
-    from ase_bptt.relax.relaxer import _frame
-
+def _initial(batch, rule):
     positions = batch.positions
     b = len(batch)
     state = rule.init_state(batch, positions)
     active = torch.ones(b, dtype=torch.bool, device=positions.device)
     converged = torch.zeros_like(active)
     n_frames = torch.zeros(b, dtype=torch.long, device=positions.device)
+    return positions, state, active, converged, n_frames
 
-    def run_segment(start, stop, positions, state, active, converged, n_frames):
-        for f in range(start, stop):
-            positions, state, active, converged, n_frames = _frame(
-                model, batch, rule, f, 0.0, None, positions, state, active, converged, n_frames, None)
-        return positions, state, active, converged, n_frames
 
+def _frames(model, batch, rule, start: int, stop: int, positions, state, active, converged, n_frames):
+    """Frames ``start..stop-1`` with the package's own frame function (tol=0: no structure stops)."""
+    from ase_bptt.relax.relaxer import _frame
+
+    for f in range(start, stop):
+        positions, state, active, converged, n_frames = _frame(
+            model, batch, rule, f, 0.0, None, positions, state, active, converged, n_frames, None)
+    return positions, state, active, converged, n_frames
+
+
+def _segment_rollout(model, batch, rule, *, k: int, segment: int):
+    """k frames, ``torch.utils.checkpoint`` (non-reentrant) around every ``segment`` frames."""
+    carry = _initial(batch, rule)
     for start in range(0, k, segment):
-        stop = min(k, start + segment)
-        positions, state, active, converged, n_frames = checkpoint(
-            functools.partial(run_segment, start, stop), positions, state, active, converged, n_frames,
-            use_reentrant=False)
+        fn = functools.partial(_frames, model, batch, rule, start, min(k, start + segment))
+        carry = checkpoint(fn, *carry, use_reentrant=False)
+    return carry[0]
+
+
+class RecomputedFrames(torch.autograd.Function):
+    """Frames run under ``no_grad`` in forward and recomputed with grad in backward.
+
+    A lighter-weight alternative to non-reentrant ``torch.utils.checkpoint``:
+    that one routes every tensor a frame saves (~70 per frame for the default
+    ADAPT) through Python pack/unpack hooks and keeps every frame's autograd
+    nodes alive, which costs more than the recomputation itself for a model
+    this small. Here a frame is one autograd node that saves only its inputs.
+    The trainable parameters are explicit inputs, so their gradients flow
+    through ``torch.autograd.grad`` (and ``.backward``) as usual. The state
+    dict travels as a flat tuple of tensors; the RNG state is restored for the
+    recomputation so dropout replays the same mask.
+    """
+
+    @staticmethod
+    def forward(ctx, run, keys, positions, active, converged, n_frames, n_state, *tensors):  # noqa: D102
+        state = dict(zip(keys, tensors[:n_state]))
+        ctx.run, ctx.keys, ctx.n_state = run, keys, n_state
+        ctx.params = tensors[n_state:]  # leaf parameters: a reference, not a copy
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(positions.device) if positions.is_cuda else None
+        with torch.no_grad():
+            out_pos, out_state, a, c, n = run(positions, state, active, converged, n_frames)
+        ctx.out_keys = tuple(out_state)
+        ctx.save_for_backward(positions, active, converged, n_frames, *tensors[:n_state])
+        ctx.mark_non_differentiable(a, c, n)
+        return (out_pos, a, c, n, *(out_state[k] for k in ctx.out_keys))
+
+    @staticmethod
+    def backward(ctx, grad_pos, _ga, _gc, _gn, *grad_state):  # noqa: D102
+        positions, active, converged, n_frames, *state_in = ctx.saved_tensors
+        params = ctx.params
+        with torch.enable_grad(), torch.random.fork_rng(devices=[positions.device] if positions.is_cuda else []):
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, positions.device)
+            pos = positions.detach().requires_grad_(ctx.needs_input_grad[2])
+            state = {k: (v.detach().requires_grad_(ctx.needs_input_grad[7 + i]) if v.is_floating_point() else v)
+                     for i, (k, v) in enumerate(zip(ctx.keys, state_in))}
+            out_pos, out_state, *_ = ctx.run(pos, state, active, converged, n_frames)
+        outputs, grads = [], []
+        for out, g in zip([out_pos] + [out_state[k] for k in ctx.out_keys], (grad_pos, *grad_state)):
+            if g is not None and out.requires_grad:
+                outputs.append(out)
+                grads.append(g)
+        inputs = [pos] + list(state.values()) + list(params)
+        wanted = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs else [None] * len(wanted))
+        result = [next(got) if t.requires_grad else None for t in inputs]
+        return (None, None, result[0], None, None, None, None, *result[1:])
+
+
+def _recomputed_rollout(model, batch, rule, *, k: int, segment: int = 1):
+    """k frames, one :class:`RecomputedFrames` node per ``segment`` frames."""
+    positions, state, active, converged, n_frames = _initial(batch, rule)
+    params = tuple(p for p in list(model.parameters()) + list(rule.parameters()) if p.requires_grad)
+    for start in range(0, k, segment):
+        keys = tuple(state)
+        run = functools.partial(_frames, model, batch, rule, start, min(k, start + segment))
+        out = RecomputedFrames.apply(run, keys, positions, active, converged, n_frames, len(keys),
+                                     *state.values(), *params)
+        positions, active, converged, n_frames = out[:4]
+        state = dict(zip(keys, out[4:]))
     return positions
 
 
@@ -89,8 +159,13 @@ def make_step(variant: str, model, batch, reference, rule, k: int):
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
+        segment = max(1, round(math.sqrt(k)))
         if variant == "segments":
-            final = _segment_rollout(model, batch, rule, k=k, segment=max(1, round(math.sqrt(k))))
+            final = _segment_rollout(model, batch, rule, k=k, segment=segment)
+        elif variant == "recompute_frames":
+            final = _recomputed_rollout(model, batch, rule, k=k, segment=1)
+        elif variant == "recompute_segments":
+            final = _recomputed_rollout(model, batch, rule, k=k, segment=segment)
         else:
             final = rollout(model, batch, rule, tol=0.0, max_steps=k,
                             checkpoint_frames=(variant == "checkpoint_frames")).positions
