@@ -151,3 +151,14 @@ def test_conservative_model_matches_ase_numerical_forces(si_small):
     si_small.calc = calc
     numerical = calculate_numerical_forces(si_small, eps=1e-5)
     np.testing.assert_allclose(si_small.get_forces(), numerical, rtol=0, atol=1e-7)
+
+
+def test_other_ase_constraints_are_left_to_ase(checkpoint, si_small):
+    """Constraints the torch relaxers refuse (FixBondLength) work through ASE."""
+    from ase.constraints import FixBondLength
+
+    bond = si_small.get_distance(0, 1)
+    si_small.set_constraint(FixBondLength(0, 1))
+    si_small.calc = BPTTCalculator(checkpoint, dtype=torch.float64)
+    FIRE(si_small, logfile=None).run(fmax=1e-6, steps=10)
+    assert si_small.get_distance(0, 1) == pytest.approx(bond, abs=1e-8)
