@@ -20,6 +20,8 @@ _LAZY = {
     "ConservativeForces": "ase_bptt.models.conservative",
     "load_checkpoint": "ase_bptt.models.checkpoint",
     "save_checkpoint": "ase_bptt.models.checkpoint",
+    "load_model": "ase_bptt.models.checkpoint",
+    "UnknownElementError": "ase_bptt.models.base",
 }
 
 __all__ = ["__version__", *_LAZY]
