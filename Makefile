@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# One BLAS thread: ASE's BFGS on small cells is 5x slower with OpenBLAS threads fighting torch's.
 test: $(STAMP)
-	# One BLAS thread: ASE's BFGS on small cells is 5x slower with OpenBLAS threads fighting torch's.
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
