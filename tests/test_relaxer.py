@@ -205,3 +205,39 @@ def test_unknown_element_is_rejected_up_front():
     model.species = (14,)
     with pytest.raises(UnknownElementError, match="Ge"):
         DifferentiableRelaxer(bulk("Ge", "diamond", a=5.66), model)
+
+
+class _Harmonic(MorseModel):
+    """Forces with no host synchronisation inside (unlike minimum_image's periodic check)."""
+
+    def forward(self, batch, positions=None):
+        from ase_bptt.models.base import ModelOutput
+
+        pos = batch.positions if positions is None else positions
+        centre = batch.positions.detach()
+        return ModelOutput(forces=-self.D * (pos - centre + 0.05 * torch.tanh(self.a * pos)) * batch.mask[..., None])
+
+
+@pytest.mark.parametrize("checkpoint_frames", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("rule_factory", [lambda: FixedStep(0.05, momentum=0.05, anneal=0.99),
+                                          lambda: LearnedStep(0.05, dtype=torch.float64),
+                                          lambda: DecoderStep(0.05, dtype=torch.float64), lambda: FIREStep()],
+                         ids=["fixed", "learned", "decoder", "fire"])
+def test_one_host_read_per_frame(rule_factory, checkpoint_frames, monkeypatch):
+    """rollout reads one value per frame back to the host (the 'still moving?' flag), nothing else."""
+    batch = Batch.from_atoms(three_structures())
+    model = _Harmonic()
+    rule = rule_factory()
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    out = rollout(model, batch, rule, tol=None, fmax=1e-9, max_steps=7, checkpoint_frames=checkpoint_frames)
+    monkeypatch.undo()
+    assert int(out.n_frames.min()) == 7
+    assert reads == ["__bool__"] * 7

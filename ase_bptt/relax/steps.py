@@ -243,7 +243,8 @@ def _periodic_features(positions: torch.Tensor, batch: Batch, length_scale: floa
     pbc = batch.pbc[:, None, :]
     eye = torch.eye(3, dtype=positions.dtype, device=positions.device).expand_as(batch.cell)
     safe_cell = torch.where(batch.pbc.unsqueeze(-1), batch.cell.to(positions.dtype), eye)
-    frac = torch.linalg.solve(safe_cell.transpose(1, 2), positions.transpose(1, 2)).transpose(1, 2)
+    # solve_ex, not solve: solve synchronises a CUDA device with the host on every call (error check).
+    frac = torch.linalg.solve_ex(safe_cell.transpose(1, 2), positions.transpose(1, 2))[0].transpose(1, 2)
     mask = batch.mask[..., None].to(positions.dtype)
     centroid = (positions * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
     centred = (positions - centroid) / length_scale
