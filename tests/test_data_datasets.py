@@ -102,3 +102,20 @@ def test_splits_and_paths(db):
     assert list(FrameDataset(db, "train").batches(4)) == []
     with pytest.raises(ValueError, match="batch_size"):
         next(RelaxationDataset(db, "test").batches(0))
+
+
+def test_fixed_atoms_and_masses_reach_the_batch(tmp_path):
+    from ase.constraints import FixAtoms
+
+    frames = traj(3, 2, seed=4)
+    for f in frames:
+        f.set_constraint(FixAtoms(indices=[0]))
+    db = TrajectoryDB(tmp_path / "f.db")
+    db.add_trajectory(frames)
+    (rb,) = list(RelaxationDataset(db, None, dtype=torch.float64).batches(1))
+    assert rb.initial.fixed[0].tolist() == [True, False, False]
+    assert np.allclose(rb.initial.masses[0].numpy(), frames[0].get_masses())
+    # same as Batch.from_atoms on the stored initial frame
+    ref = __import__("ase_bptt.batch", fromlist=["Batch"]).Batch.from_atoms(db.trajectories()[0].frames[0])
+    for name in ("positions", "numbers", "masses", "mask", "fixed", "cell", "pbc"):
+        assert torch.equal(getattr(rb.initial, name), getattr(ref, name)), name

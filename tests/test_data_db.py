@@ -190,3 +190,32 @@ def test_any_extension_is_sqlite(tmp_path):
     db.add_trajectory(make_frames())
     assert (tmp_path / "trajectories.sqlite").read_bytes()[:15] == b"SQLite format 3"
     assert len(TrajectoryDB(tmp_path / "trajectories.sqlite", create=False)) == 1
+
+
+def test_fast_sqlite_reader_matches_ase_select(db):
+    from ase.constraints import FixAtoms
+
+    frames = make_frames(3, seed=4, n_atoms=3)
+    for f in frames:
+        f.set_constraint(FixAtoms(indices=[1]))
+        f.set_masses([1.0, 2.0, 3.0])
+    db.add_trajectory(frames, traj_id="fixed", label="x")
+    db.add_trajectory(make_frames(2, seed=5, energy=False), traj_id="plain")
+    db.assign_splits(val=0.0, test=0.0)
+    for split, conv in ((None, True), ("train", False), ("val", False)):
+        fast = db._load_sqlite(split, conv)
+        slow = db._load_generic(split, conv)
+        assert len(fast) == len(slow)
+        for (ka, fa), (kb, fb) in zip(sorted(fast, key=lambda r: (r[0]["traj_id"], r[0]["frame"])),
+                                      sorted(slow, key=lambda r: (r[0]["traj_id"], r[0]["frame"]))):
+            assert ka == kb
+            for key in ("numbers", "positions", "cell", "pbc", "forces"):
+                assert np.array_equal(fa[key], fb[key]), key
+            assert fa["energy"] == fb["energy"]
+            assert (fa["masses"] is None) == (fb["masses"] is None)
+            assert [c.todict() for c in fa["constraints"]] == [c.todict() for c in fb["constraints"]]
+    (t,) = [t for t in db.trajectories() if t.traj_id == "fixed"]
+    assert list(t.frames[0].constraints[0].get_indices()) == [1]
+    assert np.array_equal(t.frames[0].get_masses(), [1.0, 2.0, 3.0])
+    # forces come back raw (FixAtoms is not applied to stored forces)
+    assert np.array_equal(t.frames[0].get_forces(apply_constraint=False), frames[0].get_forces(apply_constraint=False))

@@ -24,11 +24,11 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from ase import Atoms
 from ase.constraints import FixAtoms
+from ase.data import atomic_masses
 
 from ase_bptt.batch import Batch
-from ase_bptt.data.db import Trajectory, TrajectoryDB
+from ase_bptt.data.db import TrajectoryDB
 
 __all__ = ["FrameBatch", "RelaxationBatch", "FrameDataset", "RelaxationDataset"]
 
@@ -70,19 +70,19 @@ def _open(db: TrajectoryDB | str | os.PathLike) -> TrajectoryDB:
     return db if isinstance(db, TrajectoryDB) else TrajectoryDB(db, create=False)
 
 
-def _fixed(atoms: Atoms) -> np.ndarray:
-    fixed = np.zeros(len(atoms), dtype=bool)
-    for c in atoms.constraints:
+def _fixed(n: int, constraints) -> np.ndarray:
+    fixed = np.zeros(n, dtype=bool)
+    for c in constraints:
         if isinstance(c, FixAtoms):
             fixed[c.get_indices()] = True
     return fixed
 
 
 class _Padded:
-    """Structures stacked as tensors padded to the largest atom count."""
+    """Frames (the database's raw frame dicts) stacked as padded tensors."""
 
-    def __init__(self, structures: list[Atoms], n_max: int) -> None:
-        m = len(structures)
+    def __init__(self, frames: list[dict], n_max: int) -> None:
+        m = len(frames)
         self.positions = np.zeros((m, n_max, 3))
         self.numbers = np.zeros((m, n_max), dtype=np.int64)
         self.masses = np.zeros((m, n_max))
@@ -90,15 +90,16 @@ class _Padded:
         self.fixed = np.zeros((m, n_max), dtype=bool)
         self.cell = np.zeros((m, 3, 3))
         self.pbc = np.zeros((m, 3), dtype=bool)
-        for i, a in enumerate(structures):
-            n = len(a)
-            self.positions[i, :n] = a.positions
-            self.numbers[i, :n] = a.numbers
-            self.masses[i, :n] = a.get_masses()
+        for i, f in enumerate(frames):
+            n = len(f["numbers"])
+            self.positions[i, :n] = f["positions"]
+            self.numbers[i, :n] = f["numbers"]
+            self.masses[i, :n] = atomic_masses[f["numbers"]] if f["masses"] is None else f["masses"]
             self.mask[i, :n] = True
-            self.fixed[i, :n] = _fixed(a)
-            self.cell[i] = a.cell.array
-            self.pbc[i] = a.pbc
+            if f["constraints"]:
+                self.fixed[i, :n] = _fixed(n, f["constraints"])
+            self.cell[i] = f["cell"]
+            self.pbc[i] = f["pbc"]
 
     def tensors(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         out = {}
@@ -152,19 +153,19 @@ class FrameDataset:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        trajectories = _open(db).trajectories(split, converged_only=converged_only)
-        frames = [f for t in trajectories for f in t.frames]
-        self.traj_ids = [t.traj_id for t in trajectories for _ in t.frames]
-        self.frame_index = [i for t in trajectories for i in range(len(t.frames))]
-        n_max = max((len(f) for f in frames), default=0)
+        # Raw arrays, not Atoms: building 10^4 Atoms costs more than the query.
+        loaded = _open(db)._load(split, converged_only)
+        frames = [f for _, records in loaded for f in records]
+        self.traj_ids = [meta["traj_id"] for meta, records in loaded for _ in records]
+        self.frame_index = [i for _, records in loaded for i in range(len(records))]
+        n_max = max((len(f["numbers"]) for f in frames), default=0)
         padded = _Padded(frames, n_max)
         forces = np.zeros((len(frames), n_max, 3))
         energy = np.full(len(frames), np.nan)
         for i, f in enumerate(frames):
-            forces[i, : len(f)] = f.calc.results["forces"]
-            e = f.calc.results.get("energy")
-            if e is not None:
-                energy[i] = e
+            forces[i, : len(f["numbers"])] = f["forces"]
+            if f["energy"] is not None:
+                energy[i] = f["energy"]
         self._t = padded.tensors(dtype, device)
         self._t["n_atoms"] = self._t["mask"].sum(1)
         self._t["forces"] = torch.as_tensor(forces, dtype=dtype, device=device)
@@ -225,15 +226,15 @@ class RelaxationDataset:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        trajectories: list[Trajectory] = _open(db).trajectories(split, converged_only=converged_only)
-        self.traj_ids = [t.traj_id for t in trajectories]
-        self.labels = [t.label or "" for t in trajectories]
-        initial = [t.frames[0] for t in trajectories]
-        n_max = max((len(a) for a in initial), default=0)
+        loaded = _open(db)._load(split, converged_only)
+        self.traj_ids = [meta["traj_id"] for meta, _ in loaded]
+        self.labels = [meta["label"] or "" for meta, _ in loaded]
+        initial = [records[0] for _, records in loaded]
+        n_max = max((len(f["numbers"]) for f in initial), default=0)
         padded = _Padded(initial, n_max)
         relaxed = padded.positions.copy()
-        for i, t in enumerate(trajectories):
-            relaxed[i, : len(t.frames[0])] = _unwrapped_final(t)
+        for i, (_, records) in enumerate(loaded):
+            relaxed[i, : len(records[0]["numbers"])] = _unwrapped_final(records[0], records[-1])
         self._t = padded.tensors(dtype, device)
         self._t["n_atoms"] = self._t["mask"].sum(1)
         self._t["relaxed"] = torch.as_tensor(relaxed, dtype=dtype, device=device)
@@ -264,17 +265,16 @@ class RelaxationDataset:
             )
 
 
-def _unwrapped_final(t: Trajectory) -> np.ndarray:
+def _unwrapped_final(first: dict, last: dict) -> np.ndarray:
     """Final positions moved to the image nearest each initial position."""
-    first, last = t.frames[0], t.frames[-1]
-    d = last.positions - first.positions
-    pbc = first.pbc
+    d = last["positions"] - first["positions"]
+    pbc = np.asarray(first["pbc"], dtype=bool)
     if pbc.any():
-        cell = first.cell.array
+        cell = np.asarray(first["cell"])
         # Fractional rounding, as metrics.minimum_image; exact for
         # displacements shorter than half the smallest cell height.
         safe = np.where(pbc[:, None], cell, np.eye(3))
         frac = np.linalg.solve(safe.T, d.T).T
         shift = np.where(pbc[None, :], np.round(frac), 0.0)
         d = d - shift @ safe
-    return first.positions + d
+    return first["positions"] + d

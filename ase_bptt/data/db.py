@@ -34,6 +34,7 @@ groups several calls into one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from typing import Iterator, Sequence
 import ase.db
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db.row import AtomsRow, atoms2dict
 
 __all__ = [
@@ -509,36 +511,106 @@ class TrajectoryDB:
         Returns:
             Trajectories ordered by traj_id, frames ordered by frame index.
         """
+        out = []
+        for meta, records in self._load(split, converged_only):
+            frames = []
+            for r in records:
+                atoms = Atoms(
+                    numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"],
+                    masses=r["masses"], constraint=r["constraints"],
+                )
+                atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"])
+                frames.append(atoms)
+            out.append(Trajectory(frames=frames, **meta))
+        return out
+
+    def _load(self, split: str | None, converged_only: bool) -> list[tuple[dict, list[dict]]]:
+        """Raw frames per trajectory: ``[(meta, [frame dict, ...]), ...]``.
+
+        ``meta`` has traj_id, label, source, split, converged; each frame dict
+        has numbers, positions, cell, pbc, masses (None: defaults),
+        constraints (list), energy (None when unknown) and forces, in frame
+        order; trajectories ordered by traj_id. One query.
+        """
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or None, not {split!r}")
+        if type(self._db).__name__ == "SQLite3Database":
+            records = self._load_sqlite(split, converged_only)
+        else:
+            records = self._load_generic(split, converged_only)
+        grouped: dict[str, list] = defaultdict(list)
+        for kvp, frame in records:
+            grouped[kvp["traj_id"]].append((kvp["frame"], kvp, frame))
+        out = []
+        for traj_id in sorted(grouped):
+            rows = sorted(grouped[traj_id], key=lambda r: r[0])
+            last = rows[-1][1]
+            meta = dict(
+                traj_id=traj_id,
+                label=last.get("label"),
+                source=last.get("source"),
+                split=last.get("split"),
+                converged=bool(last["converged"]),
+            )
+            out.append((meta, [r[2] for r in rows]))
+        return out
+
+    def _load_generic(self, split, converged_only):
         query = {}
         if split is not None:
             query["split"] = split
         if converged_only:
             query["converged"] = True
-        grouped: dict[str, list] = defaultdict(list)
+        out = []
         with self._reading():
             for row in self._db.select(include_data=False, **query):
-                grouped[row.traj_id].append(row)
-        out = []
-        for traj_id in sorted(grouped):
-            rows = sorted(grouped[traj_id], key=lambda r: r.frame)
-            frames = []
-            for row in rows:
-                atoms = row.toatoms()
-                # toatoms() attaches a SinglePointCalculator with energy/forces.
-                frames.append(atoms)
-            last = rows[-1]
-            out.append(
-                Trajectory(
-                    traj_id=traj_id,
-                    label=last.get("label"),
-                    source=last.get("source"),
-                    split=last.get("split"),
-                    converged=bool(last.converged),
-                    frames=frames,
+                frame = dict(
+                    numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc,
+                    masses=row.get("masses"), constraints=row.constraints,
+                    energy=row.get("energy"), forces=row.forces,
                 )
+                out.append((row.key_value_pairs, frame))
+        return out
+
+    def _load_sqlite(self, split, converged_only):
+        # ase's select() builds an AtomsRow per frame and looks up external
+        # tables per row (~0.5 ms a frame); reading the columns directly is
+        # several times faster for the 10^4-10^5 frames of a training split.
+        from ase.constraints import dict2constraint
+        from ase.io.jsonio import decode
+
+        where, args = [], []
+        if split is not None:
+            where.append("id IN (SELECT id FROM text_key_values WHERE key='split' AND value=?)")
+            args.append(split)
+        if converged_only:
+            where.append("id IN (SELECT id FROM number_key_values WHERE key='converged' AND value=1)")
+        sql = (
+            "SELECT numbers, positions, cell, pbc, masses, constraints, energy, forces, "
+            "key_value_pairs FROM systems"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        deblob = self._db.deblob
+        out = []
+        with self._reading():
+            with self._db.managed_connection() as con:
+                rows = con.execute(sql, args).fetchall()
+        for numbers, positions, cell, pbc, masses, constraints, energy, forces, kvp in rows:
+            kvp = json.loads(kvp)
+            if "traj_id" not in kvp:
+                continue
+            frame = dict(
+                numbers=deblob(numbers, np.int32).astype(np.int64),
+                positions=deblob(positions, shape=(-1, 3)),
+                cell=deblob(cell, shape=(3, 3)),
+                pbc=(pbc & np.array([1, 2, 4])).astype(bool),
+                masses=None if masses is None else deblob(masses),
+                constraints=[dict2constraint(c) for c in decode(constraints)] if constraints else [],
+                energy=energy,
+                forces=deblob(forces, shape=(-1, 3)),
             )
+            out.append((kvp, frame))
         return out
 
     def summary(self) -> str:
