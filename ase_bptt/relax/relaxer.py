@@ -151,6 +151,10 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
     Returns:
         :class:`RolloutResult` with the final positions, the frames each
         structure took and whether it converged.
+
+    Host synchronisation: one boolean per frame ("is any structure still
+    moving?"); on CUDA it is read one frame late (see ``_LaggedFlag``), so the
+    GPU queue never drains. Stopping decisions stay on the device.
     """
     dtype, device = model_dtype_device(model)
     batch = batch.to(device, dtype)
