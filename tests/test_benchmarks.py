@@ -145,3 +145,21 @@ def test_bench_bptt_quick(tmp_path):
     # Every variant computes the same gradient as naive (the harness checks it; a variant that does not is wrong).
     for r in rows:
         assert r["grad_rel_error_vs_naive"] < 1e-4, r
+
+
+def test_device_cuda_is_accepted(tmp_path):
+    """--device cuda runs where CUDA exists; elsewhere the script says so instead of a traceback."""
+    import torch
+
+    out = tmp_path / "x.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_calculator.py"), "--quick", "--device", "cuda", "--out", str(out)],
+        capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, cwd=ROOT,
+    )
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(out.read_text())["environment"]["device"].startswith("cuda")
+    else:
+        assert proc.returncode != 0
+        assert "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()
