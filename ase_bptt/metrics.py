@@ -34,14 +34,13 @@ def minimum_image(vectors: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) 
         cell: ``(B, 3, 3)`` lattice vectors as rows.
         pbc: ``(B, 3)`` periodic flags; non-periodic directions are left alone.
     """
-    periodic = pbc.any(dim=1)
-    if not bool(periodic.any()):
-        return vectors
+    # No early exit for non-periodic input: a Python branch on a tensor would
+    # synchronise a GPU every frame. solve_ex is the sync-free solve.
     # Non-periodic directions may have a zero lattice vector; substitute the
     # identity there so the solve stays regular (those components are not wrapped).
     eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
     safe_cell = torch.where(pbc.unsqueeze(-1), cell, eye)
-    frac = torch.linalg.solve(safe_cell.transpose(1, 2), vectors.transpose(1, 2)).transpose(1, 2)
+    frac = torch.linalg.solve_ex(safe_cell.transpose(1, 2), vectors.transpose(1, 2))[0].transpose(1, 2)
     shift = torch.where(pbc.unsqueeze(1), torch.round(frac), torch.zeros_like(frac))
     return vectors - shift @ safe_cell
 
