@@ -175,3 +175,11 @@ def test_errors(db, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install ase-bptt\[matscipy\]"):
         generate("si-defects", db, n=1, progress=False)
     assert len(db) == 0
+
+
+def test_resume_with_other_settings_is_an_error(db):
+    generate("alloys", db, n=1, progress=False, **TINY)
+    assert db.metadata["generated"]["alloys-s0"]["reference"] == "emt"
+    with pytest.raises(ValueError, match="alloys-s0"):
+        generate("alloys", db, n=2, progress=False, sigma=0.2, size=1, max_steps=60)
+    assert generate("alloys", db, n=1, seed=1, progress=False, sigma=0.2, size=1, max_steps=60) == 1

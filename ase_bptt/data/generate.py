@@ -10,11 +10,14 @@ rerun makes only the indices that are not in the database yet. Each
 trajectory is written in its own transaction as soon as it is done, so a run
 killed after k trajectories keeps k. Trajectories that hit ``max_steps`` are
 stored too; the database marks them unconverged when their last frame's max
-force is above its ``converged_fmax``.
+force is above its ``converged_fmax``. The settings of each (recipe, seed) are
+recorded in the database metadata under ``generated``; resuming with other
+settings is an error.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import sys
 from typing import Any, Callable
@@ -96,6 +99,21 @@ def _work(index: int) -> tuple[int, list[Atoms], str]:
     return index, frames, label
 
 
+def _check_same_settings(db: TrajectoryDB, recipe: str, seed: int, ref_name: str, opts: dict) -> None:
+    # A resumed run must continue with the settings it started with, or the
+    # trajectories of one (recipe, seed) would silently mix two datasets.
+    settings = json.loads(json.dumps({"reference": ref_name, "options": opts}))
+    key = f"{recipe}-s{seed}"
+    recorded = db.metadata.get("generated", {})
+    if key in recorded and recorded[key] != settings:
+        raise ValueError(
+            f"{db.name} already holds {key} trajectories made with {recorded[key]}; "
+            f"this run asks for {settings}. Use another seed, or the same settings to resume"
+        )
+    if key not in recorded:
+        db.update_metadata(generated={**recorded, key: settings})
+
+
 def generate(
     recipe: str,
     db: TrajectoryDB,
@@ -146,6 +164,7 @@ def generate(
     # Build one structure now so bad options fail before any work starts.
     rec.build(np.random.default_rng([seed, 0]), reference, **opts)
 
+    _check_same_settings(db, recipe, seed, ref_name, opts)
     existing = db.traj_ids()
     missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
     source = f"generate:{recipe}:{ref_name}"
