@@ -264,7 +264,7 @@ class ADAPT(ForceModel):
             # identity there so the solve is regular, then zero its features.
             eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand_as(batch.cell)
             cell = torch.where(pbc.unsqueeze(-1), batch.cell, eye)
-            frac = torch.linalg.solve(cell.transpose(1, 2), pos.transpose(1, 2)).transpose(1, 2)
+            frac = torch.linalg.solve_ex(cell.transpose(1, 2), pos.transpose(1, 2))[0].transpose(1, 2)  # no host sync
             phase = (2 * math.pi) * frac.unsqueeze(-1) * self._frequencies  # (B, N, 3, K)
             on = pbc[:, None, :, None].to(pos.dtype)
             parts += [(torch.sin(phase) * on).flatten(2), (torch.cos(phase) * on).flatten(2)]
