@@ -20,6 +20,7 @@ from ase_bptt.data.recipes import (
     build_alloy,
     build_si_defect,
     stillinger_weber,
+    tersoff,
 )
 
 TINY = dict(size=1, max_steps=60)  # 8-site cells, short relaxations: CI-sized
@@ -36,6 +37,14 @@ def test_stillinger_weber_reference_is_the_published_potential():
     atoms.calc = stillinger_weber()
     assert atoms.get_potential_energy() / len(atoms) == pytest.approx(SW_COHESIVE, abs=2e-4)
     assert np.abs(atoms.get_forces()).max() < 1e-10
+
+
+def test_tersoff_reference_is_the_published_potential():
+    # Tersoff, PRB 39, 5566 (1989): cohesive energies 4.63 eV (Si, a=5.432 A), 7.37 eV (C, a=3.566 A)
+    for symbol, a, e_coh in (("Si", 5.432, -4.63), ("C", 3.566, -7.37)):
+        atoms = bulk(symbol, "diamond", a=a, cubic=True)
+        atoms.calc = tersoff()
+        assert atoms.get_potential_energy() / len(atoms) == pytest.approx(e_coh, abs=5e-3)
 
 
 @pytest.mark.parametrize(
