@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ase_bptt.train.distributed import DistContext
+from ase_bptt.train.distributed import DistContext, shard
 from ase_bptt.train.state import StateError, get_rng_state, save_state, set_rng_state
 
 __all__ = [
@@ -233,17 +233,29 @@ class LoopSpec:
     header: dict = field(default_factory=dict)  # config, hashes: stored with every state
 
 
-def epoch_batches(spec: LoopSpec, epoch: int, world_size: int = 1) -> list[torch.Tensor]:
+def epoch_batches(spec: LoopSpec, epoch: int) -> list[torch.Tensor]:
     """Global item indices of every batch of ``epoch``: a function of (seed, epoch) only.
 
-    A last batch smaller than the number of ranks is merged into the one
-    before, so no rank ever gets an empty share.
+    The same for any number of ranks, so a torchrun run sees the same global
+    batches as a single process (see :func:`local_share` for a batch smaller
+    than the number of ranks).
     """
     order = torch.randperm(spec.n_items, generator=seed_generator(spec.seed, epoch, 7919))
-    batches = list(torch.split(order, spec.batch_size))
-    if len(batches) > 1 and len(batches[-1]) < world_size:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
+    return list(torch.split(order, spec.batch_size))
+
+
+def local_share(index: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, float]:
+    """This rank's share of a global batch and the weight of its loss.
+
+    A rank whose share would be empty (a last batch with fewer items than
+    ranks) takes the batch's first item with weight 0: it runs the same code
+    (so the rollout's frame-count all-reduce and the gradient all-reduce see
+    every rank) and adds exactly nothing to the gradient.
+    """
+    local = shard(index, ctx.rank, ctx.world_size)
+    if len(local) == 0:
+        return index[:1], 0.0
+    return local, 1.0
 
 
 @contextmanager
@@ -349,7 +361,7 @@ def run_epochs(
     with sigint_flag() as interrupted:
         while loop.epoch < spec.epochs and not loop.finished:
             epoch = loop.epoch
-            batches = epoch_batches(spec, epoch, ctx.world_size)
+            batches = epoch_batches(spec, epoch)
             bar = tqdm(total=len(batches), initial=loop.batch, desc=f"{spec.kind} epoch {epoch + 1}/{spec.epochs}",
                        disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
             stop = ""
@@ -364,7 +376,7 @@ def run_epochs(
                     bar.update(1)
                     loop.elapsed = clock()
                     if spec.max_steps is not None and loop.step >= spec.max_steps:
-                        stop = f"reached max_steps={spec.max_steps}"
+                        stop = f"reached the limit of {spec.max_steps} optimiser steps"
                     elif spec.time_budget is not None and ctx.any(loop.elapsed >= spec.time_budget):
                         stop = f"time budget of {spec.time_budget:g} s used"
                     if ctx.any(interrupted["set"]):

@@ -13,6 +13,7 @@ gradient equals the single-process gradient on the same global batch.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -62,7 +63,7 @@ class DistContext:
         local_rank: rank on this node (picks the GPU).
         device: the device this process trains on.
         initialized_here: True when :func:`init_distributed` started the
-            process group (so :meth:`close` ends it).
+            process group (it is destroyed when the process exits).
     """
 
     world_size: int = 1
@@ -155,10 +156,14 @@ class DistContext:
                 dist.barrier()
 
     def close(self) -> None:
-        """End the process group if this context started it."""
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-            self.initialized_here = False
+        """Wait for every rank; the process group itself lives until the process exits.
+
+        Destroying and re-creating the default group within one process (e.g.
+        finetune pretraining first) can hang in the re-initialisation, so the
+        group started by :func:`init_distributed` is ended at exit instead.
+        """
+        if self.enabled and dist.is_initialized():
+            self.barrier()
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistContext:
@@ -186,4 +191,10 @@ def init_distributed(device: str | torch.device | None = None) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend=backend, world_size=world_size, rank=rank)
+    atexit.register(_destroy)
     return DistContext(world_size, rank, local_rank, dev, True)
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

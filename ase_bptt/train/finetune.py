@@ -35,6 +35,7 @@ from ase_bptt.train.common import (
     config_to_dict,
     fingerprint,
     load_relaxations,
+    local_share,
     open_db,
     resolve_dtype,
     restore_rng,
@@ -417,19 +418,21 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
     def train_batch(epoch: int, b: int, index: torch.Tensor) -> dict | None:
         tol, max_steps = draw_stopping(config, epoch, b)
         noise_gen = seed_generator(config.seed, epoch, b, 29, ctx.rank, device=device)
-        batch, relaxed = train.take(shard(index, ctx.rank, ctx.world_size))
+        local, weight = local_share(index, ctx)
+        batch, relaxed = train.take(local)
         model.train(config.rollout_dropout)
         rule.train()
         res = rollout(model, batch, rule, tol=tol, max_steps=max_steps, checkpoint_frames=config.checkpoint_frames,
                       generator=noise_gen, sync_active=ctx.sync_active if ctx.enabled else None)
-        per = loss_fn(res.positions, relaxed, batch)
+        per = loss_fn(res.positions, relaxed, batch) * weight
         loss = per.sum() / len(index)
         if anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(model_params, anchor))
             loss = loss + (config.proximal / ctx.world_size) * prox
         loss.backward()
         ctx.sync_gradients(all_params)
-        stats = ctx.all_reduce_sum(torch.stack([per.detach().double().sum(), res.n_frames.double().sum()]).to(device))
+        stats = ctx.all_reduce_sum(torch.stack([per.detach().double().sum(),
+                                                res.n_frames.double().sum() * weight]).to(device))
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
         norm = torch.nn.utils.clip_grad_norm_(model_params, config.grad_clip or float("inf"))
         finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))

@@ -31,6 +31,7 @@ from ase_bptt.train.common import (
     config_hash,
     config_to_dict,
     epoch_batches,
+    local_share,
     fingerprint,
     load_frames,
     lr_factor,
@@ -328,7 +329,7 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
                     epochs=config.epochs, seed=config.seed, max_steps=config.max_steps,
                     time_budget=config.time_budget, checkpoint_every=config.checkpoint_every,
                     patience=config.patience if val is not None else None, header=header)
-    steps_per_epoch = len(epoch_batches(spec, 0, ctx.world_size))
+    steps_per_epoch = len(epoch_batches(spec, 0))
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -361,7 +362,7 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         shifts = None
         if config.augment_translation:
             shifts = torch.rand(len(index), 3, generator=gen, dtype=torch.float64)
-        local = shard(torch.arange(len(index)), ctx.rank, ctx.world_size)
+        local, weight = local_share(torch.arange(len(index)), ctx)
         batch, forces, energy = train.take(index[local])
         if rotations is not None or shifts is not None:
             if shifts is not None:  # fractional shift for periodic directions, 1 A scale otherwise
@@ -370,15 +371,15 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
                 shifts = (shifts[local].to(device=device, dtype=cell.dtype).unsqueeze(1) @ cell).squeeze(1)
             batch, forces = augment(batch, forces, rotations=None if rotations is None else rotations[local],
                                     shifts=shifts)
-        counts = ctx.all_reduce_sum(torch.tensor([3.0 * float(batch.mask.sum()), float(len(local))],
+        counts = ctx.all_reduce_sum(torch.tensor([3.0 * float(batch.mask.sum()) * weight, float(len(local)) * weight],
                                                  dtype=torch.float64, device=device))
         model.train()
         out = model(batch)
         diff = (out.forces - forces) * batch.mask.unsqueeze(-1)
-        loss = diff.pow(2).sum() / (float(counts[0]) * force_var)
+        loss = weight * diff.pow(2).sum() / (float(counts[0]) * force_var)
         if use_energy and out.energy is not None:
             err = (out.energy - energy) / batch.mask.sum(1)
-            loss = loss + config.energy_weight * err.pow(2).sum() / (float(counts[1]) * energy_var)
+            loss = loss + weight * config.energy_weight * err.pow(2).sum() / (float(counts[1]) * energy_var)
         loss.backward()
         ctx.sync_gradients(params)
         total_loss = float(ctx.all_reduce_sum(loss.detach().double().reshape(1)))
