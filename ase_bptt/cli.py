@@ -30,9 +30,10 @@ _USER_ERRORS = (
     ("ase_bptt.models.checkpoint", ("CheckpointError",)),
     ("ase_bptt.models.base", ("UnknownElementError",)),
     ("ase_bptt.data.db", ("TrajectoryDBError", "InvalidTrajectoryError")),
+    ("ase_bptt.data.recipes", ("MissingDependencyError",)),
     ("ase_bptt.train.common", ("EmptySplitError", "ConfigMismatchError", "TrainingInterrupted", "TrainingError")),
     ("ase_bptt.train.state", ("StateError",)),
-    ("ase_bptt.train.evaluate", ("EmptySplitError",)),
+    ("ase_bptt.train.evaluate", ("EmptySplitError", "NoStepRuleError")),
     ("ase_bptt.train.report", ("UnrecognisedFileError",)),
     ("ase.io.formats", ("UnknownFileTypeError",)),
 )
@@ -188,24 +189,33 @@ def cli(quiet: bool) -> None:
 # ------------------------------------------------------------------- data
 @_command(cli, "generate", example="ase-bptt generate si-defects si.db -n 300 --workers 2",
           short_help="Make reference relaxations with a built-in recipe (no DFT code needed).")
-@click.argument("recipe")
+@click.argument("recipe", type=click.Choice(["si-defects", "alloys"]))
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("-n", "n", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Number of trajectories the database should hold for this recipe.")
+              help="Trajectories the database should hold for this recipe and seed (a re-run tops up).")
 @click.option("--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
-              help="Recipe option (repeatable), e.g. --option repeat=3 --option rattle=0.1.")
+              help="Recipe option (repeatable), e.g. --option size=3 --option sigma=0.05.")
+@click.option("--reference", default=None, metavar="NAME|MODULE:CLASS",
+              help="Reference calculator: sw, tersoff, emt or module:Class  [default: the recipe's]")
 @click.option("--val", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for validation.")
 @click.option("--test", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for testing.")
 @runtime_options(device=False, dtype=False, seed=True, workers=True)
 @click.pass_context
-def generate_cmd(ctx, recipe, db, n, options, val, test, seed, workers):
-    """Generate relaxation trajectories into DB with RECIPE ("si-defects" or "alloys")
-    and assign train/val/test splits."""
+def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, workers):
+    """Generate relaxation trajectories into DB with RECIPE and assign train/val/test
+    splits. si-defects: 64-site diamond silicon with one point defect, relaxed with
+    Stillinger-Weber (needs matscipy); alloys: binary fcc alloys with ASE's EMT."""
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.generate import generate
+    from ase_bptt.data.recipes import RECIPES
 
+    try:
+        RECIPES[recipe].options(options)
+    except TypeError as exc:
+        raise click.BadParameter(_one_line(exc), param_hint="--option") from None
     database = TrajectoryDB(db, create=True)
-    added = generate(recipe, database, n=n, seed=seed, workers=workers, progress=_progress(ctx), **options)
+    added = generate(recipe, database, n=n, seed=seed, workers=workers, progress=_progress(ctx),
+                     reference=reference, **options)
     database.assign_splits(val=val, test=test, seed=seed)
     click.echo(f"added {added} trajectories to {db}")
     click.echo(database.summary())
@@ -230,10 +240,7 @@ def import_cmd(ctx, paths, db, label, val, test, seed):
     kwargs = {"label": label} if label is not None else {}
     report = import_paths(list(paths), database, **kwargs)
     database.assign_splits(val=val, test=test, seed=seed)
-    added = report.added if isinstance(report.added, int) else len(report.added)
-    click.echo(f"imported {added} trajectories into {db}; skipped {len(report.skipped)}")
-    for path, reason in report.skipped:
-        click.echo(f"  skipped {path}: {reason}")
+    click.echo(str(report))
     click.echo(database.summary())
 
 

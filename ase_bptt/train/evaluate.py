@@ -41,6 +41,7 @@ from ase_bptt.batch import Batch
 __all__ = [
     "DEFAULT_ETA_GRID",
     "EmptySplitError",
+    "NoStepRuleError",
     "evaluate",
     "relax_file",
     "RelaxedStructure",
@@ -56,6 +57,10 @@ DEFAULT_ETA_GRID: tuple[float, ...] = tuple(float(f"{x:.3g}") for x in np.geomsp
 
 class EmptySplitError(ValueError):
     """A split holds no (converged) trajectories, so there is nothing to evaluate."""
+
+
+class NoStepRuleError(ValueError):
+    """A checkpoint stores no step rule, so it cannot relax with the learned optimizer."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -578,6 +583,10 @@ def relax_file(
     for i, atoms in enumerate(images):
         calc.model.check_species(atoms.numbers, where=f"{src} (frame {i}, {atoms.get_chemical_formula()})")
 
+    if optimizer == "learned" and not calc.relax_settings:
+        raise NoStepRuleError(
+            f"{model} stores no step rule (relax settings); relax with --optimizer fire, or fine-tune it first"
+        )
     if steps is None:
         relax = calc.relax_settings or {}
         steps = int(relax.get("max_steps") or 75) if optimizer == "learned" else 300

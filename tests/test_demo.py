@@ -1,0 +1,52 @@
+"""``ase-bptt demo --quick`` end to end, and a re-run that reuses its products."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ase_bptt.cli import cli
+
+#: The brief's limit for the quick demo on a 2-core CPU (seconds).
+QUICK_LIMIT_S = 180
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    start = time.perf_counter()
+    result = CliRunner().invoke(cli, ["--quiet", "demo", "--quick", "--out", str(out), "--workers", "2"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert elapsed < QUICK_LIMIT_S, f"quick demo took {elapsed:.0f} s"
+
+    text = result.output
+    for row in ("do nothing", "ASE FIRE", "best fixed step (eta chosen on val)", "perfect information", "BPTT fine-tuned"):
+        assert row in text, row
+    assert f"report: {out / 'report' / 'report.md'}" in text
+    for name in ("si-defects.db", "pretrained.pt", "bptt.pt", "report/report.md", "report/report.json",
+                 "report/dq_before_after.png", "report/eta_curve.png", "report/training_curves.png"):
+        assert (out / name).is_file(), name
+
+    # The printed table is the report's numbers.
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [ck["name"] for ck in report["checkpoints"]] == ["pretrained", "bptt"]
+    base = report["do_nothing"]["dq"]["mean"]
+    line = next(l for l in text.splitlines() if l.startswith("do nothing"))
+    assert f"{base:.3f}" in line
+    bptt = report["checkpoints"][1]["own_rule"]["dq"]["mean"]
+    line = next(l for l in text.splitlines() if l.startswith("BPTT fine-tuned"))
+    assert f"{bptt:.3f}" in line
+    assert report["selection_split"] == "val" and report["split"] == "test"
+
+    # A re-run in the same directory reuses the database, checkpoints and report.
+    mtimes = {p: (out / p).stat().st_mtime for p in ("pretrained.pt", "bptt.pt", "report/report.json")}
+    again = CliRunner().invoke(cli, ["--quiet", "demo", "--quick", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "reusing" in again.output
+    assert {p: (out / p).stat().st_mtime for p in mtimes} == mtimes
+    table = lambda s: s[s.index("Dq (amu"):s.index("report:")]  # noqa: E731
+    assert table(again.output) == table(text)
