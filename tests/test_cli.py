@@ -225,3 +225,49 @@ def test_evaluate_writes_the_report(files, tmp_path):
     assert report["settings"]["eta_grid"] == [0.01, 0.04]
     assert [p.name for p in sorted((tmp_path / "rep").glob("*.png"))] == [
         "dq_before_after.png", "eta_curve.png", "training_curves.png"]
+
+
+def test_relax_learned_follows_the_checkpoint_step_rule(files, tmp_path):
+    # The checkpoint stores FixedStep(eta=0.02), tol 1e-3, 75 frames: the CLI's learned
+    # optimizer must land where the batched torch rollout with that rule lands.
+    from ase_bptt.batch import Batch
+    from ase_bptt.models.checkpoint import load_model
+    from ase_bptt.relax.relaxer import rollout
+    from ase_bptt.relax.steps import FixedStep
+
+    frames = rattled_cu(2, seed=7)
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    result = run("relax", tmp_path / "in.extxyz", "--model", files["model"], "-o", tmp_path / "out.extxyz",
+                 "--dtype", "float64", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = ase.io.read(tmp_path / "out.extxyz", index=":")
+    model = load_model(files["model"], dtype=torch.float64)
+    with torch.no_grad():
+        ref = rollout(model, Batch.from_atoms(frames), FixedStep(0.02, maxstep=0.2), tol=1e-3, max_steps=75)
+    for i, (before, after) in enumerate(zip(frames, out)):
+        assert np.abs(after.positions - before.positions).max() > 1e-5
+        np.testing.assert_allclose(after.positions, ref.positions[i].numpy(), atol=1e-6)
+
+
+def test_import_then_info(tmp_path):
+    from test_train_evaluate import emt_relaxation
+
+    ase.io.write(tmp_path / "a.extxyz", emt_relaxation(11, vacancy=True))
+    ase.io.write(tmp_path / "b.traj", emt_relaxation(12, vacancy=False))
+    (tmp_path / "empty.xyz").write_text("")
+    result = run("import", tmp_path / "a.extxyz", tmp_path / "b.traj", tmp_path / "empty.xyz",
+                 "--db", tmp_path / "new.db", "--label", "cu")
+    assert result.exit_code == 0, result.output
+    assert "added 2 trajectories, skipped 1" in result.output and "empty.xyz" in result.output
+    info = run("info", tmp_path / "new.db")
+    assert info.exit_code == 0 and "2 trajectories" in info.output and "cu" in info.output
+
+
+def test_generate_small_alloy_set(tmp_path):
+    result = run("generate", "alloys", tmp_path / "alloys.db", "-n", "2", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert "added 2 trajectories" in result.output
+    again = run("generate", "alloys", tmp_path / "alloys.db", "-n", "2", "--seed", "1")
+    assert again.exit_code == 0 and "added 0 trajectories" in again.output
+    bad = run("generate", "alloys", tmp_path / "x.db", "--option", "colour=3")
+    assert bad.exit_code == 2 and "colour" in error_line(bad)
