@@ -37,6 +37,7 @@ import torch
 from ase_bptt import __version__
 from ase_bptt import metrics
 from ase_bptt.batch import Batch
+from ase_bptt.train.common import EmptySplitError  # one class for "empty split" across train/
 
 __all__ = [
     "DEFAULT_ETA_GRID",
@@ -53,10 +54,6 @@ __all__ = [
 #: Log-spaced fixed step sizes (A^2/eV) covering the paper's Table 6 range and
 #: beyond it, up to where the 0.2 A per-frame cap dominates.
 DEFAULT_ETA_GRID: tuple[float, ...] = tuple(float(f"{x:.3g}") for x in np.geomspace(0.005, 0.3, 10))
-
-
-class EmptySplitError(ValueError):
-    """A split holds no (converged) trajectories, so there is nothing to evaluate."""
 
 
 class NoStepRuleError(ValueError):
