@@ -219,3 +219,19 @@ def test_fast_sqlite_reader_matches_ase_select(db):
     assert np.array_equal(t.frames[0].get_masses(), [1.0, 2.0, 3.0])
     # forces come back raw (FixAtoms is not applied to stored forces)
     assert np.array_equal(t.frames[0].get_forces(apply_constraint=False), frames[0].get_forces(apply_constraint=False))
+
+
+def test_split_update_is_visible_to_ase(db):
+    for i in range(6):
+        db.add_trajectory(make_frames(seed=i), traj_id=f"t{i}")
+    db.assign_splits(val=0.3, test=0.3, seed=1)
+    db.assign_splits(val=0.5, test=0.2, seed=2, reassign=True)
+    splits = {t.traj_id: t.split for t in db.trajectories()}
+    # ase's own query machinery (keys and text_key_values tables) sees the same splits
+    for split in ("train", "val", "test"):
+        via_ase = {row.traj_id for row in db._db.select(split=split, is_final=True)}
+        assert via_ase == {k for k, v in splits.items() if v == split}
+        assert db._db.count(split=split) == 3 * len(via_ase)
+    assert db._db.count("split") == 18  # one 'split' key per frame row, not duplicated
+    # row objects decode the updated key-value pairs too
+    assert all(row.split == splits[row.traj_id] for row in db._db.select())

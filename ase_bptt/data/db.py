@@ -479,6 +479,7 @@ class TrajectoryDB:
             raise ValueError(f"val={val} and test={test} must be fractions with val + test <= 1")
         rows_of: dict[str, list[int]] = defaultdict(list)
         current: dict[str, str | None] = {}
+        changes: list[tuple[int, str]] = []
         with self.transaction():
             for row in self._db.select(include_data=False):
                 rows_of[row.traj_id].append(row.id)
@@ -489,11 +490,45 @@ class TrajectoryDB:
                     continue
                 new = _split_of(traj_id, val, test, seed)
                 if new != old:
-                    for row_id in rows_of[traj_id]:
-                        self._db.update(row_id, split=new)
+                    changes.extend((row_id, new) for row_id in rows_of[traj_id])
+            if type(self._db).__name__ == "SQLite3Database":
+                self._set_splits_sqlite(changes)
+            else:
+                for row_id, new in changes:
+                    self._db.update(row_id, split=new)
             self.update_metadata(splits={"val": val, "test": test, "seed": seed})
         counts = Counter(s for s in (self._final_rows_split()))
         return {s: counts.get(s, 0) for s in SPLITS}
+
+    def _set_splits_sqlite(self, changes: list[tuple[int, str]]) -> None:
+        # ase's update() re-reads and rewrites each row (~1 ms a frame); the
+        # split lives in the row's key_value_pairs JSON and in ase's key
+        # tables, so those are updated directly, inside the open transaction.
+        if not changes:
+            return
+        new_split = dict(changes)
+        mtime = ase.db.core.now()
+        with self._db.managed_connection() as con:
+            ids = list(new_split)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = con.execute(
+                    f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})", chunk
+                ).fetchall()
+                con.executemany(
+                    "UPDATE systems SET key_value_pairs=?, mtime=? WHERE id=?",
+                    [
+                        (self._db.encode({**json.loads(kvp), "split": new_split[i]}), mtime, i)
+                        for i, kvp in rows
+                    ],
+                )
+                con.execute(f"DELETE FROM text_key_values WHERE key='split' AND id IN ({marks})", chunk)
+                con.execute(f"DELETE FROM keys WHERE key='split' AND id IN ({marks})", chunk)
+            con.executemany(
+                "INSERT INTO text_key_values VALUES ('split', ?, ?)", [(v, i) for i, v in changes]
+            )
+            con.executemany("INSERT INTO keys VALUES ('split', ?)", [(i,) for i, _ in changes])
 
     def _final_rows_split(self) -> list[str | None]:
         with self._reading():
