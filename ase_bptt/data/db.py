@@ -481,10 +481,10 @@ class TrajectoryDB:
         current: dict[str, str | None] = {}
         changes: list[tuple[int, str]] = []
         with self.transaction():
-            for row in self._db.select(include_data=False):
-                rows_of[row.traj_id].append(row.id)
-                if row.get("is_final"):
-                    current[row.traj_id] = row.get("split")
+            for row_id, kvp in self._key_value_pairs():
+                rows_of[kvp["traj_id"]].append(row_id)
+                if kvp.get("is_final"):
+                    current[kvp["traj_id"]] = kvp.get("split")
             for traj_id, old in current.items():
                 if old is not None and not reassign:
                     continue
@@ -499,6 +499,18 @@ class TrajectoryDB:
             self.update_metadata(splits={"val": val, "test": test, "seed": seed})
         counts = Counter(s for s in (self._final_rows_split()))
         return {s: counts.get(s, 0) for s in SPLITS}
+
+    def _key_value_pairs(self) -> list[tuple[int, dict]]:
+        """``(row id, key-value pairs)`` of every frame row."""
+        if type(self._db).__name__ == "SQLite3Database":
+            with self._reading():
+                with self._db.managed_connection() as con:
+                    rows = con.execute("SELECT id, key_value_pairs FROM systems").fetchall()
+            out = [(i, json.loads(kvp)) for i, kvp in rows]
+        else:
+            with self._reading():
+                out = [(row.id, row.key_value_pairs) for row in self._db.select(include_data=False)]
+        return [(i, kvp) for i, kvp in out if "traj_id" in kvp]
 
     def _set_splits_sqlite(self, changes: list[tuple[int, str]]) -> None:
         # ase's update() re-reads and rewrites each row (~1 ms a frame); the
