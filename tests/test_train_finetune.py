@@ -38,13 +38,13 @@ def init_model(emt_db, tmp_path_factory):
 def config(**changes):
     from ase_bptt.train.finetune import FinetuneConfig
 
-    options = dict(epochs=2, batch_size=2, lr=1e-3, eta_grid=(0.02, 0.05, 0.1), maxstep=None, max_steps=25,
+    options = dict(epochs=2, batch_size=2, lr=1e-3, eta_grid=(0.02, 0.05, 0.1), maxstep=None, max_steps=10,
                    checkpoint_every=None, seed=0)
     options.update(changes)
     return FinetuneConfig(**options)
 
 
-def reference_mean_dq(model, trajectories, eta, *, tol=1e-3, max_steps=25):
+def reference_mean_dq(model, trajectories, eta, *, tol=1e-3, max_steps=10):
     """Fixed-step relaxations one structure at a time, Dq with ASE's minimum image (independent of rollout)."""
     from ase_bptt.batch import Batch
 
@@ -90,7 +90,7 @@ def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_mode
     assert best["val_dq"] == pytest.approx(reference_mean_dq(tuned, val, grid["chosen"]), rel=1e-4)
     assert history[0]["val_dq"] == pytest.approx(reference_mean_dq(init, val, grid["chosen"]), rel=1e-4)
     assert ckpt["relax"] == {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0,
-                             "noise": 0.0, "maxstep": None, "tol": 1e-3, "max_steps": 25}
+                             "noise": 0.0, "maxstep": None, "tol": 1e-3, "max_steps": 10}
     assert meta["skipped_batches"] == 0 and meta["steps"] == 4
 
 
@@ -130,10 +130,10 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
     from ase_bptt.train.finetune import finetune
 
     out = finetune(emt_db, tmp_path / f"{step}.pt", init=init_model,
-                   config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=10, batch_size=4),
+                   config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=5, batch_size=4),
                    progress=False)
     ckpt = load_checkpoint(out)
-    assert ckpt["relax"]["step"] == step and ckpt["relax"]["max_steps"] == 10
+    assert ckpt["relax"]["step"] == step and ckpt["relax"]["max_steps"] == 5
     assert type(step_rule_from_dict(ckpt["relax"])).__name__.lower().startswith(step)
     assert all(math.isfinite(h["val_dq"]) for h in ckpt["metadata"]["history"])
 
@@ -180,7 +180,7 @@ def test_variable_stopping_is_seeded_and_in_range():
     # log-uniform: about half the draws below the geometric mean 1e-3 (200 draws, 5 sigma ~ 0.18)
     assert abs(np.mean(tols < 1e-3) - 0.5) < 0.18
     assert len(set(steps)) > 10
-    assert draw_stopping(config(), 0, 0) == (1e-3, 25)
+    assert draw_stopping(config(), 0, 0) == (1e-3, 10)
 
 
 def test_proximal_term_keeps_weights_near_the_pretrained_ones(emt_db, init_model, tmp_path):

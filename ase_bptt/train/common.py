@@ -466,27 +466,17 @@ class FrameSet:
 
 
 def load_frames(db, split: str, *, dtype: torch.dtype = torch.float64) -> FrameSet | None:
-    """All frames of the trajectories in ``split`` (converged or not); None when there are none."""
-    from ase_bptt.batch import Batch
+    """All frames of the trajectories in ``split`` (converged or not); None when there are none.
 
-    trajectories = db.trajectories(split=split, converged_only=False)
-    frames = [a for t in trajectories for a in t.frames]
-    if not frames:
+    Reads through :class:`~ase_bptt.data.datasets.FrameDataset` (raw arrays, no Atoms) once.
+    """
+    from ase_bptt.data.datasets import FrameDataset
+
+    dataset = FrameDataset(db, split, converged_only=False, dtype=dtype)
+    if len(dataset) == 0:
         return None
-    batch = Batch.from_atoms(frames, dtype=dtype)
-    forces = torch.zeros_like(batch.positions)
-    energies = []
-    for i, a in enumerate(frames):
-        results = a.calc.results if a.calc is not None else {}
-        f = results.get("forces")
-        if f is None:
-            raise ValueError(f"{db.name}: a frame of split {split!r} has no forces; re-import the trajectory.")
-        forces[i, : len(a)] = torch.as_tensor(f, dtype=dtype)
-        energies.append(results.get("energy"))
-    energy = None
-    if all(e is not None for e in energies):
-        energy = torch.tensor([float(e) for e in energies], dtype=dtype)
-    return FrameSet(batch, forces, energy, sorted(t.traj_id for t in trajectories))
+    whole = next(dataset.batches(len(dataset)))
+    return FrameSet(whole.batch, whole.forces, whole.energy, sorted(set(dataset.traj_ids)))
 
 
 @dataclass
@@ -514,16 +504,18 @@ class RelaxationSet:
 
 def load_relaxations(db, split: str, *, converged_only: bool = True,
                      dtype: torch.dtype = torch.float64) -> RelaxationSet | None:
-    """First and last frame of every (converged) trajectory in ``split``; None when there are none."""
-    from ase_bptt.batch import Batch
+    """Initial structure and relaxed positions of every (converged) trajectory in ``split``.
 
-    trajectories = db.trajectories(split=split, converged_only=converged_only)
-    if not trajectories:
+    Reads through :class:`~ase_bptt.data.datasets.RelaxationDataset`, whose relaxed positions
+    are unwrapped to the minimum image of the initial ones. None when the split is empty.
+    """
+    from ase_bptt.data.datasets import RelaxationDataset
+
+    dataset = RelaxationDataset(db, split, converged_only=converged_only, dtype=dtype)
+    if len(dataset) == 0:
         return None
-    initial = Batch.from_atoms([t.initial for t in trajectories], dtype=dtype)
-    final = Batch.from_atoms([t.final for t in trajectories], dtype=dtype)
-    return RelaxationSet(initial, final.positions, [t.label for t in trajectories],
-                         [t.traj_id for t in trajectories])
+    whole = next(dataset.batches(len(dataset)))
+    return RelaxationSet(whole.initial, whole.relaxed, list(whole.labels), list(whole.traj_ids))
 
 
 def check_same_run(sfile: Path, state: dict, header: dict, *, ignore=frozenset()) -> None:

@@ -62,7 +62,9 @@ class PretrainConfig:
         epochs: passes over the train frames.
         max_steps: stop after this many optimiser steps (None: no limit).
         time_budget: stop after this many seconds of training (None: no limit),
-            summed over resumed runs; the best model so far is exported.
+            summed over resumed runs; the best model so far is exported. The
+            learning-rate schedule then follows the steps or the clock,
+            whichever is further along, so warmup and decay fit in the budget.
         batch_size: frames per optimiser step (the global batch under torchrun).
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -353,7 +355,13 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
     running = {"loss": 0.0, "n": 0}
 
     def train_batch(epoch: int, b: int, index: torch.Tensor) -> dict | None:
-        lr = config.lr * lr_factor(loop.step, total, schedule=config.schedule, warmup=warmup,
+        position = loop.step
+        if config.time_budget:
+            # With a time budget the run may end long before ``total`` steps: follow
+            # whichever is further along, the steps or the clock, so warmup and decay
+            # fit in the budget.
+            position = max(position, int(total * min(loop.elapsed / config.time_budget, 1.0)))
+        lr = config.lr * lr_factor(position, total, schedule=config.schedule, warmup=warmup,
                                    min_factor=config.min_lr_factor)
         for g in optimizer.param_groups:
             g["lr"] = lr
