@@ -192,3 +192,12 @@ def test_resume_with_other_settings_is_an_error(db):
     with pytest.raises(ValueError, match="alloys-s0"):
         generate("alloys", db, n=2, progress=False, sigma=0.2, size=1, max_steps=60)
     assert generate("alloys", db, n=1, seed=1, progress=False, sigma=0.2, size=1, max_steps=60) == 1
+
+
+def test_recipe_options_accept_one_name():
+    from ase_bptt.data.recipes import RECIPES
+
+    opts = RECIPES["si-defects"].options({"defects": "vacancy", "substituents": ["C"]})
+    assert opts["defects"] == ("vacancy",) and opts["substituents"] == ("C",)
+    atoms, label = build_si_defect(np.random.default_rng(0), "sw", **opts)
+    assert label == "vacancy" and len(atoms) == 63

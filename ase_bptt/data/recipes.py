@@ -173,13 +173,20 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
 
     def options(self, given: dict) -> dict:
+        """The full option dict; element and defect lists accept one name as a string."""
         unknown = set(given) - set(self.defaults)
         if unknown:
             raise TypeError(
                 f"recipe {self.name!r} has no option(s) {sorted(unknown)}; "
                 f"its options are {sorted(self.defaults)}"
             )
-        return {**self.defaults, **given}
+        out = {**self.defaults, **given}
+        for key in ("defects", "substituents", "elements"):
+            if isinstance(out.get(key), str):
+                out[key] = (out[key],)
+            elif out.get(key) is not None:
+                out[key] = tuple(out[key])
+        return out
 
 
 def _si_substituents(reference: Any, substituents) -> tuple[str, ...]:
