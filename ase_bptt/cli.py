@@ -43,13 +43,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes shown as one line instead of a traceback."""
     found: list[type[BaseException]] = [FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError]
     for module, names in _USER_ERRORS:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:  # a module not written yet or an optional extra missing
-            continue
+        mod = importlib.import_module(module)
         for name in names:
-            cls = getattr(mod, name, None)
-            if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            cls = getattr(mod, name)
+            if cls not in found:
                 found.append(cls)
     return tuple(found)
 

@@ -164,6 +164,13 @@ def test_corrupt_checkpoint(files, tmp_path):
     assert "notes.pt" in error_line(run("info", text))
 
 
+def test_learned_relax_needs_a_stored_step_rule(files, tmp_path):
+    bare = make_checkpoint(tmp_path / "bare.pt", make_db(tmp_path / "one.db", {"train": 1}), step_rule=False)
+    ase.io.write(tmp_path / "cu.xyz", rattled_cu(1))
+    line = error_line(run("relax", tmp_path / "cu.xyz", "--model", bare, "-o", tmp_path / "o.xyz"))
+    assert "bare.pt" in line and "--optimizer fire" in line
+
+
 def test_unexpected_errors_keep_their_traceback(files, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("a bug, not a user error")

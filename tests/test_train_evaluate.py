@@ -78,7 +78,7 @@ def make_db(path, splits: dict[str, int] = SPLITS) -> TrajectoryDB:
 
 
 def make_checkpoint(path, db: TrajectoryDB, *, eta: float = 0.02, tol: float = 1e-3, max_steps: int = 75,
-                    history: bool = True, seed: int = 0):
+                    history: bool = True, step_rule: bool = True, seed: int = 0):
     """A small ADAPT (species Cu) with standardisation fitted on the db's frames, saved with a fixed-step rule."""
     torch.manual_seed(seed)
     model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, species=(29,)))
@@ -94,7 +94,7 @@ def make_checkpoint(path, db: TrajectoryDB, *, eta: float = 0.02, tol: float = 1
         meta["history"] = [{"epoch": e, "train_force_mae": 1.0 / (e + 1), "val_force_mae": 1.2 / (e + 1)} for e in range(4)]
     relax = {"step": "fixed", "eta": eta, "momentum": 0.0, "anneal": 1.0, "noise": 0.0, "maxstep": 0.2,
              "tol": tol, "max_steps": max_steps}
-    return save_checkpoint(path, model, relax=relax, metadata=meta)
+    return save_checkpoint(path, model, relax=relax if step_rule else None, metadata=meta)
 
 
 def independent_dq(final_positions: np.ndarray, reference, masses=None) -> float:

@@ -476,7 +476,7 @@ def _describe_checkpoint(path: str) -> str:
     species = config.pop("species", None)
     lines = [
         f"{path}: ase-bptt checkpoint (format {ck['format_version']}, written by ase-bptt {ck['package_version']})",
-        f"  model     {model['name']}, {n_params} tensor entries",
+        f"  model     {model['name']}, {n_params} numbers in its weights and buffers",
         "  config    " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)) or len(str(v)) < 40),
     ]
     if species:
