@@ -201,3 +201,9 @@ def test_recipe_options_accept_one_name():
     assert opts["defects"] == ("vacancy",) and opts["substituents"] == ("C",)
     atoms, label = build_si_defect(np.random.default_rng(0), "sw", **opts)
     assert label == "vacancy" and len(atoms) == 63
+
+
+def test_paper_sized_cell():
+    atoms, _ = build_si_defect(np.random.default_rng(0), "sw", size=3, defects=("vacancy",), sigma=0.0)
+    assert len(atoms) == 215  # 216 sites (3x3x3 conventional cells) minus one
+    assert np.allclose(atoms.cell.lengths(), 3 * SI_LATTICE_CONSTANT)
