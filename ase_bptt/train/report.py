@@ -226,7 +226,8 @@ def _plot_before_after(result: Mapping[str, Any], path: Path) -> None:
     for ck in result["checkpoints"]:
         for key, _ in _METHODS:
             entry = ck.get(key)
-            if not entry or key == "fixed_step_selected" and ck.get("fixed_step_perfect_information") is None:
+            # The honest fixed step is enough here; the perfect-information one is in the tables.
+            if not entry or (key == "fixed_step_perfect_information" and ck.get("fixed_step_selected")):
                 continue
             label = f"{ck['name']}: {_method_label(key, entry)}"
             ax.scatter(initial, entry["per_structure"], s=18, alpha=0.75, marker=markers[i % len(markers)], label=label)
@@ -271,27 +272,56 @@ def _plot_eta_curve(result: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_training(result: Mapping[str, Any], path: Path) -> None:
-    plt = _pyplot()
+#: History entries that are bookkeeping, not learning curves.
+_NOT_CURVES = ("elapsed", "lr", "partial_epoch", "skipped", "frames", "converged", "eta", "step")
+#: Panels of the training plot: (title, substrings selecting the metrics).
+_CURVE_KINDS = (
+    ("loss", ("loss",)),
+    ("force error (eV/A)", ("force",)),
+    ("energy error (meV/atom)", ("energy",)),
+    ("structure error (Dq or MSE)", ("dq", "mse")),
+)
+
+
+def _curve_panels(result: Mapping[str, Any]) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     panels = []
     for ck in result["checkpoints"]:
         for phase, series in history_series(ck.get("history")).items():
-            panels.append((f"{ck['name']}: {phase}", series))
+            kept = {m: pts for m, pts in series.items() if not any(m == k or m.endswith("_" + k) or m.startswith(k)
+                                                                     for k in _NOT_CURVES)}
+            for title, keys in _CURVE_KINDS:
+                chosen = {m: pts for m, pts in kept.items() if any(k in m for k in keys)}
+                for m in chosen:
+                    kept.pop(m)
+                if chosen:
+                    panels.append((f"{ck['name']} ({phase}): {title}", chosen))
+            if kept:
+                panels.append((f"{ck['name']} ({phase}): other", kept))
+    return panels
+
+
+def _plot_training(result: Mapping[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    panels = _curve_panels(result)
     if not panels:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, "no training history in these checkpoints", ha="center", va="center")
     else:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
-        for ax, (title, series) in zip(axes[:, 0], panels):
+        cols = 2 if len(panels) > 1 else 1
+        rows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax, (title, series) in zip(axes.flat, panels):
             positive = all(y > 0 for pts in series.values() for _, y in pts)
             for metric, pts in sorted(series.items()):
                 ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, label=metric)
             if positive:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_title(title)
-            ax.legend(fontsize=7, ncol=2)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
