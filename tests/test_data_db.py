@@ -235,3 +235,19 @@ def test_split_update_is_visible_to_ase(db):
     assert db._db.count("split") == 18  # one 'split' key per frame row, not duplicated
     # row objects decode the updated key-value pairs too
     assert all(row.split == splits[row.traj_id] for row in db._db.select())
+
+
+def test_read_only_database_can_be_read(tmp_path, monkeypatch):
+    import sqlite3
+
+    path = tmp_path / "ro.db"
+    TrajectoryDB(path).add_trajectory(make_frames(), traj_id="x")
+
+    # What SQLite raises for CREATE INDEX on a read-only file (file permissions
+    # cannot make it happen here: the tests may run as root).
+    def read_only(self):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(TrajectoryDB, "_create_indices", read_only)
+    db = TrajectoryDB(path, create=False)
+    assert [t.traj_id for t in db.trajectories()] == ["x"]

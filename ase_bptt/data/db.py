@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -241,6 +242,12 @@ class TrajectoryDB:
         # indices are invisible to ase and make updates constant-time.
         if type(self._db).__name__ != "SQLite3Database":
             return
+        try:
+            self._create_indices()
+        except sqlite3.OperationalError:
+            pass  # a read-only database: reading works without them
+
+    def _create_indices(self) -> None:
         with self._db.managed_connection() as con:
             for table in ("keys", "text_key_values", "number_key_values", "species"):
                 con.execute(f"CREATE INDEX IF NOT EXISTS ase_bptt_{table}_id ON {table}(id)")
