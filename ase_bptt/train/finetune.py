@@ -215,8 +215,8 @@ def evaluate_rollouts(model, rule, data: RelaxationSet, *, tol: float, max_steps
 
 def grid_search_eta(model, data: RelaxationSet, etas, *, loss: str = "dq", tol: float = 1e-3, max_steps: int = 75,
                     maxstep: float | None = 0.2, momentum: float = 0.0, anneal: float = 1.0, batch_size: int = 16,
-                    max_structures: int | None = None, seed: int = 0,
-                    ctx: DistContext | None = None) -> tuple[float, dict[str, float]]:
+                    max_structures: int | None = None, seed: int = 0, ctx: DistContext | None = None,
+                    progress: bool = False) -> tuple[float, dict[str, float]]:
     """The fixed step size with the lowest mean loss of rollouts over ``data``.
 
     Use the TRAIN split: choosing eta on the test split would leak it.
@@ -231,7 +231,10 @@ def grid_search_eta(model, data: RelaxationSet, etas, *, loss: str = "dq", tol: 
     if max_structures is not None and len(data) > max_structures:
         index = torch.randperm(len(data), generator=seed_generator(seed, 31))[:max_structures].sort().values
     scores: dict[str, float] = {}
-    for eta in etas:
+    from tqdm.auto import tqdm
+
+    for eta in tqdm(list(etas), desc=f"eta grid ({len(index)} train structures)", leave=False,
+                    disable=not (progress and ctx.is_main), dynamic_ncols=True):
         rule = FixedStep(float(eta), momentum=momentum, anneal=anneal, maxstep=maxstep)
         result = evaluate_rollouts(model, rule, data, tol=tol, max_steps=max_steps, batch_size=batch_size,
                                    ctx=ctx, index=index)
@@ -376,7 +379,8 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             best_eta, scores = grid_search_eta(
                 model, train, config.eta_grid, loss=config.loss, tol=config.tol, max_steps=config.max_steps,
                 maxstep=config.maxstep, momentum=config.momentum, anneal=config.anneal,
-                batch_size=config.eval_batch_size, max_structures=config.grid_structures, seed=config.seed, ctx=ctx)
+                batch_size=config.eval_batch_size, max_structures=config.grid_structures, seed=config.seed, ctx=ctx,
+                progress=progress)
             grid = {"split": "train", "loss": config.loss, "scores": scores, "chosen": best_eta}
             eta = best_eta
             if ctx.is_main:
