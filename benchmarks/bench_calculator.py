@@ -70,6 +70,8 @@ def measure(n_atoms: int, args) -> dict:
         "raw_forward": raw_s,
         "calculator_get_forces": calc_s,
         "ratio": calc_s["median_s"] / raw_s["median_s"],
+        # Each repeat times both back to back: the median of those paired ratios shrugs off a busy spell.
+        "paired_ratio_median": C.summarize([c / r for c, r in zip(times["calculator"], times["raw"])])["median_s"],
         "max_abs_force_difference": float((forces_calc - forces_raw).abs().max()),
         "calls_per_sample": inner,
     }
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             "raw": r["raw_forward"]["median_s"] * 1e3,
             "calc": r["calculator_get_forces"]["median_s"] * 1e3,
             "ratio": r["ratio"],
+            "paired": r["paired_ratio_median"],
             "ok": "yes" if r["ratio"] <= GOAL_RATIO else "no",
         }
         for r in rows
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = C.print_table(
         table_rows,
         [("n", "sites", "{}"), ("raw", "raw forward ms", "{:.3f}"), ("calc", "get_forces ms", "{:.3f}"),
-         ("ratio", "ratio", "{:.2f}"), ("ok", f"<= {GOAL_RATIO}", "{}")],
+         ("ratio", "ratio", "{:.2f}"), ("paired", "paired ratio", "{:.2f}"), ("ok", f"<= {GOAL_RATIO}", "{}")],
     )
     payload = {
         "benchmark": "bench_calculator",
