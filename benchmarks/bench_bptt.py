@@ -6,6 +6,7 @@ positions against the unrattled crystal) and k = 10, 25, 50, 75 frames
 
 * peak memory of one forward + backward, each configuration in a fresh
   subprocess (CPU: resident-set high-water mark; CUDA: max_memory_allocated);
+  ``--quick`` measures all its configurations in one subprocess;
 * wall time, naive and checkpointed interleaved in one process (median of
   ``--repeats``);
 * that every variant's parameter gradient equals the naive one.
@@ -179,7 +180,14 @@ def _flat_grad(model) -> torch.Tensor:
 
 
 def worker(spec: dict) -> dict:
-    """Child process: peak memory of one forward + backward for one (n_sites, k, variant)."""
+    """Child process: peak memory of one forward + backward for one (n_sites, k, variant).
+
+    With ``spec["configs"]`` (--quick only) it measures several in turn in this one process, to save
+    interpreter start-ups; freed heap is trimmed and the high-water mark reset before each.
+    """
+    if "configs" in spec:
+        shared = {k: v for k, v in spec.items() if k != "configs"}
+        return {"results": [worker({**shared, **c}) for c in spec["configs"]]}
     model, batch, reference, rule = _inputs(spec["n_sites"], spec)
     # Warm up lazily initialised kernels and workspaces on a 1-frame rollout, outside the measurement.
     make_step(spec["variant"], model, batch, reference, rule, 1)()
@@ -223,7 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{v} {C.summarize(times[v])['median_s']:.3f} s" for v in variants), flush=True)
     # Peak memory: a fresh interpreter per configuration (after the timing, so they never compete with it).
     specs = [{**base_spec, "n_sites": r["n_sites"], "k": r["k"], "variant": r["variant"]} for r in rows]
-    mems = C.run_workers(__file__, specs, parallel=len(specs) if args.quick else 2)
+    if args.quick:  # one interpreter for all (start-up dominates a --quick run); full runs: one each
+        configs = [{k: sp[k] for k in ("n_sites", "k", "variant")} for sp in specs]
+        mems = C.run_worker(__file__, {**base_spec, "configs": configs})["results"]
+    else:
+        mems = C.run_workers(__file__, specs, parallel=2)
     for r, mem in zip(rows, mems):
         r["peak_mib"] = mem["peak_mib"]
         r["memory_method"] = mem["method"]
