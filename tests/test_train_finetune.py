@@ -89,8 +89,8 @@ def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_mode
     tuned = load_model(out)
     assert best["val_dq"] == pytest.approx(reference_mean_dq(tuned, val, grid["chosen"]), rel=1e-4)
     assert history[0]["val_dq"] == pytest.approx(reference_mean_dq(init, val, grid["chosen"]), rel=1e-4)
-    assert ckpt["relax"] == {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0,
-                             "noise": 0.0, "maxstep": None, "tol": 1e-3, "max_steps": 10}
+    assert ckpt["relax"] == {"step": {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0,
+                                      "noise": 0.0, "maxstep": None}, "tol": 1e-3, "max_steps": 10}
     assert meta["skipped_batches"] == 0 and meta["steps"] == 4
 
 
@@ -133,8 +133,8 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
                    config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=5, batch_size=4),
                    progress=False)
     ckpt = load_checkpoint(out)
-    assert ckpt["relax"]["step"] == step and ckpt["relax"]["max_steps"] == 5
-    assert type(step_rule_from_dict(ckpt["relax"])).__name__.lower().startswith(step)
+    assert ckpt["relax"]["step"]["step"] == step and ckpt["relax"]["max_steps"] == 5
+    assert type(step_rule_from_dict(ckpt["relax"]["step"])).__name__.lower().startswith(step)
     assert all(math.isfinite(h["val_dq"]) for h in ckpt["metadata"]["history"])
 
 

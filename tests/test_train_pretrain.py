@@ -124,8 +124,8 @@ def test_pretrain_learns_logs_and_exports_the_best_epoch(emt_db, pretrained):
     ids = sorted(t.traj_id for t in db.trajectories("train", converged_only=False))
     assert meta["data_fingerprint"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     assert meta["train_frames"] == sum(len(t.frames) for t in db.trajectories("train", converged_only=False))
-    assert ckpt["relax"] == {"step": "fixed", "eta": 0.05, "momentum": 0.0, "anneal": 1.0, "noise": 0.0,
-                             "maxstep": 0.2, "tol": 1e-3, "max_steps": 75}
+    assert ckpt["relax"] == {"step": {"step": "fixed", "eta": 0.05, "momentum": 0.0, "anneal": 1.0, "noise": 0.0,
+                                      "maxstep": 0.2}, "tol": 1e-3, "max_steps": 75}
     assert model.species == (29,)
 
 

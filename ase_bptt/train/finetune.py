@@ -519,7 +519,8 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             "steps": loop.step,
             "world_size": ctx.world_size,
         }
-        relax = {**rule_dict, "tol": config.tol, "max_steps": config.max_steps}
+        # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
+        relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
         save_checkpoint(out, final.eval(), relax=relax, metadata=metadata)
         log.info("wrote %s (best epoch %s of %d, %s)", out, loop.best_epoch, config.epochs, loop.stop_reason)
     ctx.barrier()

@@ -269,7 +269,7 @@ def pretrain(db, out, *, config: PretrainConfig | None = None, init=None, progre
 def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overwrite: bool,
               ctx: DistContext) -> Path:
     from ase_bptt.models.checkpoint import load_checkpoint, save_checkpoint
-    from ase_bptt.relax.steps import FixedStep
+    from ase_bptt.relax.steps import FixedStep, relax_settings
 
     dtype = resolve_dtype(config.dtype)
     device = ctx.device
@@ -431,8 +431,7 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         final = copy.deepcopy(model)
         if best["model"] is not None:
             final.load_state_dict(best["model"])
-        relax = {**FixedStep(config.relax_eta).to_dict(), "tol": config.relax_tol,
-                 "max_steps": config.relax_max_steps}
+        relax = relax_settings(FixedStep(config.relax_eta), tol=config.relax_tol, max_steps=config.relax_max_steps)
         metadata = {
             "kind": "pretrain",
             "database": str(db.name),
