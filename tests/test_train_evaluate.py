@@ -24,6 +24,7 @@ from ase_bptt.batch import Batch
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.checkpoint import save_checkpoint
+from ase_bptt.relax.steps import FixedStep, relax_settings
 from ase_bptt.train.evaluate import DEFAULT_ETA_GRID, EmptySplitError, evaluate
 from ase_bptt.train.report import PLOT_FILES
 
@@ -92,8 +93,7 @@ def make_checkpoint(path, db: TrajectoryDB, *, eta: float = 0.02, tol: float = 1
     meta = {}
     if history:
         meta["history"] = [{"epoch": e, "train_force_mae": 1.0 / (e + 1), "val_force_mae": 1.2 / (e + 1)} for e in range(4)]
-    relax = {"step": "fixed", "eta": eta, "momentum": 0.0, "anneal": 1.0, "noise": 0.0, "maxstep": 0.2,
-             "tol": tol, "max_steps": max_steps}
+    relax = relax_settings(FixedStep(eta, maxstep=0.2), tol=tol, max_steps=max_steps)
     return save_checkpoint(path, model, relax=relax if step_rule else None, metadata=meta)
 
 

@@ -302,13 +302,10 @@ def _own_rule(checkpoint: Mapping[str, Any]):
     relax = checkpoint.get("relax")
     if not relax:
         return None
-    from ase_bptt.relax.steps import step_rule_from_dict
+    from ase_bptt.relax.steps import rule_from_relax_settings
 
-    spec = relax.get("step") if isinstance(relax.get("step"), Mapping) else {
-        k: v for k, v in relax.items() if k not in ("tol", "max_steps", "fmax")
-    }
-    rule = step_rule_from_dict(dict(spec))
-    return rule, relax.get("tol"), relax.get("max_steps"), relax.get("fmax")
+    rule, tol, max_steps = rule_from_relax_settings(dict(relax))
+    return rule, tol, max_steps, relax.get("fmax")
 
 
 def _rule_name(rule) -> str:
