@@ -12,9 +12,11 @@ positions against the unrattled crystal) and k = 10, 25, 50, 75 frames
 * that every variant's parameter gradient equals the naive one.
 
 Variants: ``naive`` (the whole graph is kept), ``checkpoint_frames`` (the
-package's per-frame ``torch.utils.checkpoint``), and ``segments`` (sqrt(k)
-frames per checkpointed segment, built here from the package's own frame
-function, for comparison).
+package's per-frame ``torch.utils.checkpoint``), ``segments`` (the same around
+round(sqrt(k)) frames, built here from the package's own frame function), and
+the proposed fix in ``_recompute.py``: ``recompute_frames`` (a custom
+autograd Function per frame: forward under no_grad, recomputed in backward)
+and ``recompute_segments`` (one such node per round(sqrt(k)) frames).
 
 Goal at k = 75: checkpointed peak <= 25% of naive, time <= 1.5x naive.
 
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import _common as C  # noqa: E402
+import _recompute  # noqa: E402
 
 GOAL_MEMORY_FRACTION = 0.25
 GOAL_TIME_RATIO = 1.5
@@ -87,72 +90,6 @@ def _segment_rollout(model, batch, rule, *, k: int, segment: int):
     return carry[0]
 
 
-class RecomputedFrames(torch.autograd.Function):
-    """Frames run under ``no_grad`` in forward and recomputed with grad in backward.
-
-    A lighter-weight alternative to non-reentrant ``torch.utils.checkpoint``:
-    that one routes every tensor a frame saves (~70 per frame for the default
-    ADAPT) through Python pack/unpack hooks and keeps every frame's autograd
-    nodes alive, which costs more than the recomputation itself for a model
-    this small. Here a frame is one autograd node that saves only its inputs.
-    The trainable parameters are explicit inputs, so their gradients flow
-    through ``torch.autograd.grad`` (and ``.backward``) as usual. The state
-    dict travels as a flat tuple of tensors; the RNG state is restored for the
-    recomputation so dropout replays the same mask.
-    """
-
-    @staticmethod
-    def forward(ctx, run, keys, positions, active, converged, n_frames, n_state, *tensors):  # noqa: D102
-        state = dict(zip(keys, tensors[:n_state]))
-        ctx.run, ctx.keys, ctx.n_state = run, keys, n_state
-        ctx.params = tensors[n_state:]  # leaf parameters: a reference, not a copy
-        ctx.rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(positions.device) if positions.is_cuda else None
-        with torch.no_grad():
-            out_pos, out_state, a, c, n = run(positions, state, active, converged, n_frames)
-        ctx.out_keys = tuple(out_state)
-        ctx.save_for_backward(positions, active, converged, n_frames, *tensors[:n_state])
-        ctx.mark_non_differentiable(a, c, n)
-        return (out_pos, a, c, n, *(out_state[k] for k in ctx.out_keys))
-
-    @staticmethod
-    def backward(ctx, grad_pos, _ga, _gc, _gn, *grad_state):  # noqa: D102
-        positions, active, converged, n_frames, *state_in = ctx.saved_tensors
-        params = ctx.params
-        with torch.enable_grad(), torch.random.fork_rng(devices=[positions.device] if positions.is_cuda else []):
-            torch.set_rng_state(ctx.rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, positions.device)
-            pos = positions.detach().requires_grad_(ctx.needs_input_grad[2])
-            state = {k: (v.detach().requires_grad_(ctx.needs_input_grad[7 + i]) if v.is_floating_point() else v)
-                     for i, (k, v) in enumerate(zip(ctx.keys, state_in))}
-            out_pos, out_state, *_ = ctx.run(pos, state, active, converged, n_frames)
-        outputs, grads = [], []
-        for out, g in zip([out_pos] + [out_state[k] for k in ctx.out_keys], (grad_pos, *grad_state)):
-            if g is not None and out.requires_grad:
-                outputs.append(out)
-                grads.append(g)
-        inputs = [pos] + list(state.values()) + list(params)
-        wanted = [t for t in inputs if t.requires_grad]
-        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs else [None] * len(wanted))
-        result = [next(got) if t.requires_grad else None for t in inputs]
-        return (None, None, result[0], None, None, None, None, *result[1:])
-
-
-def _recomputed_rollout(model, batch, rule, *, k: int, segment: int = 1):
-    """k frames, one :class:`RecomputedFrames` node per ``segment`` frames."""
-    positions, state, active, converged, n_frames = _initial(batch, rule)
-    params = tuple(p for p in list(model.parameters()) + list(rule.parameters()) if p.requires_grad)
-    for start in range(0, k, segment):
-        keys = tuple(state)
-        run = functools.partial(_frames, model, batch, rule, start, min(k, start + segment))
-        out = RecomputedFrames.apply(run, keys, positions, active, converged, n_frames, len(keys),
-                                     *state.values(), *params)
-        positions, active, converged, n_frames = out[:4]
-        state = dict(zip(keys, out[4:]))
-    return positions
-
-
 def make_step(variant: str, model, batch, reference, rule, k: int):
     """A callable doing one forward + backward of a k-frame rollout."""
     from ase_bptt.metrics import dq
@@ -164,9 +101,9 @@ def make_step(variant: str, model, batch, reference, rule, k: int):
         if variant == "segments":
             final = _segment_rollout(model, batch, rule, k=k, segment=segment)
         elif variant == "recompute_frames":
-            final = _recomputed_rollout(model, batch, rule, k=k, segment=1)
+            final = _recompute.rollout(model, batch, rule, tol=0.0, max_steps=k, checkpoint_frames=1).positions
         elif variant == "recompute_segments":
-            final = _recomputed_rollout(model, batch, rule, k=k, segment=segment)
+            final = _recompute.rollout(model, batch, rule, tol=0.0, max_steps=k, checkpoint_frames=True).positions
         else:
             final = rollout(model, batch, rule, tol=0.0, max_steps=k,
                             checkpoint_frames=(variant == "checkpoint_frames")).positions

@@ -163,3 +163,46 @@ def test_device_cuda_is_accepted(tmp_path):
         assert proc.returncode != 0
         assert "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+# ------------------------------------------------------- proposed checkpointing (benchmarks/_recompute.py)
+GRAD_RTOL = 1e-12  # float64: recomputation replays the same operations, so only summation order may differ
+
+
+@pytest.mark.parametrize("segment", [1, True], ids=["per-frame", "sqrt-segments"])
+@pytest.mark.parametrize("rule_name", ["fixed-momentum", "learned", "fire"])
+def test_recomputed_rollout_matches_naive_gradients(segment, rule_name):
+    """The proposed recompute Function gives naive BPTT's positions, frame counts and gradients (float64)."""
+    import torch
+
+    import _recompute
+    from ase_bptt.batch import Batch
+    from ase_bptt.metrics import dq
+    from ase_bptt.relax.fire import FIREStep
+    from ase_bptt.relax.relaxer import rollout
+    from ase_bptt.relax.steps import FixedStep, LearnedStep
+
+    model = C.build_model(quick=True, dtype=torch.float64)
+    model.train()
+    crystal = C.silicon_cell(8)
+    atoms = crystal.copy()
+    atoms.rattle(0.1, seed=3)
+    batch = Batch.from_atoms(atoms)
+    reference = torch.as_tensor(crystal.positions)[None]
+    rule = {"fixed-momentum": lambda: FixedStep(0.05, momentum=0.3, anneal=0.99),
+            "learned": lambda: LearnedStep(0.05, dtype=torch.float64),
+            "fire": FIREStep}[rule_name]().double()
+    results = {}
+    for name, fn, ck in (("naive", rollout, False), ("recomputed", _recompute.rollout, segment)):
+        model.zero_grad(set_to_none=True)
+        rule.zero_grad(set_to_none=True)
+        out = fn(model, batch, rule, tol=None, max_steps=7, checkpoint_frames=ck)
+        dq(out.positions, reference, batch).sum().backward()
+        # The energy head gets no gradient from a position loss: zeros, in both runs alike.
+        grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                           for p in list(model.parameters()) + list(rule.parameters())])
+        results[name] = (out.positions.detach(), out.n_frames, grads)
+    (p0, n0, g0), (p1, n1, g1) = results["naive"], results["recomputed"]
+    assert torch.equal(n0, n1) and int(n0[0]) == 7
+    assert torch.allclose(p0, p1, rtol=0, atol=1e-12)
+    assert float((g1 - g0).norm() / g0.norm()) < GRAD_RTOL
