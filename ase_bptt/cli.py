@@ -74,18 +74,23 @@ class _Group(click.Group):
         return list(self.commands)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = []
-        for name in self.list_commands(ctx):
-            cmd = self.get_command(ctx, name)
-            if cmd is None or cmd.hidden:
-                continue
-            rows.append((name, cmd.get_short_help_str(limit=200)))
-            example = getattr(cmd, "example", None)
-            if example:
-                rows.append(("", f"e.g. {example}"))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows, col_spacing=3)
+        commands = [(n, c) for n in self.list_commands(ctx) if (c := self.get_command(ctx, n)) and not c.hidden]
+        if not commands:
+            return
+        first = max(len(n) for n, _ in commands) + 3
+        with formatter.section("Commands"):
+            indent = " " * (formatter.current_indent + first)
+            text_width = max((formatter.width or 80) - len(indent), 30)
+            for name, cmd in commands:
+                summary = click.formatting.wrap_text(cmd.get_short_help_str(limit=200), text_width)
+                lines = summary.splitlines() or [""]
+                formatter.write(" " * formatter.current_indent + name.ljust(first) + lines[0] + "\n")
+                for line in lines[1:]:
+                    formatter.write(indent + line + "\n")
+                example = getattr(cmd, "example", None)
+                if example:
+                    # Examples are never wrapped, so they can be copied as they are.
+                    formatter.write(f"{indent}e.g. {example}\n")
 
 
 def _command(group: click.Group, name: str, *, example: str, **kwargs: Any) -> Callable:
