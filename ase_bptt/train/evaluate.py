@@ -258,7 +258,8 @@ def _fire_all(model, split: _Split, *, fmax: float, steps: int, device, dtype, m
     return final, n_steps, converged
 
 
-def _force_errors(model, db, split: str, *, batch_size: int, device, dtype) -> dict[str, Any]:
+def _force_errors(model, db, split: str, *, batch_size: int, device, dtype, progress: bool = False,
+                  desc: str = "force errors") -> dict[str, Any]:
     """Force (and energy) errors of ``model`` on every frame of the split's trajectories.
 
     All trajectories count here, converged or not: every frame carries
@@ -267,7 +268,7 @@ def _force_errors(model, db, split: str, *, batch_size: int, device, dtype) -> d
     frames = [a for t in db.trajectories(split=split, converged_only=False) for a in t.frames]
     sums = {"abs": 0.0, "sq": 0.0, "components": 0, "l2": 0.0, "e_abs_per_atom": 0.0, "e_frames": 0}
     with torch.no_grad():
-        for start in range(0, len(frames), batch_size):
+        for start in _progress(range(0, len(frames), batch_size), enabled=progress, desc=desc):
             chunk = frames[start : start + batch_size]
             batch = Batch.from_atoms(chunk, device=device, dtype=dtype, constraints=False)
             out = model(batch)
@@ -449,7 +450,8 @@ def evaluate(
             "path": str(path),
             "model": {"name": ckpt["model"].get("name"), "n_parameters": sum(p.numel() for p in model.parameters())},
             "relax": _jsonable(ckpt.get("relax")),
-            "forces": _force_errors(model, database, split, batch_size=max(batch_size, 16), device=dev, dtype=dt),
+            "forces": _force_errors(model, database, split, batch_size=max(batch_size, 16), device=dev, dtype=dt,
+                                    progress=progress, desc=f"{name}: force errors"),
         }
 
         final, steps, conv = _fire_all(model, data, fmax=fire_fmax, steps=fire_steps, device=dev, dtype=dt,
