@@ -12,11 +12,12 @@ positions against the unrattled crystal) and k = 10, 25, 50, 75 frames
 * that every variant's parameter gradient equals the naive one.
 
 Variants: ``naive`` (the whole graph is kept), ``checkpoint_frames`` (the
-package's per-frame ``torch.utils.checkpoint``), ``segments`` (the same around
-round(sqrt(k)) frames, built here from the package's own frame function), and
-the proposed fix in ``_recompute.py``: ``recompute_frames`` (a custom
-autograd Function per frame: forward under no_grad, recomputed in backward)
-and ``recompute_segments`` (one such node per round(sqrt(k)) frames).
+package's ``rollout(checkpoint_frames=True)``: a custom autograd Function
+around every round(sqrt(k)) frames, run under no_grad and recomputed in
+backward, ``ase_bptt/relax/recompute.py``), ``checkpoint_frames_1`` (the same
+Function around every frame, ``checkpoint_frames=1``), and the baseline it
+replaced, ``torch_checkpoint`` (non-reentrant ``torch.utils.checkpoint``
+around every frame, built here from the package's frame function).
 
 Goal at k = 75: checkpointed peak <= 25% of naive, time <= 1.5x naive.
 
@@ -27,7 +28,6 @@ Goal at k = 75: checkpointed peak <= 25% of naive, time <= 1.5x naive.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from pathlib import Path
 
@@ -37,12 +37,11 @@ import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import _common as C  # noqa: E402
-import _recompute  # noqa: E402
 
 GOAL_MEMORY_FRACTION = 0.25
 GOAL_TIME_RATIO = 1.5
 ETA = 0.01  # A^2/eV: small enough that an untrained model's rollout stays near the crystal
-VARIANTS = ("naive", "checkpoint_frames", "segments", "recompute_frames", "recompute_segments")
+VARIANTS = ("naive", "checkpoint_frames", "checkpoint_frames_1", "torch_checkpoint")
 
 
 def _inputs(n_sites: int, spec: dict):
@@ -97,16 +96,11 @@ def make_step(variant: str, model, batch, reference, rule, k: int):
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        segment = max(1, round(math.sqrt(k)))
-        if variant == "segments":
-            final = _segment_rollout(model, batch, rule, k=k, segment=segment)
-        elif variant == "recompute_frames":
-            final = _recompute.rollout(model, batch, rule, tol=0.0, max_steps=k, checkpoint_frames=1).positions
-        elif variant == "recompute_segments":
-            final = _recompute.rollout(model, batch, rule, tol=0.0, max_steps=k, checkpoint_frames=True).positions
+        if variant == "torch_checkpoint":
+            final = _segment_rollout(model, batch, rule, k=k, segment=1)
         else:
-            final = rollout(model, batch, rule, tol=0.0, max_steps=k,
-                            checkpoint_frames=(variant == "checkpoint_frames")).positions
+            ck = {"naive": False, "checkpoint_frames": True, "checkpoint_frames_1": 1}[variant]
+            final = rollout(model, batch, rule, tol=0.0, max_steps=k, checkpoint_frames=ck).positions
         dq(final, reference, batch).sum().backward()
 
     return step

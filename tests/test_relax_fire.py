@@ -91,7 +91,7 @@ def test_fire_first_step_is_dt_squared_force(si_small):
     torch.testing.assert_close(out.positions - batch.positions, 0.01 * f, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("checkpoint_frames", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("checkpoint_frames", [False, 1, True], ids=["plain", "per-frame", "sqrt-segments"])
 @pytest.mark.parametrize("maxstep", [0.2, 0.01], ids=["free", "capped"])
 def test_fire_gradients_match_finite_differences(maxstep, checkpoint_frames, si_small):
     batch = Batch.from_atoms(si_small)
@@ -121,7 +121,7 @@ class Spring(ForceModel):
         return ModelOutput(forces=self.k * (self.x_eq - pos) * batch.mask[..., None])
 
 
-@pytest.mark.parametrize("checkpoint_frames", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("checkpoint_frames", [False, 1, True], ids=["plain", "per-frame", "sqrt-segments"])
 def test_zero_forces_give_finite_gradients(checkpoint_frames, si_small):
     batch = Batch.from_atoms(si_small)
     model = Spring(batch.positions)

@@ -262,7 +262,10 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("checkpoint_frames", [False, True], ids=["plain", "checkpointed"])
+CHECKPOINTING = dict(argvalues=[False, 1, True, 4], ids=["plain", "per-frame", "sqrt-segments", "segments-4+2"])
+
+
+@pytest.mark.parametrize("checkpoint_frames", **CHECKPOINTING)
 @pytest.mark.parametrize("name", list(RULES))
 def test_gradients_match_finite_differences(name, checkpoint_frames, batch):
     model = MorseModel()
@@ -277,13 +280,15 @@ def test_gradients_match_finite_differences(name, checkpoint_frames, batch):
     check_gradients(model, rule, batch, frames=6, checkpoint_frames=checkpoint_frames, extra_directions=extra)
 
 
-def test_checkpointed_gradients_equal_plain_with_noise(batch):
+@pytest.mark.parametrize("segment", [1, 3, True], ids=["per-frame", "3", "sqrt"])
+def test_checkpointed_gradients_equal_plain_with_noise(segment, batch):
+    """Noise is drawn outside the recomputed segments, so backward replays the same numbers."""
     model = MorseModel()
     grads = []
-    for checkpoint_frames in (False, True):
+    for checkpoint_frames in (False, segment):
         rule = FixedStep(0.05, noise=0.01).train()
         gen = torch.Generator().manual_seed(4)
-        out = rollout(model, batch, rule, tol=None, max_steps=5, checkpoint_frames=checkpoint_frames, generator=gen)
+        out = rollout(model, batch, rule, tol=None, max_steps=7, checkpoint_frames=checkpoint_frames, generator=gen)
         grads.append(torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), list(model.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -299,3 +304,63 @@ def test_noise_only_in_training(batch):
         runs.append(out.positions.detach())
     assert not torch.equal(runs[0], runs[1])
     assert torch.equal(runs[2], runs[3])
+
+
+# ----------------------------------------------- recomputed segments vs naive BPTT (ADAPT, float64)
+EQUAL_GRAD_RTOL = 1e-12  # float64: recomputation replays the same operations; only summation order may differ
+
+
+@pytest.mark.parametrize("segment", [1, 3, True], ids=["per-frame", "3", "sqrt"])
+@pytest.mark.parametrize("rule_name", ["fixed-momentum", "learned", "fire"])
+def test_recomputed_rollout_equals_naive(segment, rule_name, si_vacancy):
+    """``checkpoint_frames`` gives naive BPTT's positions, frame counts and gradients (tiny ADAPT, dropout on)."""
+    from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+    from ase_bptt.relax.fire import FIREStep
+
+    torch.manual_seed(0)
+    model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, dropout=0.1)).double()
+    model.train()  # dropout on: the recomputation must replay the same masks
+    atoms = si_vacancy.copy()
+    atoms.rattle(0.1, seed=3)
+    batch = Batch.from_atoms(atoms)
+    reference = torch.as_tensor(si_vacancy.positions)[None]
+    rule = {"fixed-momentum": lambda: FixedStep(0.05, momentum=0.3, anneal=0.99),
+            "learned": lambda: LearnedStep(0.05, dtype=torch.float64),
+            "fire": FIREStep}[rule_name]().double()
+    results = []
+    for ck in (False, segment):
+        model.zero_grad(set_to_none=True)
+        rule.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the dropout masks, the same in both runs
+        out = rollout(model, batch, rule, tol=None, max_steps=7, checkpoint_frames=ck)
+        dq(out.positions, reference, batch).sum().backward()
+        # The energy head gets no gradient from a position loss: zeros, in both runs alike.
+        grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                           for p in list(model.parameters()) + list(rule.parameters())])
+        results.append((out.positions.detach(), out.n_frames, grads))
+    (p0, n0, g0), (p1, n1, g1) = results
+    assert torch.equal(n0, n1) and int(n0[0]) == 7
+    assert torch.allclose(p0, p1, rtol=0, atol=1e-12)
+    assert float(g0.norm()) > 0
+    assert float((g1 - g0).norm() / g0.norm()) < EQUAL_GRAD_RTOL
+
+
+def test_recomputed_rollout_stops_inside_a_segment(batch):
+    """A structure that stops mid-segment is frozen there: same frames, positions and gradients as naive."""
+    model = MorseModel()
+    results = []
+    for ck in (False, 4):
+        out = rollout(model, batch, FixedStep(0.05), tol=5e-3, max_steps=30, checkpoint_frames=ck)
+        grads = torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), list(model.parameters()))
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    assert 0 < int(a.n_frames.max()) < 30 and int(a.n_frames.max()) % 4 != 0  # stopped, mid-segment
+    assert torch.equal(a.n_frames, b.n_frames) and torch.equal(a.converged, b.converged)
+    torch.testing.assert_close(a.positions, b.positions, rtol=0, atol=1e-14)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_bad_checkpoint_frames(batch):
+    with pytest.raises(ValueError, match="checkpoint_frames"):
+        rollout(MorseModel(), batch, FixedStep(0.05), max_steps=3, checkpoint_frames=-2)
