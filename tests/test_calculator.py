@@ -162,3 +162,78 @@ def test_other_ase_constraints_are_left_to_ase(checkpoint, si_small):
     si_small.calc = BPTTCalculator(checkpoint, dtype=torch.float64)
     FIRE(si_small, logfile=None).run(fmax=1e-6, steps=10)
     assert si_small.get_distance(0, 1) == pytest.approx(bond, abs=1e-8)
+
+
+# ------------------------------------------------------------ check_state fast path
+class _Counting(ForceModel):
+    """Harmonic forces that count the model calls (one per recalculation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, batch, positions=None):
+        self.calls += 1
+        pos = batch.positions if positions is None else positions
+        return ModelOutput(forces=-pos * batch.mask[..., None], energy=pos.square().sum((1, 2)))
+
+
+def _changes():
+    """(name, how to change a copy): each must trigger a recalculation, except the sub-tolerance one."""
+    def nudge(eps):
+        def f(a):
+            p = a.get_positions()
+            p[1, 2] += eps
+            a.set_positions(p)
+        return f
+    return {
+        "position 1e-6 A": nudge(1e-6),
+        "position 1 ulp": nudge(np.spacing(1.0)),  # below ASE's 1e-15 A tolerance when |x| ~ 1
+        "numbers": lambda a: a.numbers.__setitem__(0, 32),
+        "cell": lambda a: a.set_cell(a.cell.array * 1.001, scale_atoms=False),
+        "pbc": lambda a: a.set_pbc([True, True, False]),
+        "magmoms": lambda a: a.set_initial_magnetic_moments([1.0] + [0.0] * (len(a) - 1)),
+        "charges": lambda a: a.set_initial_charges([0.5] + [0.0] * (len(a) - 1)),
+        "tags": lambda a: a.set_tags([1] + [0] * (len(a) - 1)),  # not a calculator input for ASE
+    }
+
+
+UNCHANGED_FOR_ASE = ("position 1 ulp", "tags")
+
+
+@pytest.mark.parametrize("change", list(_changes()))
+def test_check_state_gives_ases_answer(change, si_small):
+    """The exact fast path never hides a change: the answer equals ASE's compare_atoms for every change."""
+    from ase.calculators.calculator import Calculator
+
+    atoms = si_small.copy()
+    atoms.positions[1, 2] = 1.0 + 0.25  # a coordinate ~1 A, so one ulp (2.2e-16) is below ASE's atol 1e-15
+    model = _Counting()
+    calc = BPTTCalculator(model)
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.check_state(atoms) == [] and model.calls == 1
+    changed = atoms.copy()
+    _changes()[change](changed)
+    ase_answer = Calculator.check_state(calc, changed)  # ASE's own comparison, no fast path
+    assert sorted(calc.check_state(changed)) == sorted(ase_answer)
+    if change in UNCHANGED_FOR_ASE:
+        assert change != "position 1 ulp" or not np.array_equal(changed.positions, atoms.positions)
+        assert ase_answer == []  # ASE calls it unchanged, and so do we (same answer, no extra work)
+    else:
+        assert ase_answer  # a real change ...
+        changed.calc = calc
+        changed.get_forces()
+        assert model.calls == 2  # ... recalculates
+    atoms.get_forces()  # back to the first structure: recalculates only if something changed
+    assert model.calls == (1 if change in UNCHANGED_FOR_ASE else 3)
+
+
+def test_unchanged_atoms_are_not_recalculated(si_small):
+    model = _Counting()
+    atoms = si_small.copy()
+    atoms.calc = BPTTCalculator(model)
+    f1 = atoms.get_forces()
+    f2 = atoms.get_forces()
+    atoms.get_potential_energy()
+    assert model.calls == 1 and np.array_equal(f1, f2)
