@@ -182,3 +182,41 @@ def test_dropout_only_in_training(si_small):
     assert not torch.equal(a, b)  # stochastic while training
     model.eval()
     torch.testing.assert_close(model(batch).forces, model(batch).forces, rtol=0, atol=0)
+
+
+# --------------------------------------------- attention without a mask when nothing is padded
+def _spy_masks(monkeypatch):
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return original(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_unpadded_batch_skips_the_mask_with_identical_results(train, monkeypatch, si_vacancy, si_small):
+    """No padding: attention runs without a mask and gives the masked computation's numbers (float64)."""
+    model = tiny().train(train)  # dropout is 0: train mode changes only the code path
+    alone = Batch.from_atoms(si_vacancy)  # no padding
+    padded = Batch.from_atoms([si_vacancy, si_small])  # si_small padded to si_vacancy's size
+    seen = _spy_masks(monkeypatch)
+    fast = model(alone)
+    assert len(seen) == 2 and all(m is None for m in seen)  # two layers, no mask
+    seen.clear()
+    mixed = model(padded)
+    assert len(seen) == 2 and all(m is not None for m in seen)
+    seen.clear()
+    monkeypatch.setattr(ADAPT, "_attention_mask", staticmethod(lambda mask: mask[:, None, None, :]))
+    masked = model(alone)  # the same unpadded batch through the masked path
+    assert all(m is not None for m in seen)
+    torch.testing.assert_close(fast.forces, masked.forces, rtol=0, atol=TOL64)
+    torch.testing.assert_close(fast.energy, masked.energy, rtol=TOL64, atol=TOL64)
+    n = len(si_vacancy)
+    torch.testing.assert_close(fast.forces[0, :n], mixed.forces[0, :n], rtol=0, atol=TOL64)
+    torch.testing.assert_close(fast.energy[0], mixed.energy[0], rtol=TOL64, atol=TOL64)

@@ -235,6 +235,19 @@ class ADAPT(ForceModel):
         """Rebuild from :meth:`ADAPTConfig.to_dict` output (used by checkpoints)."""
         return cls(ADAPTConfig.from_dict(config))
 
+    @staticmethod
+    def _attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
+        """``(B, 1, 1, N)`` key mask (queries attend to real atoms only), or None without padding.
+
+        Without a mask ``scaled_dot_product_attention`` can use its fused kernels
+        and skips the masking, with the same result. Deciding needs a host read
+        of ``mask.all()``: free on CPU, a synchronisation on CUDA, so on CUDA the
+        mask is always passed.
+        """
+        if mask.device.type == "cpu" and bool(mask.all()):
+            return None
+        return mask[:, None, None, :]
+
     def forward(self, batch: Batch, positions: torch.Tensor | None = None) -> ModelOutput:
         """Forces ``(B, N, 3)`` eV/A and energy ``(B,)`` eV for a Batch."""
         ref = self.force_head.weight
@@ -242,8 +255,7 @@ class ADAPT(ForceModel):
         pos = batch.positions if positions is None else positions.to(device=ref.device, dtype=ref.dtype)
         mask = batch.mask
         x = self.embed(self._tokens(batch, pos))
-        # (B, 1, 1, N): every query may attend to the real atoms only.
-        attn_mask = mask[:, None, None, :]
+        attn_mask = self._attention_mask(mask)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.norm(x)
