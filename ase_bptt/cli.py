@@ -109,7 +109,7 @@ def _command(group: click.Group, name: str, *, example: str, **kwargs: Any) -> C
 def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
-    from ase_bptt.train.evaluate import resolve_device
+    from ase_bptt.train.distributed import resolve_device
 
     try:
         resolve_device(value)

@@ -118,8 +118,10 @@ def config_differences(old: dict, new: dict, *, ignore=frozenset(), prefix: str 
     return out
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"float32"/"float64" (or a torch dtype) to a torch floating dtype."""
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """"float32"/"float64" (or a torch dtype) to a torch floating dtype; None is float32."""
+    if dtype is None:
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}

@@ -35,7 +35,10 @@ def resolve_device(device: str | torch.device | None, *, local_rank: int = 0) ->
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu.")

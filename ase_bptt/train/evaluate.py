@@ -37,7 +37,8 @@ import torch
 from ase_bptt import __version__
 from ase_bptt import metrics
 from ase_bptt.batch import Batch
-from ase_bptt.train.common import EmptySplitError  # one class for "empty split" across train/
+from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
+from ase_bptt.train.distributed import resolve_device
 
 __all__ = [
     "DEFAULT_ETA_GRID",
@@ -46,9 +47,6 @@ __all__ = [
     "evaluate",
     "relax_file",
     "RelaxedStructure",
-    "resolve_device",
-    "resolve_dtype",
-    "open_database",
 ]
 
 #: Log-spaced fixed step sizes (A^2/eV) covering the paper's Table 6 range and
@@ -61,48 +59,6 @@ class NoStepRuleError(ValueError):
 
 
 # ------------------------------------------------------------------ helpers
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; a bad name is a ValueError naming it."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here: use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``"float32"`` / ``"float64"`` (or a torch dtype) -> torch dtype; None -> float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64, "float": torch.float32}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32 or float64")
-    return table[dtype]
-
-
-def open_database(db: Any):
-    """A :class:`~ase_bptt.data.db.TrajectoryDB` from a path/URL, or ``db`` itself.
-
-    Raises:
-        FileNotFoundError: a local path that does not exist (never create one
-            here: evaluation only reads).
-    """
-    from ase_bptt.data.db import TrajectoryDB
-
-    if isinstance(db, TrajectoryDB):
-        return db
-    text = os.fspath(db)
-    if "://" not in text and not Path(text).exists():
-        raise FileNotFoundError(f"database {text} does not exist: make one with `ase-bptt generate` or `ase-bptt import`")
-    return TrajectoryDB(text, create=False)
-
-
 def _progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
 
@@ -402,7 +358,7 @@ def evaluate(
         raise ValueError("give one name per checkpoint")
     names = list(names) if names is not None else _unique_stems(paths)
 
-    database = open_database(db)
+    database = open_db(db)
     data = _load_split(database, split)
     selection = None
     if select_eta_on is not None:
