@@ -213,7 +213,7 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, worker
 
     try:
         RECIPES[recipe].options(options)
-    except TypeError as exc:
+    except ValueError as exc:
         raise click.BadParameter(_one_line(exc), param_hint="--option") from None
     database = TrajectoryDB(db, create=True)
     added = generate(recipe, database, n=n, seed=seed, workers=workers, progress=_progress(ctx),

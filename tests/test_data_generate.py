@@ -174,9 +174,9 @@ def test_user_references(tmp_path, reference):
 
 
 def test_errors(db, monkeypatch):
-    with pytest.raises(KeyError, match="unknown recipe"):
+    with pytest.raises(ValueError, match="unknown recipe"):
         generate("graphene", db, n=1, progress=False)
-    with pytest.raises(TypeError, match="no option"):
+    with pytest.raises(ValueError, match="no option"):
         generate("alloys", db, n=1, progress=False, colour="red")
     with pytest.raises(ValueError, match="module:Class"):
         generate("alloys", db, n=1, progress=False, reference="not-a-calculator")

@@ -148,14 +148,14 @@ def generate(
         already in the database).
 
     Raises:
-        KeyError: unknown recipe.
+        ValueError: unknown recipe or recipe option.
         MissingDependencyError: the reference needs matscipy and it is not
             installed.
     """
     from tqdm.auto import tqdm
 
     if recipe not in RECIPES:
-        raise KeyError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     rec = RECIPES[recipe]
     opts = rec.options(options)
     if reference is None:

@@ -176,7 +176,7 @@ class Recipe:
         """The full option dict; element and defect lists accept one name as a string."""
         unknown = set(given) - set(self.defaults)
         if unknown:
-            raise TypeError(
+            raise ValueError(
                 f"recipe {self.name!r} has no option(s) {sorted(unknown)}; "
                 f"its options are {sorted(self.defaults)}"
             )
