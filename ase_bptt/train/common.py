@@ -47,9 +47,16 @@ __all__ = [
     "open_db",
     "seed_generator",
     "KILL_ENV",
+    "RUN_CONTROL",
+    "run_header",
+    "start_or_resume",
 ]
 
 log = logging.getLogger("ase_bptt.train")
+
+#: Config fields that may change between a run and its resumption (they steer
+#: the run, not its result).
+RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batch_size"})
 
 #: Hidden test hook: a run SIGKILLs itself right after this many optimiser steps.
 KILL_ENV = "ASE_BPTT_TEST_KILL_AFTER_STEP"
@@ -539,3 +546,48 @@ def check_same_run(sfile: Path, state: dict, header: dict, *, ignore=frozenset()
             f"{sfile} belongs to another run: {', '.join(problems)}. Delete it (and the output) to start "
             "afresh, or choose another output path."
         )
+
+
+def run_header(config_dict: dict, traj_ids: list[str], init_digest: str | None) -> dict:
+    """What identifies a training run: its config, its train data and its initial model."""
+    return {"config": config_dict, "config_hash": config_hash(config_dict, ignore=RUN_CONTROL),
+            "data_fingerprint": fingerprint(traj_ids), "init": init_digest}
+
+
+def start_or_resume(out: Path, header: dict, *, kind: str, ctx: DistContext,
+                    overwrite: bool) -> tuple[Path, dict | None, bool]:
+    """Decide how a pretrain/finetune run to ``out`` starts.
+
+    Returns:
+        ``(state_file, state, done)``: ``state`` is the saved state to resume
+        from (None: start afresh); ``done`` is True when ``out`` already holds
+        the finished result of this very run (nothing to do).
+
+    Raises:
+        ConfigMismatchError: ``out`` or its state file belong to another
+            configuration, database or initial model (never mixed in silently).
+    """
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.state import load_state, state_path
+
+    sfile = state_path(out)
+    if overwrite:
+        return sfile, None, False
+    if sfile.exists():
+        state = load_state(sfile, kind=kind)
+        check_same_run(sfile, state, header, ignore=RUN_CONTROL)
+        done = bool(state["loop"]["finished"]) and out.exists()
+        if done and ctx.is_main:
+            log.info("%s is already finished (%s); nothing to do", out, state["loop"]["stop_reason"])
+        return sfile, state, done
+    if out.exists():
+        meta = load_checkpoint(out)["metadata"]
+        if (meta.get("config_hash") == header["config_hash"]
+                and meta.get("data_fingerprint") == header["data_fingerprint"]
+                and meta.get("init_digest") == header["init"]):
+            return sfile, None, True
+        raise ConfigMismatchError(
+            f"{out} already exists and was not made by this configuration, database and initial model; "
+            "choose another output path or pass overwrite=True (--overwrite)."
+        )
+    return sfile, None, False

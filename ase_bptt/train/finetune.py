@@ -25,26 +25,23 @@ import torch
 
 from ase_bptt import metrics
 from ase_bptt.train.common import (
-    ConfigMismatchError,
     EmptySplitError,
     LoopSpec,
     LoopState,
     RelaxationSet,
-    check_same_run,
-    config_hash,
     config_to_dict,
-    fingerprint,
     load_relaxations,
     local_share,
     open_db,
     resolve_dtype,
     restore_rng,
     run_epochs,
+    run_header,
     seed_generator,
+    start_or_resume,
 )
 from ase_bptt.train.distributed import DistContext, init_distributed, shard
 from ase_bptt.train.pretrain import PretrainConfig, file_digest, pretrain
-from ase_bptt.train.state import load_state, state_path
 
 __all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
 
@@ -53,7 +50,6 @@ log = logging.getLogger("ase_bptt.train")
 #: Step sizes (A^2/eV) tried when ``eta`` is not given.
 DEFAULT_ETA_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
 
-RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batch_size"})
 
 
 @dataclass
@@ -311,7 +307,7 @@ def finetune(db, out, *, init=None, config: FinetuneConfig | None = None, progre
 
 def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overwrite: bool,
               ctx: DistContext) -> Path:
-    from ase_bptt.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from ase_bptt.models.checkpoint import load_model, save_checkpoint
     from ase_bptt.relax.relaxer import rollout
     from ase_bptt.relax.steps import make_step_rule
 
@@ -339,28 +335,10 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
     if not init.exists():
         raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
 
-    cfg = config.to_dict()
-    header = {"config": cfg, "config_hash": config_hash(cfg, ignore=RUN_CONTROL),
-              "data_fingerprint": fingerprint(train.traj_ids), "init": file_digest(init)}
-    sfile = state_path(out)
-    state = None
-    if sfile.exists() and not overwrite:
-        state = load_state(sfile, kind="finetune")
-        check_same_run(sfile, state, header, ignore=RUN_CONTROL)
-        if state["loop"]["finished"] and out.exists():
-            if ctx.is_main:
-                log.info("%s is already finished (%s); nothing to do", out, state["loop"]["stop_reason"])
-            return out
-    elif out.exists() and not overwrite:
-        meta = load_checkpoint(out)["metadata"]
-        if (meta.get("config_hash") == header["config_hash"]
-                and meta.get("data_fingerprint") == header["data_fingerprint"]
-                and meta.get("init_digest") == header["init"]):
-            return out
-        raise ConfigMismatchError(
-            f"{out} already exists and was not made by this configuration, database and initial model; "
-            "choose another output path or pass overwrite=True (--overwrite)."
-        )
+    header = run_header(config.to_dict(), train.traj_ids, file_digest(init))
+    sfile, state, done = start_or_resume(out, header, kind="finetune", ctx=ctx, overwrite=overwrite)
+    if done:
+        return out
 
     model = load_model(init, device=device, dtype=dtype)
     model.check_species(train.initial.numbers, where="the train split")
@@ -504,7 +482,7 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             "train_trajectories": len(train),
             "val_trajectories": 0 if val is None else len(val),
             "selection_split": "val" if val is not None else "train",
-            "config": cfg,
+            "config": header["config"],
             "config_hash": header["config_hash"],
             "init": str(init),
             "init_digest": header["init"],

@@ -22,34 +22,30 @@ from typing import Any
 import torch
 
 from ase_bptt.train.common import (
-    ConfigMismatchError,
-    check_same_run,
     EmptySplitError,
     FrameSet,
     LoopSpec,
     LoopState,
-    config_hash,
     config_to_dict,
     epoch_batches,
-    local_share,
-    fingerprint,
     load_frames,
+    local_share,
     lr_factor,
     open_db,
     resolve_dtype,
     restore_rng,
     run_epochs,
+    run_header,
     seed_generator,
+    start_or_resume,
 )
 from ase_bptt.train.distributed import DistContext, init_distributed, shard
-from ase_bptt.train.state import load_state, state_path
 
 __all__ = ["PretrainConfig", "pretrain"]
 
 log = logging.getLogger("ase_bptt.train")
 
 #: Config fields that do not change the result: a resumed run may change them.
-RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batch_size"})
 
 
 @dataclass
@@ -268,7 +264,7 @@ def pretrain(db, out, *, config: PretrainConfig | None = None, init=None, progre
 
 def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overwrite: bool,
               ctx: DistContext) -> Path:
-    from ase_bptt.models.checkpoint import load_checkpoint, save_checkpoint
+    from ase_bptt.models.checkpoint import save_checkpoint
     from ase_bptt.relax.steps import FixedStep, relax_settings
 
     dtype = resolve_dtype(config.dtype)
@@ -284,26 +280,10 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
     if val is None and ctx.is_main:
         log.warning("%s has no val split: the best epoch is chosen by train force MAE, no early stopping", db.name)
 
-    cfg = config.to_dict()
-    header = {"config": cfg, "config_hash": config_hash(cfg, ignore=RUN_CONTROL),
-              "data_fingerprint": fingerprint(train.traj_ids), "init": file_digest(init)}
-    sfile = state_path(out)
-    state = None
-    if sfile.exists() and not overwrite:
-        state = load_state(sfile, kind="pretrain")
-        check_same_run(sfile, state, header, ignore=RUN_CONTROL)
-        if state["loop"]["finished"] and out.exists():
-            if ctx.is_main:
-                log.info("%s is already finished (%s); nothing to do", out, state["loop"]["stop_reason"])
-            return out
-    elif out.exists() and not overwrite:
-        meta = load_checkpoint(out)["metadata"]
-        if meta.get("config_hash") == header["config_hash"] and meta.get("data_fingerprint") == header["data_fingerprint"]:
-            return out
-        raise ConfigMismatchError(
-            f"{out} already exists and was not made by this configuration and database; "
-            "choose another output path or pass overwrite=True (--overwrite)."
-        )
+    header = run_header(config.to_dict(), train.traj_ids, file_digest(init))
+    sfile, state, done = start_or_resume(out, header, kind="pretrain", ctx=ctx, overwrite=overwrite)
+    if done:
+        return out
 
     model, fresh = _build_model(config, train, init, device, dtype)
     # Loss scales: constants from a seeded sample, so the loss is ~1 at the start.
@@ -439,7 +419,7 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
             "train_trajectories": len(train.traj_ids),
             "train_frames": len(train),
             "val_frames": 0 if val is None else len(val),
-            "config": cfg,
+            "config": header["config"],
             "config_hash": header["config_hash"],
             "init": None if init is None else str(init),
             "init_digest": header["init"],
