@@ -48,6 +48,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointKeyError",
     "UnknownModelError",
+    "atomic_torch_save",
     "register_model",
     "model_to_dict",
     "save_checkpoint",
@@ -162,6 +163,39 @@ def model_to_dict(model: nn.Module) -> dict:
     return {"name": name, "config": _json_like(config.to_dict(), "model.config"), "state_dict": state}
 
 
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same directory, fsync, rename.
+
+    A crash at any moment leaves either the old file or the complete new one,
+    never a truncated file (used for checkpoints and training state files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the mode open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not possible everywhere (e.g. Windows)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -203,30 +237,7 @@ def save_checkpoint(
         "relax": _json_like(relax, "relax"),
         "metadata": _json_like(meta, "metadata"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible everywhere (e.g. Windows)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return atomic_torch_save(checkpoint, path)
 
 
 # ------------------------------------------------------------------------ load

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 import torch
+
+from ase_bptt.models.checkpoint import atomic_torch_save
 
 __all__ = [
     "STATE_FORMAT",
@@ -29,7 +30,6 @@ __all__ = [
     "load_state",
     "get_rng_state",
     "set_rng_state",
-    "atomic_torch_save",
 ]
 
 STATE_FORMAT = "ase-bptt-train-state"
@@ -44,24 +44,6 @@ def state_path(out: str | os.PathLike) -> Path:
     """The state file that belongs to the output ``out`` (``si.pt`` -> ``si.state.pt``)."""
     out = Path(out)
     return out.with_name(out.stem + ".state.pt")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_state(path: str | os.PathLike, state: dict) -> Path:
