@@ -119,6 +119,37 @@ def test_sync_active_once_per_segment_with_checkpointing():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("rule_factory, fmax", [(lambda: FixedStep(0.05, momentum=0.3), None),
+                                                 (lambda: FIREStep(), 0.3)], ids=["fixed-momentum", "fire-fmax"])
+def test_no_grad_rollout_drops_stopped_structures(rule_factory, fmax, monkeypatch):
+    """Under no_grad, stopped structures leave the batch: fewer model evaluations, the same results."""
+    from ase_bptt.relax import relaxer as relaxer_module
+
+    batch = Batch.from_atoms(three_structures())
+    model = MorseModel()
+    sizes = []
+    original = MorseModel.forward
+
+    def counting(self, b, positions=None):
+        sizes.append(len(b))
+        return original(self, b, positions=positions)
+
+    monkeypatch.setattr(MorseModel, "forward", counting)
+    with torch.no_grad():
+        compacted = rollout(model, batch, rule_factory(), tol=TOL, fmax=fmax, max_steps=60)
+        evaluations = sum(sizes)
+        sizes.clear()
+        monkeypatch.setattr(relaxer_module._Compactor, "applies", staticmethod(lambda rule, device: False))
+        full = rollout(model, batch, rule_factory(), tol=TOL, fmax=fmax, max_steps=60)
+    assert len(set(full.n_frames.tolist())) > 1  # structures stop at different frames
+    assert torch.equal(compacted.n_frames, full.n_frames) and torch.equal(compacted.converged, full.converged)
+    torch.testing.assert_close(compacted.positions, full.positions, rtol=0, atol=1e-12)
+    assert not torch.equal(compacted.positions, batch.positions)
+    # every structure is evaluated once per frame it takes (plus, with fmax, the check that stops it)
+    assert evaluations < sum(sizes)
+    assert evaluations <= int(full.n_frames.sum()) + len(batch)
+
+
 # ------------------------------------------------------- DifferentiableRelaxer
 def test_relaxer_matches_rollout_and_logs_like_ase(tmp_path):
     model = MorseModel()

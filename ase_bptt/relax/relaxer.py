@@ -144,6 +144,44 @@ class _LaggedFlag:
         return bool(previous[0])
 
 
+class _Compactor:
+    """Drops stopped structures from a rollout's working batch (no_grad on CPU only).
+
+    A stopped structure is frozen but, kept in the batch, still costs a model
+    evaluation every frame; without gradients nothing needs its graph, so it is
+    written back to full-size results and removed. Only where the numbers stay
+    the same: no exploration noise (its draw depends on the batch shape), and on
+    CPU, where reading which structures stopped costs no device synchronisation.
+    Each structure's frames do not depend on its batch mates, so the results
+    equal the uncompacted run's (up to summation order in the model).
+    """
+
+    @staticmethod
+    def applies(rule: StepRule, device: torch.device) -> bool:
+        return not torch.is_grad_enabled() and device.type == "cpu" and not rule.wants_noise
+
+    def __init__(self, positions: torch.Tensor, converged: torch.Tensor, n_frames: torch.Tensor) -> None:
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.positions, self.converged, self.n_frames = positions.clone(), converged.clone(), n_frames.clone()
+
+    def _write_back(self, positions: torch.Tensor, converged: torch.Tensor, n_frames: torch.Tensor) -> None:
+        self.positions[self.rows] = positions
+        self.converged[self.rows] = converged
+        self.n_frames[self.rows] = n_frames
+
+    def drop_stopped(self, batch: Batch, positions: torch.Tensor, state: State, active: torch.Tensor,
+                     converged: torch.Tensor, n_frames: torch.Tensor):
+        self._write_back(positions, converged, n_frames)
+        keep = torch.nonzero(active).squeeze(1)
+        self.rows = self.rows[keep]
+        return (batch.select(keep), positions[keep], {k: v[keep] for k, v in state.items()}, active[keep],
+                converged[keep], n_frames[keep])
+
+    def result(self, positions: torch.Tensor, converged: torch.Tensor, n_frames: torch.Tensor) -> RolloutResult:
+        self._write_back(positions, converged, n_frames)
+        return RolloutResult(self.positions, self.n_frames, self.converged)
+
+
 def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: float | None = 1e-3,
             max_steps: int = 75, fmax: float | None = None, checkpoint_frames: bool | int = False,
             generator: torch.Generator | None = None,
@@ -189,6 +227,12 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
     ``sync_active`` is likewise called once per segment, and every rank
     runs the same segments); on CUDA it is read one frame late (see ``_LaggedFlag``), so the
     GPU queue never drains. Stopping decisions stay on the device.
+
+    Under ``torch.no_grad`` on CPU (without exploration noise or ``sync_active``), structures
+    that have stopped are dropped from the working batch, so a batched
+    relaxation stops paying model evaluations for them; the results are the
+    same as without dropping (each structure's frames are independent of its
+    batch mates).
     """
     dtype, device = model_dtype_device(model)
     batch = batch.to(device, dtype)
@@ -200,6 +244,8 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
     n_frames = torch.zeros(b, dtype=torch.long, device=device)
     flag_reader = _LaggedFlag(positions.device)
     segment = segment_length(checkpoint_frames, max_steps) if torch.is_grad_enabled() else 0
+    compactor = (_Compactor(positions, converged, n_frames)
+                 if sync_active is None and _Compactor.applies(step_rule, device) else None)
     params = trainable_parameters(model, step_rule) if segment else ()
     start = 0
     while start < max_steps:
@@ -219,11 +265,16 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
             positions, state, active, converged, n_frames = _frame(
                 model, batch, step_rule, start, tol, fmax, positions, state, active, converged, n_frames, noise)
         start = stop
+        if compactor is not None and not bool(active.all()):
+            batch, positions, state, active, converged, n_frames = compactor.drop_stopped(
+                batch, positions, state, active, converged, n_frames)
         flag = active.any()
         if sync_active is not None:
             flag = sync_active(flag.to(dtype)) > 0
         if not flag_reader.any_moving(flag):
             break
+    if compactor is not None:
+        return compactor.result(positions, converged, n_frames)
     return RolloutResult(positions, n_frames, converged)
 
 
