@@ -12,6 +12,7 @@ import torch
 from ase_bptt.batch import Batch
 
 __all__ = [
+    "fractional",
     "minimum_image",
     "displacement",
     "dq",
@@ -20,6 +21,31 @@ __all__ = [
     "force_errors",
     "max_force",
 ]
+
+
+def fractional(vectors: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fractional coordinates of Cartesian ``vectors`` along the periodic directions.
+
+    A non-periodic direction may have a zero lattice vector: the identity
+    stands in for it, so the solve stays regular and that component is just
+    the Cartesian one. ``solve_ex``, not ``solve``: ``solve`` synchronises a
+    CUDA device with the host on every call (its error check), and this runs
+    every frame.
+
+    Args:
+        vectors: ``(B, N, 3)`` Cartesian positions or displacements.
+        cell: ``(B, 3, 3)`` lattice vectors as rows.
+        pbc: ``(B, 3)`` periodic flags.
+
+    Returns:
+        ``(frac, safe_cell)``: ``(B, N, 3)`` coordinates and the ``(B, 3, 3)``
+        cell they refer to (``frac @ safe_cell == vectors``).
+    """
+    cell = cell.to(vectors.dtype)
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+    safe_cell = torch.where(pbc.unsqueeze(-1), cell, eye)
+    frac = torch.linalg.solve_ex(safe_cell.transpose(1, 2), vectors.transpose(1, 2))[0].transpose(1, 2)
+    return frac, safe_cell
 
 
 def minimum_image(vectors: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -35,12 +61,8 @@ def minimum_image(vectors: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) 
         pbc: ``(B, 3)`` periodic flags; non-periodic directions are left alone.
     """
     # No early exit for non-periodic input: a Python branch on a tensor would
-    # synchronise a GPU every frame. solve_ex is the sync-free solve.
-    # Non-periodic directions may have a zero lattice vector; substitute the
-    # identity there so the solve stays regular (those components are not wrapped).
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
-    safe_cell = torch.where(pbc.unsqueeze(-1), cell, eye)
-    frac = torch.linalg.solve_ex(safe_cell.transpose(1, 2), vectors.transpose(1, 2))[0].transpose(1, 2)
+    # synchronise a GPU every frame.
+    frac, safe_cell = fractional(vectors, cell, pbc)
     shift = torch.where(pbc.unsqueeze(1), torch.round(frac), torch.zeros_like(frac))
     return vectors - shift @ safe_cell
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ase_bptt import metrics
 from ase_bptt.batch import Batch
 
 __all__ = [
@@ -241,10 +242,7 @@ def _periodic_features(positions: torch.Tensor, batch: Batch, length_scale: floa
     ``length_scale`` in the first slot and 0 in the second.
     """
     pbc = batch.pbc[:, None, :]
-    eye = torch.eye(3, dtype=positions.dtype, device=positions.device).expand_as(batch.cell)
-    safe_cell = torch.where(batch.pbc.unsqueeze(-1), batch.cell.to(positions.dtype), eye)
-    # solve_ex, not solve: solve synchronises a CUDA device with the host on every call (error check).
-    frac = torch.linalg.solve_ex(safe_cell.transpose(1, 2), positions.transpose(1, 2))[0].transpose(1, 2)
+    frac, _ = metrics.fractional(positions, batch.cell, batch.pbc)
     mask = batch.mask[..., None].to(positions.dtype)
     centroid = (positions * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
     centred = (positions - centroid) / length_scale
