@@ -318,7 +318,7 @@ def pretrain_cmd(ctx, db, out, init, epochs, time_budget, batch_size, lr, patien
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop (keeping the best model) after this many seconds.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Trajectories per step  [default: 4]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate  [default: 5e-5]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate  [default: 1e-3]")
 @click.option("--proximal", type=click.FloatRange(min=0), default=None,
               help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]")
 @click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")

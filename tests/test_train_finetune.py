@@ -77,7 +77,9 @@ def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_mode
     # eta: the argmin of the grid, scored on the TRAIN split with the initial model.
     grid = meta["eta_grid"]
     assert grid["split"] == "train"
-    assert grid["chosen"] == float(min(grid["scores"], key=grid["scores"].get))
+    # The smallest eta within 5% of the best score (a margin from the stability limit).
+    best_score = min(grid["scores"].values())
+    assert grid["chosen"] == min(float(k) for k, v in grid["scores"].items() if v <= 1.05 * best_score)
     init = load_model(init_model)
     chosen = grid["chosen"]
     assert grid["scores"][repr(chosen)] == pytest.approx(reference_mean_dq(init, train, chosen), rel=1e-4)

@@ -65,7 +65,7 @@ QUICK = DemoSettings(
     generate_options={"fmax": 0.03},
     pretrain={"model": _MODEL, "epochs": 4, "time_budget": 15.0, "batch_size": 16, "lr": 2e-3, "patience": None,
               "eval_frames": 200},
-    finetune={"epochs": 1, "time_budget": 15.0, "batch_size": 4, "lr": 1e-4, "eta_grid": (0.02, 0.05),
+    finetune={"epochs": 1, "time_budget": 15.0, "batch_size": 4, "eta_grid": (0.02, 0.05),
               "grid_structures": 3},
     eta_grid=(0.01, 0.03, 0.1),
     fire_steps=40,
@@ -77,7 +77,7 @@ FULL = DemoSettings(
     test=0.15,
     pretrain={"model": _MODEL, "epochs": 6, "time_budget": 210.0, "batch_size": 16, "lr": 2e-3, "patience": 20,
               "eval_frames": 500},
-    finetune={"epochs": 5, "time_budget": 170.0, "batch_size": 4, "lr": 1e-4, "grid_structures": 32},
+    finetune={"epochs": 5, "time_budget": 170.0, "batch_size": 4, "grid_structures": 32},
     eta_grid=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
     fire_steps=300,
 )
