@@ -207,3 +207,23 @@ def test_paper_sized_cell():
     atoms, _ = build_si_defect(np.random.default_rng(0), "sw", size=3, defects=("vacancy",), sigma=0.0)
     assert len(atoms) == 215  # 216 sites (3x3x3 conventional cells) minus one
     assert np.allclose(atoms.cell.lengths(), 3 * SI_LATTICE_CONSTANT)
+
+
+@pytest.mark.parametrize("defect", ["vacancy", "interstitial-tetrahedral", "interstitial-split110"])
+def test_fixed_site_is_the_same_defect_in_every_cell(defect):
+    """site="fixed": unrattled cells from different seeds are identical; "random" ones differ."""
+    def build(seed, site):
+        atoms, _ = build_si_defect(np.random.default_rng(seed), "sw", defects=(defect,), sigma=0.0, site=site)
+        return atoms
+
+    fixed = [build(seed, "fixed") for seed in range(4)]
+    for other in fixed[1:]:
+        assert np.array_equal(other.positions, fixed[0].positions)
+    random = [build(seed, "random").positions for seed in range(4)]
+    assert any(not np.array_equal(r, random[0]) for r in random[1:])
+    if defect == "vacancy":
+        # lattice site 0 (the origin) is the missing one
+        perfect = bulk("Si", "diamond", a=SI_LATTICE_CONSTANT, cubic=True) * (2, 2, 2)
+        assert np.allclose(fixed[0].positions, perfect.positions[1:], atol=1e-9)  # wrap() round-off
+    with pytest.raises(ValueError, match="site must be"):
+        build(0, "centre")

@@ -9,7 +9,11 @@ calculator and keeps every frame.
   (``vacancy``, ``divacancy``, ``interstitial-tetrahedral``,
   ``interstitial-hexagonal``, ``interstitial-split110``, ``substitution``),
   every atom displaced by a normal random vector (``sigma`` 0.1 A). The
-  default reference is Stillinger-Weber (matscipy), which knows only Si, so
+  defect sits at a random lattice site (``site="random"``, default) or, as in
+  most DFT defect studies, at the same site of every supercell
+  (``site="fixed"``: lattice site 0, interstitials in the origin cell, split
+  interstitials along [110]), which makes the relaxed structure of one defect
+  type the same target every time. The default reference is Stillinger-Weber (matscipy), which knows only Si, so
   substitutions are made only where the reference supports another element:
   ``reference="tersoff"`` (Tersoff 1989, Si and C) substitutes C; with your own
   calculator pass ``substituents=("Ge",)``.
@@ -211,6 +215,7 @@ def build_si_defect(
     defects: tuple[str, ...] | None = None,
     substituents: tuple[str, ...] | None = None,
     lattice_constant: float = SI_LATTICE_CONSTANT,
+    site: str = "random",
     fmax: float = 0.01,
     max_steps: int = 1000,
 ) -> tuple[Atoms, str]:
@@ -228,6 +233,8 @@ def build_si_defect(
     unknown = set(choices) - set(SI_DEFECTS)
     if unknown:
         raise ValueError(f"unknown defect(s) {sorted(unknown)}; choose from {SI_DEFECTS}")
+    if site not in ("random", "fixed"):
+        raise ValueError(f"site must be 'random' or 'fixed', got {site!r}")
     if "substitution" in choices and not subs:
         raise ValueError(
             "substitution needs an element the reference supports besides Si: the default "
@@ -238,9 +245,14 @@ def build_si_defect(
     a = lattice_constant
     atoms = bulk("Si", "diamond", a=a, cubic=True) * (size, size, size)
     n = len(atoms)
-    site = int(rng.integers(n))
+    # Draw the random site even for site="fixed", so both share one random stream.
+    index = int(rng.integers(n))
     # Interstitial sites are placed relative to a cubic cell at a random origin cell.
     origin = a * rng.integers(size, size=3)
+    fixed_site = site == "fixed"
+    if fixed_site:
+        index, origin = 0, np.zeros(3)
+    site = index
     label = defect
     if defect == "vacancy":
         del atoms[site]
@@ -258,6 +270,8 @@ def build_si_defect(
         axes = rng.permutation(3)[:2]
         u = np.zeros(3)
         u[axes] = rng.choice([-1.0, 1.0], size=2)
+        if fixed_site:
+            u = np.array([1.0, 1.0, 0.0])
         u /= np.linalg.norm(u)
         centre = atoms.positions[site].copy()
         atoms.positions[site] = centre - 0.5 * SPLIT110_SEPARATION * u
@@ -320,7 +334,7 @@ RECIPES: dict[str, Recipe] = {
         build_si_defect,
         "sw",
         dict(size=2, sigma=0.1, defects=None, substituents=None,
-             lattice_constant=SI_LATTICE_CONSTANT, fmax=0.01, max_steps=1000),
+             lattice_constant=SI_LATTICE_CONSTANT, site="random", fmax=0.01, max_steps=1000),
     ),
     "alloys": Recipe(
         "alloys",
