@@ -18,7 +18,8 @@ Trainable parameters are explicit inputs of the Function so their gradients
 reach ``.grad`` as usual; gradients flow to those parameters and to the
 floating-point inputs, not to other tensors a ``run`` captures. The global
 (and, on CUDA, the device's) RNG state is saved before the forward run and
-replayed in backward, so dropout draws the same masks.
+replayed in backward, so dropout draws the same masks. Not supported:
+double backward (``create_graph=True``) through a recomputed segment.
 """
 
 from __future__ import annotations
