@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ase_bptt import metrics
 from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
@@ -272,11 +273,8 @@ class ADAPT(ForceModel):
         parts = [(pos - self.coord_mean) / self.coord_std]
         if self.config.coordinates == "periodic":
             pbc = batch.pbc
-            # A non-periodic direction may have a zero lattice vector: use the
-            # identity there so the solve is regular, then zero its features.
-            eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand_as(batch.cell)
-            cell = torch.where(pbc.unsqueeze(-1), batch.cell, eye)
-            frac = torch.linalg.solve_ex(cell.transpose(1, 2), pos.transpose(1, 2))[0].transpose(1, 2)  # no host sync
+            # Non-periodic directions get zero periodic features (``on`` below).
+            frac, _ = metrics.fractional(pos, batch.cell, pbc)
             phase = (2 * math.pi) * frac.unsqueeze(-1) * self._frequencies  # (B, N, 3, K)
             on = pbc[:, None, :, None].to(pos.dtype)
             parts += [(torch.sin(phase) * on).flatten(2), (torch.cos(phase) * on).flatten(2)]
