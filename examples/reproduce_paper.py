@@ -200,6 +200,8 @@ def fmt(x: Any, digits: int = 2) -> str:
     if isinstance(x, float):
         if not math.isfinite(x):
             return "diverged"
+        if x != 0 and abs(x) < 1:
+            return f"{x:.3g}"
         return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
     return str(x)
 
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated defect kinds (vacancy, divacancy, tetrahedral, split110, hexagonal)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-alloys", action="store_true", help="skip the EMT alloy domain")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render report.md from the saved results.json (no training, no evaluation)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -347,10 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log()
+    if args.report_only:
+        results = _load_results(out / "results.json")
+        s = Settings(**results["settings"])
+        log.lines = list(results.get("log", []))
+        write_report(out, s, results, log)
+        print(f"re-rendered {out / 'report.md'} from {out / 'results.json'}")
+        return 0
     log(f"settings: {'quick' if args.quick else 'full'}; out {out}; torch threads {args.threads}; "
         f"load average {os.getloadavg()[0]:.1f}")
 
-    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick}
+    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick, "threads": args.threads}
     # ---- silicon defects
     db = build_si(out, s, log)
     pre = run_pretrain(db, out, s, s.pretrain, log, "si-pretrained")
@@ -408,9 +419,33 @@ def main(argv: list[str] | None = None) -> int:
         results["alloys"] = test_alloys(out, s, alloys, log)
     results["elapsed_s"] = log.elapsed
     results["load_average_end"] = os.getloadavg()
+    results["log"] = log.lines
+    # Everything the report shows, so it can be re-rendered without touching the test split again.
+    (out / "results.json").write_text(json.dumps(results, default=_json_default))
     write_report(out, s, results, log)
     log(f"done in {log.elapsed / 60:.1f} min: {out / 'report.md'}")
     return 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, (Path, TrajectoryDB)):
+        return str(getattr(obj, "name", obj))
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in results.json")
+
+
+def _load_results(path: Path) -> dict:
+    """results.json back into the shapes the report expects (eta keys are floats again)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the reproduction first")
+    results = json.loads(path.read_text())
+    results["val_eta_curve"] = {float(k): v for k, v in results["val_eta_curve"].items()}
+    if "alloys" in results:
+        results["alloys"]["val_curve"] = {float(k): v for k, v in results["alloys"]["val_curve"].items()}
+    return results
 
 
 def test_si(db, out: Path, s: Settings, pre: Path, paths: dict[str, Path], eta: float, log: Log) -> dict:
@@ -469,7 +504,7 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
     results["ratios"] = ratios
     md = [f"# Reproduction of the paper's tables on built-in data\n",
           f"Made by `python examples/reproduce_paper.py --out {out}{' --quick' if results['quick'] else ''}` "
-          f"in {results['elapsed_s'] / 60:.1f} min (torch threads {torch.get_num_threads()}, load average at the "
+          f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
           f"end {results['load_average_end'][0]:.1f}).\n",
           f"Silicon defects: Stillinger-Weber reference, {s.repeat}^3 conventional cells, defect site **{s.site}**, "
           f"rattle {s.rattle} A; splits {s.si_counts}. Every choice (eta, best epoch) was made on train/val; "

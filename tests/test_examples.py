@@ -89,3 +89,14 @@ def test_report_numbers_match_an_independent_recomputation(quick_run):
     counts = report["settings"]["si_counts"]
     assert len(db.trajectories(split="test")) == counts["test"]
     assert len(db.trajectories(split="train")) == counts["train"]
+
+
+def test_report_only_rerenders_the_same_tables_without_evaluating(quick_run):
+    before = _tables((quick_run / "report.md").read_text())
+    stamp = (quick_run / "eval-si" / "report.json").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(quick_run), "--report-only"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tables((quick_run / "report.md").read_text()) == before
+    # The test split was not evaluated again.
+    assert (quick_run / "eval-si" / "report.json").stat().st_mtime_ns == stamp
