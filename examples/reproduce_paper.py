@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -367,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     pre = run_pretrain(db, out, s, s.pretrain, log, "si-pretrained")
     model = load_model(pre)
     val = load_relaxations(db, "val")
-    train = load_relaxations(db, "train")
 
-    # Choices on val: the fixed step (Table 6 on val) and the momentum/anneal baselines.
+    # Choices on val: the fixed step (Table 6 on val) and the step BPTT runs at.
     val_curve = eta_curve(model, val, s.eta_grid, metric="dq", max_steps=s.finetune.get("max_steps", 75))
     eta = min(val_curve, key=val_curve.get)
     eta_bptt = stable_eta(val_curve, s.eta_slack)
@@ -502,7 +501,7 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
     tuned = bptt["own_rule"]["dq"]["mean"]
     ratios = {"bptt_over_fixed": tuned / fixed, "bptt_over_fire": tuned / fire}
     results["ratios"] = ratios
-    md = [f"# Reproduction of the paper's tables on built-in data\n",
+    md = ["# Reproduction of the paper's tables on built-in data\n",
           f"Made by `python examples/reproduce_paper.py --out {out}{' --quick' if results['quick'] else ''}` "
           f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
           f"end {results['load_average_end'][0]:.1f}).\n",
