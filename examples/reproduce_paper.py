@@ -92,7 +92,7 @@ class Settings:
 FULL = Settings(
     si_counts={"train": 40, "val": 20, "test": 48},
     pretrain={"epochs": 1000, "time_budget": 420.0, "batch_size": 16, "lr": 1e-3, "patience": None},
-    finetune={"epochs": 60, "lr": 1.5e-3, "batch_size": 4, "time_budget": 300.0},
+    finetune={"epochs": 60, "lr": 5e-4, "batch_size": 4, "time_budget": 300.0},
     ablation={"epochs": 60, "time_budget": 150.0},
     alloy_counts={"train": 40, "val": 10, "test": 30},
     alloy_pretrain={"epochs": 1000, "time_budget": 180.0, "batch_size": 16, "lr": 1e-3, "patience": None},
