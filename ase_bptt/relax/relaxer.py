@@ -453,21 +453,21 @@ class DifferentiableRelaxer:
         self._evaluate()
         if self.nsteps == 0:
             self._moved = torch.ones_like(self.active)
-            self.log()
-            self._write_trajectory()
-            self.call_observers()
+            self._report_frame()
         self._check_fmax()
-        is_converged = self.converged()
-        yield is_converged
+        yield self.converged()
         while bool(self.active.any()) and self.nsteps < self.max_steps:
             self.step()
             self._evaluate()
-            self.log()
-            self._write_trajectory()
-            self.call_observers()
+            self._report_frame()
             self._check_fmax()
-            is_converged = self.converged()
-            yield is_converged
+            yield self.converged()
+
+    def _report_frame(self) -> None:
+        """What ASE does after each frame: log line, trajectory frame, observers."""
+        self.log()
+        self._write_trajectory()
+        self.call_observers()
 
     def run(self, fmax: float | None = None, steps: int | None = None) -> bool:
         """Relax until every structure has stopped or ``steps`` frames; True if all converged.
