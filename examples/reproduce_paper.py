@@ -87,6 +87,9 @@ class Settings:
     # Few elements, so every test pair also occurs in the train split.
     alloy_options: dict[str, Any] = field(default_factory=lambda: {"elements": ("Cu", "Ni", "Au")})
     workers: int = 2
+    # Seeds the structures, the alloy splits, pretraining, BPTT and the random-init model:
+    # a new seed is a new experiment end to end (new test split included).
+    seed: int = 0
 
 
 FULL = Settings(
@@ -218,7 +221,7 @@ def build_si(out: Path, s: Settings, log: Log) -> TrajectoryDB:
     db = TrajectoryDB(path)
     if len(db) == 0:
         log(f"generating silicon defects ({s.site} site, {s.repeat}^3 cells): {s.si_counts}")
-        add_si_defects(db, s.si_counts, seed=0, repeat=s.repeat, rattle=s.rattle, site=s.site,
+        add_si_defects(db, s.si_counts, seed=s.seed, repeat=s.repeat, rattle=s.rattle, site=s.site,
                        kinds=s.kinds, workers=s.workers, echo=log)
     return db
 
@@ -231,10 +234,10 @@ def build_alloys(out: Path, s: Settings, log: Log) -> TrajectoryDB:
     if len(db) == 0:
         total = sum(s.alloy_counts.values())
         log(f"generating {total} EMT alloy relaxations")
-        generate("alloys", db, n=total, seed=0, workers=s.workers, progress=False, **s.alloy_options)
+        generate("alloys", db, n=total, seed=s.seed, workers=s.workers, progress=False, **s.alloy_options)
         # Explicit splits with the requested counts (the recipe's order is random).
         ids = sorted(db.traj_ids())
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(s.seed)
         rng.shuffle(ids)
         split_of = {}
         start = 0
@@ -255,7 +258,7 @@ def _set_splits(db: TrajectoryDB, split_of: dict[str, str]) -> None:
 def run_pretrain(db, out: Path, s: Settings, overrides: dict, log: Log, name: str) -> Path:
     path = out / f"{name}.pt"
     if not path.exists():
-        cfg = PretrainConfig(**{**overrides, "model": s.model, "device": "cpu"})
+        cfg = PretrainConfig(**{"seed": s.seed, **overrides, "model": s.model, "device": "cpu"})
         log(f"pretraining {name}: {overrides}")
         pretrain(db, path, config=cfg, progress=False)
     return path
@@ -316,7 +319,7 @@ def random_init(db, pretrained: Path, out: Path, s: Settings) -> Path:
         from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 
         ref = load_model(pretrained)
-        torch.manual_seed(1)
+        torch.manual_seed(1 + s.seed)
         model = ADAPT(ADAPTConfig.from_dict(ref.config.to_dict()))
         buffers = {k: v for k, v in ref.state_dict().items() if k in dict(model.named_buffers())}
         model.load_state_dict(buffers, strict=False)
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=None, help="silicon train relaxations")
     parser.add_argument("--kinds", default=None,
                         help="comma-separated defect kinds (vacancy, divacancy, tetrahedral, split110, hexagonal)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds data, splits and training: a new seed is a new experiment with a new test split")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-alloys", action="store_true", help="skip the EMT alloy domain")
     parser.add_argument("--report-only", action="store_true",
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, site=args.site)
     if args.kinds:
         s = replace(s, kinds=tuple(k.strip() for k in args.kinds.split(",")))
+    s = replace(s, seed=args.seed)
     if args.n_train:
         s = replace(s, si_counts={**s.si_counts, "train": args.n_train})
     out = Path(args.out)
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     results["eta"] = eta
     results["eta_bptt"] = eta_bptt
 
-    base = {"eta": eta_bptt, "step": "fixed", **s.finetune}
+    base = {"eta": eta_bptt, "step": "fixed", "seed": s.seed, **s.finetune}
     abl = {**base, **s.ablation}
     # The main run and the ablations: every choice inside them (best epoch) is made on val.
     runs = {
@@ -408,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         acurve = eta_curve(amodel, aval, s.eta_grid, metric="mse", max_steps=amax)
         aeta = stable_eta(acurve, s.eta_slack)
         log(f"alloys: eta curve on val (MSE): {acurve} -> BPTT step {aeta}")
-        abptt = run_finetune(adb, out, apre, "alloys-bptt", {"eta": aeta, "loss": "mse", **s.alloy_finetune}, log)
+        abptt = run_finetune(adb, out, apre, "alloys-bptt",
+                             {"eta": aeta, "loss": "mse", "seed": s.seed, **s.alloy_finetune}, log)
         alloys = {"db": adb, "pre": apre, "bptt": abptt, "eta": aeta, "val_curve": acurve, "max_steps": amax}
 
     # ---- the test split, once
@@ -502,7 +509,8 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
     ratios = {"bptt_over_fixed": tuned / fixed, "bptt_over_fire": tuned / fire}
     results["ratios"] = ratios
     md = ["# Reproduction of the paper's tables on built-in data\n",
-          f"Made by `python examples/reproduce_paper.py --out {out}{' --quick' if results['quick'] else ''}` "
+          f"Made by `python examples/reproduce_paper.py --out {out}{' --quick' if results['quick'] else ''}"
+          f"{f' --seed {s.seed}' if s.seed else ''}` "
           f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
           f"end {results['load_average_end'][0]:.1f}).\n",
           f"Silicon defects: Stillinger-Weber reference, {s.repeat}^3 conventional cells, defect site **{s.site}**, "
