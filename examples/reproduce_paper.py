@@ -1,11 +1,12 @@
 """Reproduce the paper's tables on built-in data and write one report (Markdown + plots).
 
-    python examples/reproduce_paper.py --out paper-repro          # full run (see notes/experiments.md)
-    python examples/reproduce_paper.py --out /tmp/q --quick       # a 2-minute smoke run of every stage
+    python examples/reproduce_paper.py --seed 2 --out paper-repro  # full run (~30 min; README "Results")
+    python examples/reproduce_paper.py --out /tmp/q --quick        # a 1-minute smoke run of every stage
 
 Stages (each leaves its product in ``--out`` and is skipped when it is there):
 
-1. Data: silicon point defects (vacancy, tetrahedral and hexagonal
+1. Data: silicon point defects at a fixed site (vacancy, divacancy,
+   tetrahedral and split-<110> interstitial; ``--kinds`` adds the hexagonal
    interstitial) relaxed with Stillinger-Weber + ASE FIRE
    (``examples/si_defects_reference.py``), explicit train / val / test splits;
    EMT alloys from the package's ``alloys`` recipe.
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -70,7 +72,7 @@ class Settings:
     si_counts: dict[str, int]
     site: str = "fixed"
     # Not "hexagonal" by default: under Stillinger-Weber that site is unstable and the
-    # reference relaxation ends in one of several basins chosen by the rattle (see notes/experiments.md).
+    # reference relaxation ends in one of several basins chosen by the rattle (README "Results").
     kinds: tuple[str, ...] = ("vacancy", "divacancy", "tetrahedral", "split110")
     repeat: int = 2
     rattle: float = 0.1
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds data, splits and training: a new seed is a new experiment with a new test split")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-alloys", action="store_true", help="skip the EMT alloy domain")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="only the main BPTT run (Table 3, per-defect, Tables 2 and 6): for data-size series")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render report.md from the saved results.json (no training, no evaluation)")
     args = parser.parse_args(argv)
@@ -370,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"settings: {'quick' if args.quick else 'full'}; out {out}; torch threads {args.threads}; "
         f"load average {os.getloadavg()[0]:.1f}")
 
-    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick, "threads": args.threads}
+    command = "python examples/reproduce_paper.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick, "threads": args.threads,
+                               "command": command}
     # ---- silicon defects
     db = build_si(out, s, log)
     pre = run_pretrain(db, out, s, s.pretrain, log, "si-pretrained")
@@ -402,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         # The fixed-step run at the ablation budget: the fair reference of the ablations.
         "si-bptt-short": abl,
     }
-    rnd = random_init(db, pre, out, s)
-    jobs = [(name, pre, cfg) for name, cfg in runs.items()] + [("si-bptt-random-init", rnd, abl)]
+    if args.no_ablations:
+        runs = {"si-bptt": base}
+    jobs = [(name, pre, cfg) for name, cfg in runs.items()]
+    if not args.no_ablations:
+        jobs.append(("si-bptt-random-init", random_init(db, pre, out, s), abl))
     paths = run_finetunes(db, out, jobs, log, workers=s.workers)
 
     # ---- EMT alloys (MSE)
@@ -512,8 +521,7 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
     ratios = {"bptt_over_fixed": tuned / fixed, "bptt_over_fire": tuned / fire}
     results["ratios"] = ratios
     md = ["# Reproduction of the paper's tables on built-in data\n",
-          f"Made by `python examples/reproduce_paper.py --out {out}{' --quick' if results['quick'] else ''}"
-          f"{f' --seed {s.seed}' if s.seed else ''}` "
+          f"Made by `{results.get('command') or f'python examples/reproduce_paper.py --out {out}'}` "
           f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
           f"end {results['load_average_end'][0]:.1f}).\n",
           f"Silicon defects: Stillinger-Weber reference, {s.repeat}^3 conventional cells, defect site **{s.site}**, "
@@ -544,41 +552,43 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
             ["BPTT"] + [bptt["own_rule"]["dq"]["per_label"][lab]["mean"] for lab in labels]]
     rows.append(["BPTT / fixed step"] + [r / f for r, f in zip(rows[3][1:], rows[2][1:])])
     md.append(table(["method"] + [f"{lab} (n={ev['label_counts'][lab]})" for lab in labels], rows))
-    md.append("\n## Table 1: step rules under BPTT (test Dq)\n")
-    md.append(table(["step rule", "mean Dq", "learned eta at the end", "paper"], [
-        ["no BPTT (fixed step, val eta)", fixed, results["eta"], PAPER["table1"]["no BPTT"]],
-        ["BPTT, fixed step", abl["si-bptt-short"]["dq"], results["eta_bptt"], PAPER["table1"]["fixed step"]],
-        ["BPTT, learned scalar step", abl["si-bptt-learned"]["dq"], abl["si-bptt-learned"]["eta"], None],
-        ["BPTT, decoder step (App. A)", abl["si-bptt-decoder"]["dq"], None, PAPER["table1"]["decoder"]],
-    ]))
+    if "si-bptt-short" in abl:
+        md.append("\n## Table 1: step rules under BPTT (test Dq)\n")
+        md.append(table(["step rule", "mean Dq", "learned eta at the end", "paper"], [
+            ["no BPTT (fixed step, val eta)", fixed, results["eta"], PAPER["table1"]["no BPTT"]],
+            ["BPTT, fixed step", abl["si-bptt-short"]["dq"], results["eta_bptt"], PAPER["table1"]["fixed step"]],
+            ["BPTT, learned scalar step", abl["si-bptt-learned"]["dq"], abl["si-bptt-learned"]["eta"], None],
+            ["BPTT, decoder step (App. A)", abl["si-bptt-decoder"]["dq"], None, PAPER["table1"]["decoder"]],
+        ]))
     md.append("\n## Table 2: force errors on the test frames before and after BPTT (eV/A)\n")
     md.append(table(["model", "MAE", "RMSE", "L2 per frame", "paper L2"], [
         ["pretrained", pre["forces"]["mae"], pre["forces"]["rmse"], pre["forces"]["l2"], PAPER["table2"]["pretrained"]],
         ["BPTT tuned", bptt["forces"]["mae"], bptt["forces"]["rmse"], bptt["forces"]["l2"], PAPER["table2"]["BPTT"]],
     ]))
-    t4 = si["table4_pretrained"]
-    md.append("\n## Table 4: momentum (0.05) and annealing (0.99^k), test Dq\n")
-    md.append(table(["setup", "mean Dq", "paper"], [[k, v, PAPER["table4"][k]] for k, v in t4.items()] + [
-        ["BPTT", abl["si-bptt-short"]["dq"], PAPER["table4"]["BPTT"]],
-        ["BPTT+Momentum", abl["si-bptt-momentum"]["dq"], PAPER["table4"]["BPTT+Momentum"]],
-        ["BPTT+Anneal", abl["si-bptt-anneal"]["dq"], PAPER["table4"]["BPTT+Anneal"]],
-        ["BPTT+Momentum+Anneal", abl["si-bptt-momentum-anneal"]["dq"], PAPER["table4"]["BPTT+Momentum+Anneal"]],
-    ]))
-    md.append(f"\nEvery BPTT row of Tables 1, 4, 5 and Figure 5 uses the same budget ({s.ablation}); the main run "
-              f"of Table 3 ({s.finetune}) reached {abl['si-bptt']['dq']:.3f}.\n")
-    md.append("\n## Table 5: fixed vs variable stopping in training (test Dq)\n")
-    md.append(table(["stopping", "mean Dq", "paper"], [
-        ["fixed (tol 1e-3, 75 frames)", abl["si-bptt-short"]["dq"], PAPER["table5"]["fixed"]],
-        ["variable (tol 1e-4..1e-2, 50..75 frames)", abl["si-bptt-variable-stopping"]["dq"], PAPER["table5"]["variable"]],
-    ]))
-    md.append("\n## Figure 5: step-only BPTT and BPTT from a random model (test Dq)\n")
-    md.append(table(["run", "mean Dq", "eta at the end"], [
-        ["pretrained, fixed step (val eta)", fixed, results["eta"]],
-        ["BPTT of the step size only (model frozen)", abl["si-bptt-step-only"]["dq"], abl["si-bptt-step-only"]["eta"]],
-        ["BPTT of the whole model", abl["si-bptt-short"]["dq"], results["eta_bptt"]],
-        ["BPTT from a random model", abl["si-bptt-random-init"]["dq"], results["eta_bptt"]],
-    ]))
-    md.append("\nValidation Dq by epoch of every BPTT run: `bptt_curves.png`.\n")
+    if "si-bptt-short" in abl:  # the ablation runs (skipped with --no-ablations)
+        t4 = si["table4_pretrained"]
+        md.append("\n## Table 4: momentum (0.05) and annealing (0.99^k), test Dq\n")
+        md.append(table(["setup", "mean Dq", "paper"], [[k, v, PAPER["table4"][k]] for k, v in t4.items()] + [
+            ["BPTT", abl["si-bptt-short"]["dq"], PAPER["table4"]["BPTT"]],
+            ["BPTT+Momentum", abl["si-bptt-momentum"]["dq"], PAPER["table4"]["BPTT+Momentum"]],
+            ["BPTT+Anneal", abl["si-bptt-anneal"]["dq"], PAPER["table4"]["BPTT+Anneal"]],
+            ["BPTT+Momentum+Anneal", abl["si-bptt-momentum-anneal"]["dq"], PAPER["table4"]["BPTT+Momentum+Anneal"]],
+        ]))
+        md.append(f"\nEvery BPTT row of Tables 1, 4, 5 and Figure 5 uses the same budget ({s.ablation}); the main run "
+                  f"of Table 3 ({s.finetune}) reached {abl['si-bptt']['dq']:.3f}.\n")
+        md.append("\n## Table 5: fixed vs variable stopping in training (test Dq)\n")
+        md.append(table(["stopping", "mean Dq", "paper"], [
+            ["fixed (tol 1e-3, 75 frames)", abl["si-bptt-short"]["dq"], PAPER["table5"]["fixed"]],
+            ["variable (tol 1e-4..1e-2, 50..75 frames)", abl["si-bptt-variable-stopping"]["dq"], PAPER["table5"]["variable"]],
+        ]))
+        md.append("\n## Figure 5: step-only BPTT and BPTT from a random model (test Dq)\n")
+        md.append(table(["run", "mean Dq", "eta at the end"], [
+            ["pretrained, fixed step (val eta)", fixed, results["eta"]],
+            ["BPTT of the step size only (model frozen)", abl["si-bptt-step-only"]["dq"], abl["si-bptt-step-only"]["eta"]],
+            ["BPTT of the whole model", abl["si-bptt-short"]["dq"], results["eta_bptt"]],
+            ["BPTT from a random model", abl["si-bptt-random-init"]["dq"], results["eta_bptt"]],
+        ]))
+        md.append("\nValidation Dq by epoch of every BPTT run: `bptt_curves.png`.\n")
     md.append("\n## Table 6: the eta grid (fixed step, mean Dq)\n")
     test_curve = {p["eta"]: p["dq"]["mean"] for p in pre["eta_curve"]}
     md.append(table(["eta (A^2/eV)", "val Dq (used for the choice)", "test Dq (perfect information)"],

@@ -12,7 +12,7 @@ an interrupted training resumes from its state file), so re-running the demo
 in the same directory reuses what exists instead of redoing it.
 
 Budgets: the full demo stays under 15 minutes and ``--quick`` under 3 minutes
-on a 2-core CPU (measured numbers in ``notes/cli.md``).
+on a 2-core CPU (measured numbers in the README's "The demo" section).
 """
 
 from __future__ import annotations

@@ -333,7 +333,8 @@ def evaluate(
         progress: show tqdm progress bars on stderr.
 
     Returns:
-        The result dict written to ``report.json`` (see ``notes/cli.md``).
+        The result dict written to ``report.json`` (described in the README's
+        "What `evaluate` reports").
 
     Raises:
         FileNotFoundError: a checkpoint or database path does not exist.
