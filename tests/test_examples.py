@@ -100,3 +100,27 @@ def test_report_only_rerenders_the_same_tables_without_evaluating(quick_run):
     assert _tables((quick_run / "report.md").read_text()) == before
     # The test split was not evaluated again.
     assert (quick_run / "eval-si" / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_seed_is_a_new_experiment_and_no_ablations_keeps_the_main_tables(quick_run, tmp_path):
+    from ase_bptt.data.db import TrajectoryDB
+
+    args = ["--quick", "--seed", "1", "--no-ablations", "--no-alloys", "--threads", "1", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=QUICK_LIMIT_S, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / "report.md").read_text()
+    # The report names the command that made it, flags included.
+    assert "Made by `python examples/reproduce_paper.py " + " ".join(args) + "`" in md
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    for kept in ("## Table 3", "## Per-defect breakdown", "## Table 2", "## Table 6"):
+        assert any(h.startswith(kept) for h in headings), kept
+    for dropped in ("## Table 1", "## Table 4", "## Table 5", "## Figure 5", "## Pure crystals"):
+        assert not any(h.startswith(dropped) for h in headings), dropped
+    assert json.loads((tmp_path / "report.json").read_text())["settings"]["seed"] == 1
+    # Another seed draws other structures: the test split shares no initial structure with seed 0's.
+    seed0 = [t.initial.positions for t in TrajectoryDB(quick_run / "si.db", create=False).trajectories(split="test")]
+    seed1 = [t.initial.positions for t in TrajectoryDB(tmp_path / "si.db", create=False).trajectories(split="test")]
+    assert len(seed1) == len(seed0)
+    assert not any(a.shape == b.shape and np.allclose(a, b) for a in seed0 for b in seed1)
