@@ -486,10 +486,11 @@ def test_si(db, out: Path, s: Settings, pre: Path, paths: dict[str, Path], eta: 
             "rule": rule.to_dict().get("step"), "eta": _eta_of(rule),
             "history": meta.get("history"), "best_epoch": meta.get("best_epoch"), "improved": meta.get("improved"),
         }
-    # No-BPTT momentum / anneal rows of Table 4 at the eta chosen on val.
+    # No-BPTT momentum / anneal rows of Table 4 at the eta chosen on val (only beside the ablations).
     table4_pre = {}
-    for label, mom, ann in (("ADAPT", 0.0, 1.0), ("ADAPT+Momentum", 0.05, 1.0), ("ADAPT+Anneal", 0.0, 0.99),
-                            ("ADAPT+Momentum+Anneal", 0.05, 0.99)):
+    settings = (("ADAPT", 0.0, 1.0), ("ADAPT+Momentum", 0.05, 1.0), ("ADAPT+Anneal", 0.0, 0.99),
+                ("ADAPT+Momentum+Anneal", 0.05, 0.99))
+    for label, mom, ann in settings if "si-bptt-short" in paths else ():
         rule = FixedStep(eta, momentum=mom, anneal=ann)
         err, _ = rollout_errors(pre_model, test, rule, tol=1e-3, max_steps=max_steps)
         table4_pre[label] = float(np.mean(err))
@@ -552,7 +553,8 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
             ["BPTT"] + [bptt["own_rule"]["dq"]["per_label"][lab]["mean"] for lab in labels]]
     rows.append(["BPTT / fixed step"] + [r / f for r, f in zip(rows[3][1:], rows[2][1:])])
     md.append(table(["method"] + [f"{lab} (n={ev['label_counts'][lab]})" for lab in labels], rows))
-    if "si-bptt-short" in abl:
+    has_ablations = "si-bptt-short" in abl  # False after --no-ablations
+    if has_ablations:
         md.append("\n## Table 1: step rules under BPTT (test Dq)\n")
         md.append(table(["step rule", "mean Dq", "learned eta at the end", "paper"], [
             ["no BPTT (fixed step, val eta)", fixed, results["eta"], PAPER["table1"]["no BPTT"]],
@@ -565,7 +567,7 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
         ["pretrained", pre["forces"]["mae"], pre["forces"]["rmse"], pre["forces"]["l2"], PAPER["table2"]["pretrained"]],
         ["BPTT tuned", bptt["forces"]["mae"], bptt["forces"]["rmse"], bptt["forces"]["l2"], PAPER["table2"]["BPTT"]],
     ]))
-    if "si-bptt-short" in abl:  # the ablation runs (skipped with --no-ablations)
+    if has_ablations:
         t4 = si["table4_pretrained"]
         md.append("\n## Table 4: momentum (0.05) and annealing (0.99^k), test Dq\n")
         md.append(table(["setup", "mean Dq", "paper"], [[k, v, PAPER["table4"][k]] for k, v in t4.items()] + [
