@@ -80,16 +80,22 @@ def test_fmax_stops_each_structure():
     assert len(set(out.n_frames.tolist())) > 1
 
 
-def test_sync_active_keeps_frames_in_step():
-    """A DDP-like hook that claims another rank still moves: frames continue, numbers unchanged."""
-    model = MorseModel()
-    batch = Batch.from_atoms(three_structures())
+def _always_moving_hook():
+    """A DDP-like ``sync_active`` that records each local flag and claims another rank still moves."""
     calls = []
 
     def always_moving(flag):
         calls.append(float(flag))
         return torch.ones_like(flag)
 
+    return calls, always_moving
+
+
+def test_sync_active_keeps_frames_in_step():
+    """A DDP-like hook that claims another rank still moves: frames continue, numbers unchanged."""
+    model = MorseModel()
+    batch = Batch.from_atoms(three_structures())
+    calls, always_moving = _always_moving_hook()
     with torch.no_grad():
         ref = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40)
         synced = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40, sync_active=always_moving)
@@ -101,12 +107,7 @@ def test_sync_active_once_per_segment_with_checkpointing():
     """With recomputed segments every rank still runs the same frames: the hook is asked once per segment."""
     model = MorseModel()
     batch = Batch.from_atoms(three_structures())
-    calls = []
-
-    def always_moving(flag):
-        calls.append(float(flag))
-        return torch.ones_like(flag)
-
+    calls, always_moving = _always_moving_hook()
     ref = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40)
     synced = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40, checkpoint_frames=True,
                      sync_active=always_moving)
