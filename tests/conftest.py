@@ -7,6 +7,8 @@ import os
 # Before numpy loads: OpenBLAS threads fighting torch's make ASE's BFGS 5x slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,8 @@ from ase.build import bulk
 # Keep the suite predictable on a 2-core CI machine.
 torch.set_num_threads(2)
 
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Real VASP relaxations committed with the tests (sources and licences: data/vasp/SOURCES.md).
+VASP_DATA = Path(__file__).resolve().parent / "data" / "vasp"
 
 
 def silicon_vacancy(repeat: int = 2, rattle: float = 0.1, seed: int = 0):
@@ -40,8 +43,6 @@ def si_small():
 
 
 @pytest.fixture
-def shared_data():
-    """``../shared/data`` next to the checkout (real VASP outputs, read-only)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the tests need ../shared/data beside the checkout")
-    return SHARED_DATA
+def vasp_data() -> Path:
+    """``tests/data/vasp``: real VASP outputs in the repository (read them, never write)."""
+    return VASP_DATA

@@ -21,7 +21,7 @@ from ase_bptt.data.ingest import import_paths
 # extxyz writes floats as text with enough digits for float64 round trips.
 TEXT_TOL = 1e-12
 
-# Facts from ../shared/data/vasp/SOURCES.md: (frames, first energy, last energy).
+# Facts from tests/data/vasp/SOURCES.md: (frames, first energy, last energy).
 GOOD_VASP = {
     "si8_relax/vasprun.xml": (19, -42.91113348, -43.39087657),
     "si2_relax_outcar/OUTCAR.converged": (8, -6.50161629, -10.84171139),
@@ -52,8 +52,8 @@ def emt_relaxation(seed=0, steps=6):
     return frames
 
 
-def test_real_vasp_outputs(shared_data, db):
-    vasp = shared_data / "vasp"
+def test_real_vasp_outputs(vasp_data, db):
+    vasp = vasp_data
     report = import_paths([vasp], db)
     assert len(report.added) == 4
     by_source = {Path(t.source).relative_to(vasp).as_posix(): t for t in db.trajectories(converged_only=False)}
@@ -151,8 +151,8 @@ def _bad_empty(tmp_path):
     return p, "empty file"
 
 
-def _bad_truncated(tmp_path, shared_data):
-    return shared_data / "vasp" / "si8_relax_truncated" / "vasprun.xml", "truncated vasprun.xml"
+def _bad_truncated(tmp_path, vasp_data):
+    return vasp_data / "si8_relax_truncated" / "vasprun.xml", "truncated vasprun.xml"
 
 
 def _bad_no_forces(tmp_path):
@@ -205,7 +205,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_inputs_leave_database_unchanged(tmp_path, shared_data, case):
+def test_bad_inputs_leave_database_unchanged(tmp_path, vasp_data, case):
     db_path = tmp_path / "t.db"
     db = TrajectoryDB(db_path)
     good = tmp_path / "good.traj"
@@ -213,7 +213,7 @@ def test_bad_inputs_leave_database_unchanged(tmp_path, shared_data, case):
     import_paths(good, db)
     before = db_path.read_bytes()
     maker = BAD[case]
-    path, reason = maker(tmp_path, shared_data) if case == "truncated" else maker(tmp_path)
+    path, reason = maker(tmp_path, vasp_data) if case == "truncated" else maker(tmp_path)
     report = import_paths(path, db)
     assert report.added == []
     assert len(report.skipped) == 1
