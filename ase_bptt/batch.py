@@ -8,8 +8,8 @@ mass 0, never move, never contribute to losses and never attend.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class Batch:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
         constraints: bool = True,
-    ) -> "Batch":
+    ) -> Batch:
         """Pad one or more ``ase.Atoms`` into a Batch.
 
         Args:
@@ -140,7 +140,7 @@ class Batch:
         self,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "Batch":
+    ) -> Batch:
         """Return a Batch on ``device`` with floating tensors cast to ``dtype``.
 
         Integer and boolean tensors keep their dtype. Returns ``self`` when
@@ -158,17 +158,17 @@ class Batch:
                 changes[f.name] = t.to(device=device)
         return replace(self, **changes)
 
-    def with_positions(self, positions: torch.Tensor) -> "Batch":
+    def with_positions(self, positions: torch.Tensor) -> Batch:
         """Same structures at new positions (keeps autograd history)."""
         return replace(self, positions=positions)
 
-    def select(self, index: torch.Tensor | Sequence[int]) -> "Batch":
+    def select(self, index: torch.Tensor | Sequence[int]) -> Batch:
         """Sub-batch of the structures in ``index`` (padding is kept)."""
         index = torch.as_tensor(index, device=self.positions.device, dtype=torch.long)
         return Batch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @classmethod
-    def concatenate(cls, batches: Iterable["Batch"]) -> "Batch":
+    def concatenate(cls, batches: Iterable[Batch]) -> Batch:
         """Join batches along the structure axis, re-padding to the largest N."""
         batches = list(batches)
         n_max = max(b.positions.shape[1] for b in batches)

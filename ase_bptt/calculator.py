@@ -88,7 +88,7 @@ class BPTTCalculator(Calculator):
         self._checked: tuple[int, ...] | None = None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> "BPTTCalculator":
+    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> BPTTCalculator:
         """Same as ``BPTTCalculator(path, **kwargs)``."""
         return cls(path, **kwargs)
 
@@ -124,8 +124,7 @@ class BPTTCalculator(Calculator):
         arrays_old, arrays_new = old.arrays, atoms.arrays
         if checked & (set(arrays_old) ^ set(arrays_new)):
             return False
-        return all(np.array_equal(arrays_old[name], arrays_new[name])
-                   for name in checked & set(arrays_old))
+        return all(np.array_equal(arrays_old[name], arrays_new[name]) for name in checked & set(arrays_old))
 
     def calculate(
         self,

@@ -31,8 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,10 +77,22 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: checks the harness, not speed")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure; the median is reported (default: 5, quick: 2)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and 1-2 repeats: checks the harness, not speed"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per figure; the median is reported (default: 5, quick: 2)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="model and tensor dtype (default: float32, the package default)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="model and tensor dtype (default: float32, the package default)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON output path")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
@@ -138,7 +151,9 @@ def synchronize(device: str | torch.device) -> None:
 
 
 # ------------------------------------------------------------------- timing
-def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> list[float]:
+def time_call(
+    fn: Callable[[], Any], *, repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
+) -> list[float]:
     """Wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
@@ -163,7 +178,9 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
+) -> dict[str, list[float]]:
     """Time several callables round-robin, so slow drifts of a shared machine hit all alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -246,8 +263,12 @@ def peak_memory_mib(fn: Callable[[], Any], *, device: str | torch.device = "cpu"
         fn()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         method = "ru_maxrss delta"
-    return {"peak_mib": max(after - before, 0) / 1024, "method": method,
-            "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024}
+    return {
+        "peak_mib": max(after - before, 0) / 1024,
+        "method": method,
+        "rss_before_mib": before / 1024,
+        "rss_peak_mib": after / 1024,
+    }
 
 
 # --------------------------------------------------------------- subprocess
@@ -256,8 +277,9 @@ def run_worker(script: str | Path, spec: dict[str, Any], *, timeout: float = 120
     return run_workers(script, [spec], parallel=1, timeout=timeout)[0]
 
 
-def run_workers(script: str | Path, specs: Sequence[dict[str, Any]], *, parallel: int = 1,
-                timeout: float = 1200) -> list[dict[str, Any]]:
+def run_workers(
+    script: str | Path, specs: Sequence[dict[str, Any]], *, parallel: int = 1, timeout: float = 1200
+) -> list[dict[str, Any]]:
     """Run one fresh interpreter per spec, ``parallel`` at a time; results in the order of ``specs``.
 
     Running several at once is fine for memory figures (each process has its
@@ -280,7 +302,7 @@ def run_workers(script: str | Path, specs: Sequence[dict[str, Any]], *, parallel
             out, err = proc.communicate()
         for line in reversed(out.splitlines()):
             if line.startswith(_WORKER_MARK):
-                results[i] = json.loads(line[len(_WORKER_MARK):])
+                results[i] = json.loads(line[len(_WORKER_MARK) :])
                 break
         else:
             for _, _, other in running:
@@ -304,15 +326,21 @@ def worker_entry(spec_json: str, fn: Callable[[dict[str, Any]], dict[str, Any]])
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Machine, versions and the options used, for the JSON header."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).resolve().parent, timeout=10,
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     dev = torch.device(args.device)
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),

@@ -33,10 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import _common as C  # noqa: E402
 
 GOAL_MEMORY_FRACTION = 0.25
 GOAL_TIME_RATIO = 1.5
@@ -76,7 +75,8 @@ def _frames(model, batch, rule, start: int, stop: int, positions, state, active,
 
     for f in range(start, stop):
         positions, state, active, converged, n_frames = _frame(
-            model, batch, rule, f, 0.0, None, positions, state, active, converged, n_frames, None)
+            model, batch, rule, f, 0.0, None, positions, state, active, converged, n_frames, None
+        )
     return positions, state, active, converged, n_frames
 
 
@@ -129,7 +129,9 @@ def worker(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = C.make_parser("bench_bptt", __doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="sites per cell before the vacancy (default 64 216)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="sites per cell before the vacancy (default 64 216)"
+    )
     parser.add_argument("--frames", type=int, nargs="+", default=None, help="k values (default 10 25 50 75)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = C.finish_args(parser.parse_args(argv))
@@ -156,10 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
                 grads[v] = _flat_grad(model)
             for v in variants:
                 err = float((grads[v] - grads["naive"]).norm() / grads["naive"].norm().clamp(min=1e-300))
-                rows.append({"n_sites": n, "n_atoms": n_atoms, "k": k, "variant": v,
-                             "time": C.summarize(times[v]), "grad_rel_error_vs_naive": err})
-            print(f"  timed n={n_atoms} k={k}: " + ", ".join(
-                f"{v} {C.summarize(times[v])['median_s']:.3f} s" for v in variants), flush=True)
+                rows.append(
+                    {
+                        "n_sites": n,
+                        "n_atoms": n_atoms,
+                        "k": k,
+                        "variant": v,
+                        "time": C.summarize(times[v]),
+                        "grad_rel_error_vs_naive": err,
+                    }
+                )
+            print(
+                f"  timed n={n_atoms} k={k}: "
+                + ", ".join(f"{v} {C.summarize(times[v])['median_s']:.3f} s" for v in variants),
+                flush=True,
+            )
     # Peak memory: a fresh interpreter per configuration (after the timing, so they never compete with it).
     specs = [{**base_spec, "n_sites": r["n_sites"], "k": r["k"], "variant": r["variant"]} for r in rows]
     if args.quick:  # one interpreter for all (start-up dominates a --quick run); full runs: one each
@@ -178,9 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     table = C.print_table(
         [{**r, "t": r["time"]["median_s"]} for r in rows],
-        [("n_atoms", "atoms", "{}"), ("k", "k", "{}"), ("variant", "variant", "{}"), ("peak_mib", "peak MiB", "{:.1f}"),
-         ("memory_fraction_of_naive", "mem/naive", "{:.3f}"), ("t", "time s", "{:.3f}"),
-         ("time_ratio_to_naive", "time/naive", "{:.2f}"), ("grad_rel_error_vs_naive", "grad err", "{:.1e}")],
+        [
+            ("n_atoms", "atoms", "{}"),
+            ("k", "k", "{}"),
+            ("variant", "variant", "{}"),
+            ("peak_mib", "peak MiB", "{:.1f}"),
+            ("memory_fraction_of_naive", "mem/naive", "{:.3f}"),
+            ("t", "time s", "{:.3f}"),
+            ("time_ratio_to_naive", "time/naive", "{:.2f}"),
+            ("grad_rel_error_vs_naive", "grad err", "{:.1e}"),
+        ],
     )
     k_goal = max(frames)
     goals = {}
@@ -192,12 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
             "k": k_goal,
             "memory_fraction_of_naive": {r["n_atoms"]: r["memory_fraction_of_naive"] for r in at_k},
             "time_ratio_to_naive": {r["n_atoms"]: r["time_ratio_to_naive"] for r in at_k},
-            "met": all((r["memory_fraction_of_naive"] or 0) <= GOAL_MEMORY_FRACTION
-                       and r["time_ratio_to_naive"] <= GOAL_TIME_RATIO for r in at_k),
+            "met": all(
+                (r["memory_fraction_of_naive"] or 0) <= GOAL_MEMORY_FRACTION
+                and r["time_ratio_to_naive"] <= GOAL_TIME_RATIO
+                for r in at_k
+            ),
         }
     for v, g in goals.items():
-        print(f"goal at k={g['k']} ({v}): memory <= {GOAL_MEMORY_FRACTION:.0%} of naive and time <= "
-              f"{GOAL_TIME_RATIO}x: {'met' if g['met'] else 'MISSED'}")
+        print(
+            f"goal at k={g['k']} ({v}): memory <= {GOAL_MEMORY_FRACTION:.0%} of naive and time <= "
+            f"{GOAL_TIME_RATIO}x: {'met' if g['met'] else 'MISSED'}"
+        )
     payload = {
         "benchmark": "bench_bptt",
         "environment": C.environment(args),

@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import _common as C  # noqa: E402
+import torch  # noqa: E402
 
 GOAL_RATIO = 1.2
 
@@ -52,11 +51,14 @@ def measure(n_atoms: int, args) -> dict:
         def run() -> None:
             for _ in range(inner):
                 fn()
+
         return run
 
     times = C.interleaved_times(
         {"raw": loop(raw), "calculator": loop(through_calculator)},
-        repeats=args.repeats, warmup=1, device=args.device,
+        repeats=args.repeats,
+        warmup=1,
+        device=args.device,
     )
     raw_s = C.summarize([t / inner for t in times["raw"]])
     calc_s = C.summarize([t / inner for t in times["calculator"]])
@@ -97,8 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     table = C.print_table(
         table_rows,
-        [("n", "sites", "{}"), ("raw", "raw forward ms", "{:.3f}"), ("calc", "get_forces ms", "{:.3f}"),
-         ("ratio", "ratio", "{:.2f}"), ("paired", "paired ratio", "{:.2f}"), ("ok", f"<= {GOAL_RATIO}", "{}")],
+        [
+            ("n", "sites", "{}"),
+            ("raw", "raw forward ms", "{:.3f}"),
+            ("calc", "get_forces ms", "{:.3f}"),
+            ("ratio", "ratio", "{:.2f}"),
+            ("paired", "paired ratio", "{:.2f}"),
+            ("ok", f"<= {GOAL_RATIO}", "{}"),
+        ],
     )
     payload = {
         "benchmark": "bench_calculator",

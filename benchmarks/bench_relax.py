@@ -30,10 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import _common as C  # noqa: E402
 
 GOAL_SPEEDUP = 10.0
 POSITION_TOLERANCE_A = 1e-5
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 for _ in range(inner):
                     model(batch)
+
         return run
 
     jobs = {mode: functools.partial(fn, model, cells, max_steps) for mode, fn in MODES.items()}
@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         modes[mode] = {
             "time": t,
             "structures_per_s": n / t["median_s"],
-            "frames_per_structure": {"mean": float(np.mean(frames[mode])), "min": int(min(frames[mode])),
-                                     "max": int(max(frames[mode]))},
+            "frames_per_structure": {
+                "mean": float(np.mean(frames[mode])),
+                "min": int(min(frames[mode])),
+                "max": int(max(frames[mode])),
+            },
             "model_evaluations_per_s": (sum(frames[mode]) + n) / t["median_s"],
         }
     speedup = modes["batched_rollout"]["structures_per_s"] / modes["learned_step_optimizer"]["structures_per_s"]
@@ -181,25 +184,43 @@ def main(argv: list[str] | None = None) -> dict:
         "frames_equal": [int(x) for x in frames_ref] == [int(x) for x in frames_bat],
         "timed_dtype": args.dtype,
         "timed_dtype_max_abs_position_difference_A": _max_position_difference(
-            results["learned_step_optimizer"], results["batched_rollout"]),
+            results["learned_step_optimizer"], results["batched_rollout"]
+        ),
     }
     equality["met"] = equality["max_abs_position_difference_A"] <= POSITION_TOLERANCE_A and equality["frames_equal"]
 
     table = C.print_table(
-        [{"mode": m, "t": v["time"]["median_s"], "sps": v["structures_per_s"],
-          "eps": v["model_evaluations_per_s"], "frames": v["frames_per_structure"]["mean"],
-          "x": v["structures_per_s"] / modes["learned_step_optimizer"]["structures_per_s"]}
-         for m, v in modes.items()],
-        [("mode", "mode", "{}"), ("t", "time s", "{:.2f}"), ("sps", "structures/s", "{:.2f}"),
-         ("frames", "frames/structure", "{:.1f}"), ("eps", "model evals/s", "{:.0f}"), ("x", "vs (b)", "{:.2f}")],
+        [
+            {
+                "mode": m,
+                "t": v["time"]["median_s"],
+                "sps": v["structures_per_s"],
+                "eps": v["model_evaluations_per_s"],
+                "frames": v["frames_per_structure"]["mean"],
+                "x": v["structures_per_s"] / modes["learned_step_optimizer"]["structures_per_s"],
+            }
+            for m, v in modes.items()
+        ],
+        [
+            ("mode", "mode", "{}"),
+            ("t", "time s", "{:.2f}"),
+            ("sps", "structures/s", "{:.2f}"),
+            ("frames", "frames/structure", "{:.1f}"),
+            ("eps", "model evals/s", "{:.0f}"),
+            ("x", "vs (b)", "{:.2f}"),
+        ],
     )
-    line = (f"(c)/(b) = {speedup:.2f}x (goal >= {GOAL_SPEEDUP:g}: {'met' if speedup >= GOAL_SPEEDUP else 'MISSED'}); "
-            f"float64 positions (c) vs (b): max |dx| = {equality['max_abs_position_difference_A']:.2e} A "
-            f"(<= {POSITION_TOLERANCE_A:g}: {'met' if equality['met'] else 'MISSED'}), frames equal: {equality['frames_equal']}")
-    line += (f"\nper model evaluation: (b) {per_frame_b * 1e3:.2f} ms ({components['b_share_outside_model']:.0%} outside the "
-             f"model; forward alone {fwd_one * 1e3:.2f} ms); (c) {per_frame_c * 1e3:.2f} ms per structure "
-             f"(batched forward {fwd_batch / n * 1e3:.2f} ms per structure): ceiling for (c)/(b) with a "
-             f"zero-overhead batched loop {components['ceiling_speedup_if_c_were_only_its_batched_forward']:.1f}x")
+    line = (
+        f"(c)/(b) = {speedup:.2f}x (goal >= {GOAL_SPEEDUP:g}: {'met' if speedup >= GOAL_SPEEDUP else 'MISSED'}); "
+        f"float64 positions (c) vs (b): max |dx| = {equality['max_abs_position_difference_A']:.2e} A "
+        f"(<= {POSITION_TOLERANCE_A:g}: {'met' if equality['met'] else 'MISSED'}), frames equal: {equality['frames_equal']}"
+    )
+    line += (
+        f"\nper model evaluation: (b) {per_frame_b * 1e3:.2f} ms ({components['b_share_outside_model']:.0%} outside the "
+        f"model; forward alone {fwd_one * 1e3:.2f} ms); (c) {per_frame_c * 1e3:.2f} ms per structure "
+        f"(batched forward {fwd_batch / n * 1e3:.2f} ms per structure): ceiling for (c)/(b) with a "
+        f"zero-overhead batched loop {components['ceiling_speedup_if_c_were_only_its_batched_forward']:.1f}x"
+    )
     print(line)
     payload = {
         "benchmark": "bench_relax",

@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import _common as C  # noqa: E402
+import torch  # noqa: E402
 
 
 def measure(n_atoms: int, model, args) -> dict:
@@ -54,10 +53,12 @@ def measure(n_atoms: int, model, args) -> dict:
         def run() -> None:
             for _ in range(inner):
                 fn()
+
         return run
 
-    times = C.interleaved_times({"forward": loop(forward), "bptt_frame": loop(bptt_frame)},
-                                repeats=args.repeats, warmup=1, device=args.device)
+    times = C.interleaved_times(
+        {"forward": loop(forward), "bptt_frame": loop(bptt_frame)}, repeats=args.repeats, warmup=1, device=args.device
+    )
     fwd = C.summarize([t / inner for t in times["forward"]])
     frame = C.summarize([t / inner for t in times["bptt_frame"]])
     return {
@@ -72,8 +73,12 @@ def measure(n_atoms: int, model, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = C.make_parser("bench_scaling", __doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="atom counts (default 64 216 512 1000; quick 8 16 64)")
-    parser.add_argument("--fit-largest", type=int, default=3, help="how many of the largest sizes the exponent fit uses (default 3)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="atom counts (default 64 216 512 1000; quick 8 16 64)"
+    )
+    parser.add_argument(
+        "--fit-largest", type=int, default=3, help="how many of the largest sizes the exponent fit uses (default 3)"
+    )
     args = C.finish_args(parser.parse_args(argv))
     sizes = args.sizes or ([8, 16, 64] if args.quick else [64, 216, 512, 1000])
     model = C.build_model(quick=args.quick, device=args.device, dtype=C.torch_dtype(args.dtype))
@@ -89,17 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
     }
     table = C.print_table(
         [
-            {"n": r["n_atoms"], "fwd": r["forward"]["median_s"] * 1e3, "fwd_pa": r["forward_us_per_atom"],
-             "bptt": r["bptt_frame"]["median_s"] * 1e3, "bptt_pa": r["bptt_frame_us_per_atom"],
-             "x": r["bptt_over_forward"]}
+            {
+                "n": r["n_atoms"],
+                "fwd": r["forward"]["median_s"] * 1e3,
+                "fwd_pa": r["forward_us_per_atom"],
+                "bptt": r["bptt_frame"]["median_s"] * 1e3,
+                "bptt_pa": r["bptt_frame_us_per_atom"],
+                "x": r["bptt_over_forward"],
+            }
             for r in rows
         ],
-        [("n", "atoms", "{}"), ("fwd", "forward ms", "{:.2f}"), ("fwd_pa", "us/atom", "{:.2f}"),
-         ("bptt", "BPTT frame ms", "{:.2f}"), ("bptt_pa", "us/atom", "{:.2f}"), ("x", "frame/fwd", "{:.2f}")],
+        [
+            ("n", "atoms", "{}"),
+            ("fwd", "forward ms", "{:.2f}"),
+            ("fwd_pa", "us/atom", "{:.2f}"),
+            ("bptt", "BPTT frame ms", "{:.2f}"),
+            ("bptt_pa", "us/atom", "{:.2f}"),
+            ("x", "frame/fwd", "{:.2f}"),
+        ],
     )
-    line = (f"fitted exponent over N = {fits['fit_sizes']}: forward {fits['forward_exponent']:.2f}, "
-            f"BPTT frame {fits['bptt_frame_exponent']:.2f} (all sizes: {fits['forward_exponent_all_sizes']:.2f}, "
-            f"{fits['bptt_frame_exponent_all_sizes']:.2f})")
+    line = (
+        f"fitted exponent over N = {fits['fit_sizes']}: forward {fits['forward_exponent']:.2f}, "
+        f"BPTT frame {fits['bptt_frame_exponent']:.2f} (all sizes: {fits['forward_exponent_all_sizes']:.2f}, "
+        f"{fits['bptt_frame_exponent_all_sizes']:.2f})"
+    )
     print(line)
     payload = {
         "benchmark": "bench_scaling",

@@ -2,7 +2,10 @@
 
 Run: .venv/bin/python examples/measure_coordinate_features.py [STEPS]   (about 2-4 minutes on 1 thread)
 """
-import sys, time
+
+import sys
+import time
+
 import numpy as np
 import torch
 from ase.build import bulk
@@ -54,9 +57,9 @@ def sample(seeds, per):
 
 
 t0 = time.time()
-train = sample(range(0, 24), 10)   # 240 frames from 24 relaxations
+train = sample(range(0, 24), 10)  # 240 frames from 24 relaxations
 val = sample(range(100, 106), 10)  # 60 frames from 6 other relaxations
-print(f"data {time.time()-t0:.0f}s; val zero-predictor MAE {val[1].abs().mean():.4f} eV/A", flush=True)
+print(f"data {time.time() - t0:.0f}s; val zero-predictor MAE {val[1].abs().mean():.4f} eV/A", flush=True)
 
 for coords in ("cartesian", "periodic"):
     torch.manual_seed(0)
@@ -65,7 +68,7 @@ for coords in ("cartesian", "periodic"):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
-    for step in range(STEPS):
+    for _ in range(STEPS):
         idx = torch.randint(len(train[0]), (16,), generator=g)
         b = train[0].select(idx)
         out = model(b)
@@ -79,4 +82,7 @@ for coords in ("cartesian", "periodic"):
         mae = (pred - val[1]).abs().mean().item()
         tr = model(train[0].select(range(60))).forces
         tr_mae = (tr - train[1][:60]).abs().mean().item()
-    print(f"{coords:9s}: val force MAE {mae:.4f} eV/A (train {tr_mae:.4f}) after {STEPS} steps, {time.time()-t0:.0f}s", flush=True)
+    print(
+        f"{coords:9s}: val force MAE {mae:.4f} eV/A (train {tr_mae:.4f}) after {STEPS} steps, {time.time() - t0:.0f}s",
+        flush=True,
+    )

@@ -59,8 +59,16 @@ PAPER = {  # the paper's numbers, printed beside ours for orientation only
     "table3": {"ADAPT + FIRE": 6.73, "ADAPT, best fixed step": 5.25, "BPTT": 2.73},
     "table1": {"no BPTT": 5.32, "fixed step": 2.73, "decoder": 3.37},
     "table2": {"pretrained": 4.32, "BPTT": 13.36},
-    "table4": {"ADAPT": 8.47, "ADAPT+Momentum": 7.67, "ADAPT+Anneal": 7.28, "ADAPT+Momentum+Anneal": 7.49,
-               "BPTT": 2.73, "BPTT+Momentum": 3.47, "BPTT+Anneal": 1928.30, "BPTT+Momentum+Anneal": 1969.71},
+    "table4": {
+        "ADAPT": 8.47,
+        "ADAPT+Momentum": 7.67,
+        "ADAPT+Anneal": 7.28,
+        "ADAPT+Momentum+Anneal": 7.49,
+        "BPTT": 2.73,
+        "BPTT+Momentum": 3.47,
+        "BPTT+Anneal": 1928.30,
+        "BPTT+Momentum+Anneal": 1969.71,
+    },
     "table5": {"fixed": 2.92, "variable": 3.19},
 }
 
@@ -156,8 +164,9 @@ def _relax_rule(ckpt: dict):
 
 
 @torch.no_grad()
-def rollout_errors(model, data, rule, *, tol: float, max_steps: int, metric: str = "dq",
-                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def rollout_errors(
+    model, data, rule, *, tol: float, max_steps: int, metric: str = "dq", batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-structure Dq (or MSE) and frames of no-grad rollouts over a RelaxationSet."""
     model.eval()
     rule.eval()
@@ -171,8 +180,18 @@ def rollout_errors(model, data, rule, *, tol: float, max_steps: int, metric: str
     return torch.cat(errors).numpy(), torch.cat(frames).numpy()
 
 
-def eta_curve(model, data, grid, *, metric: str, maxstep: float = 0.2, momentum: float = 0.0,
-              anneal: float = 1.0, tol: float = 1e-3, max_steps: int = 75) -> dict[float, float]:
+def eta_curve(
+    model,
+    data,
+    grid,
+    *,
+    metric: str,
+    maxstep: float = 0.2,
+    momentum: float = 0.0,
+    anneal: float = 1.0,
+    tol: float = 1e-3,
+    max_steps: int = 75,
+) -> dict[float, float]:
     """Mean error of fixed-step rollouts for each eta of ``grid``."""
     out = {}
     for eta in grid:
@@ -226,8 +245,17 @@ def build_si(out: Path, s: Settings, log: Log) -> TrajectoryDB:
     db = TrajectoryDB(path)
     if len(db) == 0:
         log(f"generating silicon defects ({s.site} site, {s.repeat}^3 cells): {s.si_counts}")
-        add_si_defects(db, s.si_counts, seed=s.seed, repeat=s.repeat, rattle=s.rattle, site=s.site,
-                       kinds=s.kinds, workers=s.workers, echo=log)
+        add_si_defects(
+            db,
+            s.si_counts,
+            seed=s.seed,
+            repeat=s.repeat,
+            rattle=s.rattle,
+            site=s.site,
+            kinds=s.kinds,
+            workers=s.workers,
+            echo=log,
+        )
     return db
 
 
@@ -247,7 +275,7 @@ def build_alloys(out: Path, s: Settings, log: Log) -> TrajectoryDB:
         split_of = {}
         start = 0
         for split in ("train", "val", "test"):
-            for t in ids[start:start + s.alloy_counts[split]]:
+            for t in ids[start : start + s.alloy_counts[split]]:
                 split_of[t] = split
             start += s.alloy_counts[split]
         _set_splits(db, split_of)
@@ -286,8 +314,13 @@ def _finetune_job(args: tuple) -> str:
     db_path, out, init, name, overrides = args
     torch.set_num_threads(1)
     path = Path(out) / f"{name}.pt"
-    finetune(TrajectoryDB(db_path, create=False), path, init=init,
-             config=FinetuneConfig(**{**overrides, "device": "cpu"}), progress=False)
+    finetune(
+        TrajectoryDB(db_path, create=False),
+        path,
+        init=init,
+        config=FinetuneConfig(**{**overrides, "device": "cpu"}),
+        progress=False,
+    )
     return str(path)
 
 
@@ -328,8 +361,12 @@ def random_init(db, pretrained: Path, out: Path, s: Settings) -> Path:
         model = ADAPT(ADAPTConfig.from_dict(ref.config.to_dict()))
         buffers = {k: v for k, v in ref.state_dict().items() if k in dict(model.named_buffers())}
         model.load_state_dict(buffers, strict=False)
-        save_checkpoint(path, model, relax=load_checkpoint(pretrained).get("relax"),
-                        metadata={"kind": "random-init", "note": "random weights, pretrained standardisation"})
+        save_checkpoint(
+            path,
+            model,
+            relax=load_checkpoint(pretrained).get("relax"),
+            metadata={"kind": "random-init", "note": "random weights, pretrained standardisation"},
+        )
     return path
 
 
@@ -340,16 +377,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     parser.add_argument("--site", choices=("fixed", "random"), default=None, help="where the defect sits")
     parser.add_argument("--n-train", type=int, default=None, help="silicon train relaxations")
-    parser.add_argument("--kinds", default=None,
-                        help="comma-separated defect kinds (vacancy, divacancy, tetrahedral, split110, hexagonal)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds data, splits and training: a new seed is a new experiment with a new test split")
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated defect kinds (vacancy, divacancy, tetrahedral, split110, hexagonal)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds data, splits and training: a new seed is a new experiment with a new test split",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-alloys", action="store_true", help="skip the EMT alloy domain")
-    parser.add_argument("--no-ablations", action="store_true",
-                        help="only the main BPTT run (Table 3, per-defect, Tables 2 and 6): for data-size series")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render report.md from the saved results.json (no training, no evaluation)")
+    parser.add_argument(
+        "--no-ablations",
+        action="store_true",
+        help="only the main BPTT run (Table 3, per-defect, Tables 2 and 6): for data-size series",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render report.md from the saved results.json (no training, no evaluation)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -371,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, s, results, log)
         print(f"re-rendered {out / 'report.md'} from {out / 'results.json'}")
         return 0
-    log(f"settings: {'quick' if args.quick else 'full'}; out {out}; torch threads {args.threads}; "
-        f"load average {os.getloadavg()[0]:.1f}")
+    log(
+        f"settings: {'quick' if args.quick else 'full'}; out {out}; torch threads {args.threads}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
     command = "python examples/reproduce_paper.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick, "threads": args.threads,
-                               "command": command}
+    results: dict[str, Any] = {"settings": asdict(s), "quick": args.quick, "threads": args.threads, "command": command}
     # ---- silicon defects
     db = build_si(out, s, log)
     pre = run_pretrain(db, out, s, s.pretrain, log, "si-pretrained")
@@ -426,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         acurve = eta_curve(amodel, aval, s.eta_grid, metric="mse", max_steps=amax)
         aeta = stable_eta(acurve, s.eta_slack)
         log(f"alloys: eta curve on val (MSE): {acurve} -> BPTT step {aeta}")
-        abptt = run_finetune(adb, out, apre, "alloys-bptt",
-                             {"eta": aeta, "loss": "mse", "seed": s.seed, **s.alloy_finetune}, log)
+        abptt = run_finetune(
+            adb, out, apre, "alloys-bptt", {"eta": aeta, "loss": "mse", "seed": s.seed, **s.alloy_finetune}, log
+        )
         alloys = {"db": adb, "pre": apre, "bptt": abptt, "eta": aeta, "val_curve": acurve, "max_steps": amax}
 
     # ---- the test split, once
@@ -468,9 +520,19 @@ def _load_results(path: Path) -> dict:
 
 def test_si(db, out: Path, s: Settings, pre: Path, paths: dict[str, Path], eta: float, log: Log) -> dict:
     max_steps = s.finetune.get("max_steps", 75)
-    res = evaluate([pre, paths["si-bptt"]], db, out / "eval-si", split="test", select_eta_on="val",
-                   eta_grid=s.eta_grid, fire_steps=s.fire_steps, max_steps=max_steps,
-                   names=["pretrained", "BPTT"], device="cpu", progress=False)
+    res = evaluate(
+        [pre, paths["si-bptt"]],
+        db,
+        out / "eval-si",
+        split="test",
+        select_eta_on="val",
+        eta_grid=s.eta_grid,
+        fire_steps=s.fire_steps,
+        max_steps=max_steps,
+        names=["pretrained", "BPTT"],
+        device="cpu",
+        progress=False,
+    )
     test = load_relaxations(db, "test")
     labels = test.labels
     pre_model = load_model(pre)
@@ -482,14 +544,23 @@ def test_si(db, out: Path, s: Settings, pre: Path, paths: dict[str, Path], eta: 
         err, frames = rollout_errors(model, test, rule, tol=tol, max_steps=ms)
         meta = ckpt.get("metadata") or {}
         ablations[name] = {
-            "dq": float(np.mean(err)), "per_label": per_label(err, labels), "frames": float(np.mean(frames)),
-            "rule": rule.to_dict().get("step"), "eta": _eta_of(rule),
-            "history": meta.get("history"), "best_epoch": meta.get("best_epoch"), "improved": meta.get("improved"),
+            "dq": float(np.mean(err)),
+            "per_label": per_label(err, labels),
+            "frames": float(np.mean(frames)),
+            "rule": rule.to_dict().get("step"),
+            "eta": _eta_of(rule),
+            "history": meta.get("history"),
+            "best_epoch": meta.get("best_epoch"),
+            "improved": meta.get("improved"),
         }
     # No-BPTT momentum / anneal rows of Table 4 at the eta chosen on val (only beside the ablations).
     table4_pre = {}
-    settings = (("ADAPT", 0.0, 1.0), ("ADAPT+Momentum", 0.05, 1.0), ("ADAPT+Anneal", 0.0, 0.99),
-                ("ADAPT+Momentum+Anneal", 0.05, 0.99))
+    settings = (
+        ("ADAPT", 0.0, 1.0),
+        ("ADAPT+Momentum", 0.05, 1.0),
+        ("ADAPT+Anneal", 0.0, 0.99),
+        ("ADAPT+Momentum+Anneal", 0.05, 0.99),
+    )
     for label, mom, ann in settings if "si-bptt-short" in paths else ():
         rule = FixedStep(eta, momentum=mom, anneal=ann)
         err, _ = rollout_errors(pre_model, test, rule, tol=1e-3, max_steps=max_steps)
@@ -499,9 +570,20 @@ def test_si(db, out: Path, s: Settings, pre: Path, paths: dict[str, Path], eta: 
 
 
 def test_alloys(out: Path, s: Settings, alloys: dict, log: Log) -> dict:
-    res = evaluate([alloys["pre"], alloys["bptt"]], alloys["db"], out / "eval-alloys", split="test",
-                   select_eta_on="val", eta_grid=s.eta_grid, fire_steps=s.fire_steps, max_steps=alloys["max_steps"],
-                   metric="mse", names=["pretrained", "BPTT"], device="cpu", progress=False)
+    res = evaluate(
+        [alloys["pre"], alloys["bptt"]],
+        alloys["db"],
+        out / "eval-alloys",
+        split="test",
+        select_eta_on="val",
+        eta_grid=s.eta_grid,
+        fire_steps=s.fire_steps,
+        max_steps=alloys["max_steps"],
+        metric="mse",
+        names=["pretrained", "BPTT"],
+        device="cpu",
+        progress=False,
+    )
     return {"evaluate": res, "eta": alloys["eta"], "val_curve": alloys["val_curve"]}
 
 
@@ -521,96 +603,197 @@ def write_report(out: Path, s: Settings, results: dict, log: Log) -> None:
     tuned = bptt["own_rule"]["dq"]["mean"]
     ratios = {"bptt_over_fixed": tuned / fixed, "bptt_over_fire": tuned / fire}
     results["ratios"] = ratios
-    md = ["# Reproduction of the paper's tables on built-in data\n",
-          f"Made by `{results.get('command') or f'python examples/reproduce_paper.py --out {out}'}` "
-          f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
-          f"end {results['load_average_end'][0]:.1f}).\n",
-          f"Silicon defects: Stillinger-Weber reference, {s.repeat}^3 conventional cells, defect site **{s.site}**, "
-          f"rattle {s.rattle} A; splits {s.si_counts}. Every choice (eta, best epoch) was made on train/val; "
-          f"the test split ({ev['n_structures']} structures: {ev['label_counts']}) was evaluated once, at the end.\n",
-          f"Do nothing (initial structure): Dq {ev['do_nothing']['dq']['mean']:.3f}.\n",
-          "## Table 3: full effect of BPTT tuning (test Dq, amu^1/2 A)\n",
-          table(["method", "mean Dq", "median Dq", "frames / steps", "paper"], [
-              ["ADAPT + ASE FIRE (fmax 0.05)", fire, pre["fire"]["dq"]["median"], pre["fire"]["frames_mean"],
-               PAPER["table3"]["ADAPT + FIRE"]],
-              [f"ADAPT, fixed step eta {results['eta']} (chosen on val)", fixed, pre["fixed_step_selected"]["dq"]["median"],
-               pre["fixed_step_selected"]["frames_mean"], PAPER["table3"]["ADAPT, best fixed step"]],
-              [f"ADAPT, fixed step eta {fixed_pi['eta']} (chosen on test: perfect information)", fixed_pi["dq"]["mean"],
-               fixed_pi["dq"]["median"], fixed_pi["frames_mean"], None],
-              [f"BPTT tuned ({bptt['own_rule']['rule']})", tuned, bptt["own_rule"]["dq"]["median"],
-               bptt["own_rule"]["frames_mean"], PAPER["table3"]["BPTT"]],
-          ]),
-          f"\nRatios: BPTT / best fixed step (val-chosen) = **{ratios['bptt_over_fixed']:.3f}** (target <= 0.6, "
-          f"paper 0.52); BPTT / FIRE = **{ratios['bptt_over_fire']:.3f}** (target <= 0.5, paper 0.41); "
-          f"BPTT / perfect-information fixed step = {tuned / fixed_pi['dq']['mean']:.3f}.\n",
-          f"The BPTT runs use the smallest eta whose val Dq is within {s.eta_slack:.0%} of the best "
-          f"(eta {results['eta_bptt']}; best val eta {results['eta']}), to keep away from the stability limit.\n",
-          "## Per-defect breakdown (test mean Dq)\n"]
+    md = [
+        "# Reproduction of the paper's tables on built-in data\n",
+        f"Made by `{results.get('command') or f'python examples/reproduce_paper.py --out {out}'}` "
+        f"in {results['elapsed_s'] / 60:.1f} min (torch threads {results.get('threads', 2)}, load average at the "
+        f"end {results['load_average_end'][0]:.1f}).\n",
+        f"Silicon defects: Stillinger-Weber reference, {s.repeat}^3 conventional cells, defect site **{s.site}**, "
+        f"rattle {s.rattle} A; splits {s.si_counts}. Every choice (eta, best epoch) was made on train/val; "
+        f"the test split ({ev['n_structures']} structures: {ev['label_counts']}) was evaluated once, at the end.\n",
+        f"Do nothing (initial structure): Dq {ev['do_nothing']['dq']['mean']:.3f}.\n",
+        "## Table 3: full effect of BPTT tuning (test Dq, amu^1/2 A)\n",
+        table(
+            ["method", "mean Dq", "median Dq", "frames / steps", "paper"],
+            [
+                [
+                    "ADAPT + ASE FIRE (fmax 0.05)",
+                    fire,
+                    pre["fire"]["dq"]["median"],
+                    pre["fire"]["frames_mean"],
+                    PAPER["table3"]["ADAPT + FIRE"],
+                ],
+                [
+                    f"ADAPT, fixed step eta {results['eta']} (chosen on val)",
+                    fixed,
+                    pre["fixed_step_selected"]["dq"]["median"],
+                    pre["fixed_step_selected"]["frames_mean"],
+                    PAPER["table3"]["ADAPT, best fixed step"],
+                ],
+                [
+                    f"ADAPT, fixed step eta {fixed_pi['eta']} (chosen on test: perfect information)",
+                    fixed_pi["dq"]["mean"],
+                    fixed_pi["dq"]["median"],
+                    fixed_pi["frames_mean"],
+                    None,
+                ],
+                [
+                    f"BPTT tuned ({bptt['own_rule']['rule']})",
+                    tuned,
+                    bptt["own_rule"]["dq"]["median"],
+                    bptt["own_rule"]["frames_mean"],
+                    PAPER["table3"]["BPTT"],
+                ],
+            ],
+        ),
+        f"\nRatios: BPTT / best fixed step (val-chosen) = **{ratios['bptt_over_fixed']:.3f}** (target <= 0.6, "
+        f"paper 0.52); BPTT / FIRE = **{ratios['bptt_over_fire']:.3f}** (target <= 0.5, paper 0.41); "
+        f"BPTT / perfect-information fixed step = {tuned / fixed_pi['dq']['mean']:.3f}.\n",
+        f"The BPTT runs use the smallest eta whose val Dq is within {s.eta_slack:.0%} of the best "
+        f"(eta {results['eta_bptt']}; best val eta {results['eta']}), to keep away from the stability limit.\n",
+        "## Per-defect breakdown (test mean Dq)\n",
+    ]
     labels = sorted(ev["label_counts"])
-    rows = [["do nothing"] + [ev["do_nothing"]["dq"]["per_label"][lab]["mean"] for lab in labels],
-            ["ADAPT + FIRE"] + [pre["fire"]["dq"]["per_label"][lab]["mean"] for lab in labels],
-            ["ADAPT fixed step (val eta)"] + [pre["fixed_step_selected"]["dq"]["per_label"][lab]["mean"] for lab in labels],
-            ["BPTT"] + [bptt["own_rule"]["dq"]["per_label"][lab]["mean"] for lab in labels]]
+    rows = [
+        ["do nothing"] + [ev["do_nothing"]["dq"]["per_label"][lab]["mean"] for lab in labels],
+        ["ADAPT + FIRE"] + [pre["fire"]["dq"]["per_label"][lab]["mean"] for lab in labels],
+        ["ADAPT fixed step (val eta)"] + [pre["fixed_step_selected"]["dq"]["per_label"][lab]["mean"] for lab in labels],
+        ["BPTT"] + [bptt["own_rule"]["dq"]["per_label"][lab]["mean"] for lab in labels],
+    ]
     rows.append(["BPTT / fixed step"] + [r / f for r, f in zip(rows[3][1:], rows[2][1:])])
     md.append(table(["method"] + [f"{lab} (n={ev['label_counts'][lab]})" for lab in labels], rows))
     has_ablations = "si-bptt-short" in abl  # False after --no-ablations
     if has_ablations:
         md.append("\n## Table 1: step rules under BPTT (test Dq)\n")
-        md.append(table(["step rule", "mean Dq", "learned eta at the end", "paper"], [
-            ["no BPTT (fixed step, val eta)", fixed, results["eta"], PAPER["table1"]["no BPTT"]],
-            ["BPTT, fixed step", abl["si-bptt-short"]["dq"], results["eta_bptt"], PAPER["table1"]["fixed step"]],
-            ["BPTT, learned scalar step", abl["si-bptt-learned"]["dq"], abl["si-bptt-learned"]["eta"], None],
-            ["BPTT, decoder step (App. A)", abl["si-bptt-decoder"]["dq"], None, PAPER["table1"]["decoder"]],
-        ]))
+        md.append(
+            table(
+                ["step rule", "mean Dq", "learned eta at the end", "paper"],
+                [
+                    ["no BPTT (fixed step, val eta)", fixed, results["eta"], PAPER["table1"]["no BPTT"]],
+                    [
+                        "BPTT, fixed step",
+                        abl["si-bptt-short"]["dq"],
+                        results["eta_bptt"],
+                        PAPER["table1"]["fixed step"],
+                    ],
+                    ["BPTT, learned scalar step", abl["si-bptt-learned"]["dq"], abl["si-bptt-learned"]["eta"], None],
+                    ["BPTT, decoder step (App. A)", abl["si-bptt-decoder"]["dq"], None, PAPER["table1"]["decoder"]],
+                ],
+            )
+        )
     md.append("\n## Table 2: force errors on the test frames before and after BPTT (eV/A)\n")
-    md.append(table(["model", "MAE", "RMSE", "L2 per frame", "paper L2"], [
-        ["pretrained", pre["forces"]["mae"], pre["forces"]["rmse"], pre["forces"]["l2"], PAPER["table2"]["pretrained"]],
-        ["BPTT tuned", bptt["forces"]["mae"], bptt["forces"]["rmse"], bptt["forces"]["l2"], PAPER["table2"]["BPTT"]],
-    ]))
+    md.append(
+        table(
+            ["model", "MAE", "RMSE", "L2 per frame", "paper L2"],
+            [
+                [
+                    "pretrained",
+                    pre["forces"]["mae"],
+                    pre["forces"]["rmse"],
+                    pre["forces"]["l2"],
+                    PAPER["table2"]["pretrained"],
+                ],
+                [
+                    "BPTT tuned",
+                    bptt["forces"]["mae"],
+                    bptt["forces"]["rmse"],
+                    bptt["forces"]["l2"],
+                    PAPER["table2"]["BPTT"],
+                ],
+            ],
+        )
+    )
     if has_ablations:
         t4 = si["table4_pretrained"]
         md.append("\n## Table 4: momentum (0.05) and annealing (0.99^k), test Dq\n")
-        md.append(table(["setup", "mean Dq", "paper"], [[k, v, PAPER["table4"][k]] for k, v in t4.items()] + [
-            ["BPTT", abl["si-bptt-short"]["dq"], PAPER["table4"]["BPTT"]],
-            ["BPTT+Momentum", abl["si-bptt-momentum"]["dq"], PAPER["table4"]["BPTT+Momentum"]],
-            ["BPTT+Anneal", abl["si-bptt-anneal"]["dq"], PAPER["table4"]["BPTT+Anneal"]],
-            ["BPTT+Momentum+Anneal", abl["si-bptt-momentum-anneal"]["dq"], PAPER["table4"]["BPTT+Momentum+Anneal"]],
-        ]))
-        md.append(f"\nEvery BPTT row of Tables 1, 4, 5 and Figure 5 uses the same budget ({s.ablation}); the main run "
-                  f"of Table 3 ({s.finetune}) reached {abl['si-bptt']['dq']:.3f}.\n")
+        md.append(
+            table(
+                ["setup", "mean Dq", "paper"],
+                [[k, v, PAPER["table4"][k]] for k, v in t4.items()]
+                + [
+                    ["BPTT", abl["si-bptt-short"]["dq"], PAPER["table4"]["BPTT"]],
+                    ["BPTT+Momentum", abl["si-bptt-momentum"]["dq"], PAPER["table4"]["BPTT+Momentum"]],
+                    ["BPTT+Anneal", abl["si-bptt-anneal"]["dq"], PAPER["table4"]["BPTT+Anneal"]],
+                    [
+                        "BPTT+Momentum+Anneal",
+                        abl["si-bptt-momentum-anneal"]["dq"],
+                        PAPER["table4"]["BPTT+Momentum+Anneal"],
+                    ],
+                ],
+            )
+        )
+        md.append(
+            f"\nEvery BPTT row of Tables 1, 4, 5 and Figure 5 uses the same budget ({s.ablation}); the main run "
+            f"of Table 3 ({s.finetune}) reached {abl['si-bptt']['dq']:.3f}.\n"
+        )
         md.append("\n## Table 5: fixed vs variable stopping in training (test Dq)\n")
-        md.append(table(["stopping", "mean Dq", "paper"], [
-            ["fixed (tol 1e-3, 75 frames)", abl["si-bptt-short"]["dq"], PAPER["table5"]["fixed"]],
-            ["variable (tol 1e-4..1e-2, 50..75 frames)", abl["si-bptt-variable-stopping"]["dq"], PAPER["table5"]["variable"]],
-        ]))
+        md.append(
+            table(
+                ["stopping", "mean Dq", "paper"],
+                [
+                    ["fixed (tol 1e-3, 75 frames)", abl["si-bptt-short"]["dq"], PAPER["table5"]["fixed"]],
+                    [
+                        "variable (tol 1e-4..1e-2, 50..75 frames)",
+                        abl["si-bptt-variable-stopping"]["dq"],
+                        PAPER["table5"]["variable"],
+                    ],
+                ],
+            )
+        )
         md.append("\n## Figure 5: step-only BPTT and BPTT from a random model (test Dq)\n")
-        md.append(table(["run", "mean Dq", "eta at the end"], [
-            ["pretrained, fixed step (val eta)", fixed, results["eta"]],
-            ["BPTT of the step size only (model frozen)", abl["si-bptt-step-only"]["dq"], abl["si-bptt-step-only"]["eta"]],
-            ["BPTT of the whole model", abl["si-bptt-short"]["dq"], results["eta_bptt"]],
-            ["BPTT from a random model", abl["si-bptt-random-init"]["dq"], results["eta_bptt"]],
-        ]))
+        md.append(
+            table(
+                ["run", "mean Dq", "eta at the end"],
+                [
+                    ["pretrained, fixed step (val eta)", fixed, results["eta"]],
+                    [
+                        "BPTT of the step size only (model frozen)",
+                        abl["si-bptt-step-only"]["dq"],
+                        abl["si-bptt-step-only"]["eta"],
+                    ],
+                    ["BPTT of the whole model", abl["si-bptt-short"]["dq"], results["eta_bptt"]],
+                    ["BPTT from a random model", abl["si-bptt-random-init"]["dq"], results["eta_bptt"]],
+                ],
+            )
+        )
         md.append("\nValidation Dq by epoch of every BPTT run: `bptt_curves.png`.\n")
     md.append("\n## Table 6: the eta grid (fixed step, mean Dq)\n")
     test_curve = {p["eta"]: p["dq"]["mean"] for p in pre["eta_curve"]}
-    md.append(table(["eta (A^2/eV)", "val Dq (used for the choice)", "test Dq (perfect information)"],
-                    [[e, results["val_eta_curve"].get(e), test_curve.get(e)] for e in s.eta_grid]))
+    md.append(
+        table(
+            ["eta (A^2/eV)", "val Dq (used for the choice)", "test Dq (perfect information)"],
+            [[e, results["val_eta_curve"].get(e), test_curve.get(e)] for e in s.eta_grid],
+        )
+    )
     if "alloys" in results:
         al = results["alloys"]["evaluate"]
         apre, abp = _ck(al, "pretrained"), _ck(al, "BPTT")
-        a_fire, a_fixed, a_tuned = (apre["fire"]["dq"]["mean"], apre["fixed_step_selected"]["dq"]["mean"],
-                                    abp["own_rule"]["dq"]["mean"])
+        a_fire, a_fixed, a_tuned = (
+            apre["fire"]["dq"]["mean"],
+            apre["fixed_step_selected"]["dq"]["mean"],
+            abp["own_rule"]["dq"]["mean"],
+        )
         results["alloy_order_ok"] = bool(a_tuned < a_fixed < a_fire)
         md.append("\n## Pure crystals: EMT alloys (test MSE, A^2 per atom)\n")
-        md.append(table(["method", "mean MSE", "median MSE"], [
-            ["do nothing", al["do_nothing"]["dq"]["mean"], al["do_nothing"]["dq"]["median"]],
-            ["ADAPT + ASE FIRE", a_fire, apre["fire"]["dq"]["median"]],
-            [f"ADAPT fixed step eta {results['alloys']['eta']} (val)", a_fixed,
-             apre["fixed_step_selected"]["dq"]["median"]],
-            ["BPTT tuned (MSE loss)", a_tuned, abp["own_rule"]["dq"]["median"]],
-        ]))
-        md.append(f"\nBPTT < best fixed step < FIRE: **{results['alloy_order_ok']}** "
-                  f"(ratios {a_tuned / a_fixed:.3f} and {a_fixed / a_fire:.3f}).\n")
+        md.append(
+            table(
+                ["method", "mean MSE", "median MSE"],
+                [
+                    ["do nothing", al["do_nothing"]["dq"]["mean"], al["do_nothing"]["dq"]["median"]],
+                    ["ADAPT + ASE FIRE", a_fire, apre["fire"]["dq"]["median"]],
+                    [
+                        f"ADAPT fixed step eta {results['alloys']['eta']} (val)",
+                        a_fixed,
+                        apre["fixed_step_selected"]["dq"]["median"],
+                    ],
+                    ["BPTT tuned (MSE loss)", a_tuned, abp["own_rule"]["dq"]["median"]],
+                ],
+            )
+        )
+        md.append(
+            f"\nBPTT < best fixed step < FIRE: **{results['alloy_order_ok']}** "
+            f"(ratios {a_tuned / a_fixed:.3f} and {a_fixed / a_fire:.3f}).\n"
+        )
     plots = _plots(out, results)
     md.append("\n## Plots\n")
     md += [f"![{p.stem}]({p.name})" for p in plots]
@@ -664,10 +847,15 @@ def _plots(out: Path, results: dict) -> list[Path]:
     bptt = _ck(ev, "BPTT")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     width = 0.25
-    for k, (name, entry) in enumerate((("FIRE", pre["fire"]), ("fixed step", pre["fixed_step_selected"]),
-                                       ("BPTT", bptt["own_rule"]))):
-        ax.bar(np.arange(len(labels)) + (k - 1) * width, [entry["dq"]["per_label"][lab]["mean"] for lab in labels],
-               width, label=name)
+    for k, (name, entry) in enumerate(
+        (("FIRE", pre["fire"]), ("fixed step", pre["fixed_step_selected"]), ("BPTT", bptt["own_rule"]))
+    ):
+        ax.bar(
+            np.arange(len(labels)) + (k - 1) * width,
+            [entry["dq"]["per_label"][lab]["mean"] for lab in labels],
+            width,
+            label=name,
+        )
     ax.set_xticks(np.arange(len(labels)), labels), ax.set_ylabel("test mean Dq"), ax.legend()
     fig.tight_layout()
     paths.append(out / "per_defect.png")

@@ -31,7 +31,7 @@ diamond lattice, so the defect sits at a random site.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from ase import Atoms
@@ -55,8 +55,9 @@ def stillinger_weber():
     return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
 
 
-def defect_cell(kind: str, rng: np.random.Generator, *, repeat: int = 2, rattle: float = 0.1,
-                site: str = "fixed") -> Atoms:
+def defect_cell(
+    kind: str, rng: np.random.Generator, *, repeat: int = 2, rattle: float = 0.1, site: str = "fixed"
+) -> Atoms:
     """A rattled diamond-silicon supercell holding one point defect.
 
     Args:
@@ -121,9 +122,18 @@ def _relax_one(args: tuple) -> tuple[str, list[Atoms]]:
     return kind, relax_reference(defect_cell(kind, rng, repeat=repeat, rattle=rattle, site=site), stillinger_weber())
 
 
-def add_si_defects(db, counts: dict[str, int], *, seed: int = 0, repeat: int = 2, rattle: float = 0.1,
-                   site: str = "fixed", kinds: Sequence[str] = KINDS, workers: int = 1,
-                   echo=print) -> dict[str, int]:
+def add_si_defects(
+    db,
+    counts: dict[str, int],
+    *,
+    seed: int = 0,
+    repeat: int = 2,
+    rattle: float = 0.1,
+    site: str = "fixed",
+    kinds: Sequence[str] = KINDS,
+    workers: int = 1,
+    echo=print,
+) -> dict[str, int]:
     """Generate relaxations and store them with an explicit split.
 
     Args:
@@ -157,8 +167,13 @@ def add_si_defects(db, counts: dict[str, int], *, seed: int = 0, repeat: int = 2
     with db.transaction():
         for (split, job), (kind, frames) in zip(jobs, results):
             seeds = "-".join(str(s) for s in job[1])
-            db.add_trajectory(frames, traj_id=f"si-{kind}-{site}-r{repeat}-{seeds}", label=kind,
-                              source=f"Stillinger-Weber FIRE fmax 0.01, rattle {rattle}, site {site}", split=split)
+            db.add_trajectory(
+                frames,
+                traj_id=f"si-{kind}-{site}-r{repeat}-{seeds}",
+                label=kind,
+                source=f"Stillinger-Weber FIRE fmax 0.01, rattle {rattle}, site {site}",
+                split=split,
+            )
             written[split] = written.get(split, 0) + 1
     echo(f"    {len(jobs)} reference relaxations in {time.perf_counter() - t0:.0f} s")
     return written

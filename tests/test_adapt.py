@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ase.build import bulk, molecule
+from ase.build import molecule
+from conftest import silicon_vacancy
 
 from ase_bptt.batch import Batch
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import UnknownElementError
-
-from conftest import silicon_vacancy
 
 # float64 reorders sums when atoms are permuted or padded; the result may
 # differ in the last bits only.

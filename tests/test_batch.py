@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
-from ase.build import bulk, molecule
+from ase.build import molecule
 from ase.constraints import FixAtoms, FixBondLength
 
 from ase_bptt.batch import Batch

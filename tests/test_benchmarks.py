@@ -28,7 +28,10 @@ def _run_quick(script: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{script}.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(out.read_text())
@@ -140,7 +143,9 @@ def test_bench_bptt_quick(tmp_path):
         assert r["peak_mib"] >= 0 and math.isfinite(r["peak_mib"])
         _positive_time(r["time"])
     # Memory must grow with the number of frames for the naive rollout (it keeps every frame's graph).
-    naive = sorted((r["k"], r["peak_mib"]) for r in rows if r["variant"] == "naive" and r["n_atoms"] == rows[0]["n_atoms"])
+    naive = sorted(
+        (r["k"], r["peak_mib"]) for r in rows if r["variant"] == "naive" and r["n_atoms"] == rows[0]["n_atoms"]
+    )
     assert naive[-1][1] > naive[0][1]
     # Every variant computes the same gradient as naive (the harness checks it; a variant that does not is wrong).
     for r in rows:
@@ -154,7 +159,10 @@ def test_device_cuda_is_accepted(tmp_path):
     out = tmp_path / "x.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_calculator.py"), "--quick", "--device", "cuda", "--out", str(out)],
-        capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+        cwd=ROOT,
     )
     if torch.cuda.is_available():
         assert proc.returncode == 0, proc.stderr[-3000:]

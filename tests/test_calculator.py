@@ -22,7 +22,9 @@ def tiny_model(atoms) -> ADAPT:
     m = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2))
     batch = Batch.from_atoms(atoms)
     # forces of a plausible size (0.3 eV/A) so the optimizers take real steps
-    m.fit_standardisation(batch, 0.3 * torch.randn(batch.positions.shape, dtype=torch.float64), torch.tensor([-4.6 * len(atoms)]))
+    m.fit_standardisation(
+        batch, 0.3 * torch.randn(batch.positions.shape, dtype=torch.float64), torch.tensor([-4.6 * len(atoms)])
+    )
     return m
 
 
@@ -142,9 +144,9 @@ def test_works_with_ase_db_and_io(tmp_path, checkpoint, si_small):
 def test_conservative_model_matches_ase_numerical_forces(si_small):
     """A ConservativeForces model through the calculator: forces = ASE's own finite differences."""
     from ase.calculators.fd import calculate_numerical_forces
+    from test_conservative import MorsePairs
 
     from ase_bptt.models.conservative import ConservativeForces
-    from test_conservative import MorsePairs
 
     si_small.pbc = False
     calc = BPTTCalculator(ConservativeForces(MorsePairs()))
@@ -180,12 +182,15 @@ class _Counting(ForceModel):
 
 def _changes():
     """(name, how to change a copy): each must trigger a recalculation, except the sub-tolerance one."""
+
     def nudge(eps):
         def f(a):
             p = a.get_positions()
             p[1, 2] += eps
             a.set_positions(p)
+
         return f
+
     return {
         "position 1e-6 A": nudge(1e-6),
         "position 1 ulp": nudge(np.spacing(1.0)),  # below ASE's 1e-15 A tolerance when |x| ~ 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -62,7 +62,7 @@ def test_loads_with_plain_weights_only_torch_load(saved):
     meta = data["metadata"]
     assert meta["note"] == "test" and meta["n"] == 3
     created = datetime.fromisoformat(meta["created"].replace("Z", "+00:00"))
-    assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 600
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 600
     assert meta["package_version"] == data["package_version"]
 
 
@@ -199,8 +199,14 @@ def test_unknown_model_name(saved):
 
 
 def test_errors_are_distinct_checkpoint_errors():
-    kinds = [CheckpointNotFoundError, NotACheckpointError, CheckpointVersionError,
-             CorruptCheckpointError, CheckpointKeyError, UnknownModelError]
+    kinds = [
+        CheckpointNotFoundError,
+        NotACheckpointError,
+        CheckpointVersionError,
+        CorruptCheckpointError,
+        CheckpointKeyError,
+        UnknownModelError,
+    ]
     assert all(issubclass(k, CheckpointError) for k in kinds)
     assert len(set(kinds)) == len(kinds)
     for i, a in enumerate(kinds):

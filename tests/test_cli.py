@@ -7,7 +7,6 @@ Data and models are the tiny EMT copper set and untrained ADAPT checkpoints of
 from __future__ import annotations
 
 import json
-import shutil
 
 import ase.db
 import ase.io
@@ -18,10 +17,9 @@ from ase import Atoms
 from ase.build import bulk
 from ase.optimize import FIRE
 from click.testing import CliRunner
-
-from ase_bptt import cli as cli_module
-from ase_bptt.cli import cli
 from test_train_evaluate import make_checkpoint, make_db
+
+from ase_bptt.cli import cli
 
 COMMANDS = ("generate", "import", "info", "pretrain", "finetune", "evaluate", "relax", "demo")
 #: Same float64 model, same ASE FIRE: positions agree to round-off.
@@ -122,8 +120,9 @@ def test_bad_option_value(files, args, hint):
 def test_unknown_element_in_relax_input(files, tmp_path):
     si = bulk("Si", "diamond", a=5.43)
     ase.io.write(tmp_path / "si.xyz", [rattled_cu(1)[0], si])
-    line = error_line(run("relax", tmp_path / "si.xyz", "--model", files["model"], "-o", tmp_path / "out.xyz",
-                          "--optimizer", "fire"))
+    line = error_line(
+        run("relax", tmp_path / "si.xyz", "--model", files["model"], "-o", tmp_path / "out.xyz", "--optimizer", "fire")
+    )
     assert "Si" in line and "frame 1" in line and "not trained on" in line
     assert not (tmp_path / "out.xyz").exists()
 
@@ -136,8 +135,9 @@ def test_empty_split_in_evaluate(files, tmp_path):
 
 def test_empty_split_in_finetune(files, tmp_path):
     make_db(tmp_path / "test-only.db", {"test": 1})
-    line = error_line(run("finetune", tmp_path / "test-only.db", "--init", files["model"], "-o", tmp_path / "f.pt",
-                          "--eta", "0.02"))
+    line = error_line(
+        run("finetune", tmp_path / "test-only.db", "--init", files["model"], "-o", tmp_path / "f.pt", "--eta", "0.02")
+    )
     assert "train" in line
 
 
@@ -175,9 +175,9 @@ def test_unexpected_errors_keep_their_traceback(files, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("a bug, not a user error")
 
-    import ase_bptt.train.report as report
+    import ase_bptt.train.info as info
 
-    monkeypatch.setattr(report, "describe", boom)
+    monkeypatch.setattr(info, "describe", boom)
     result = run("info", files["db"])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)
@@ -196,8 +196,24 @@ def test_relax_round_trip_with_fire(files, tmp_path):
 
     frames = rattled_cu(2)
     ase.io.write(tmp_path / "in.xyz", frames)
-    result = run("relax", tmp_path / "in.xyz", "--model", files["model"], "-o", tmp_path / "out.traj",
-                 "--optimizer", "fire", "--fmax", "1e-4", "--steps", "15", "--dtype", "float64", "--device", "cpu")
+    result = run(
+        "relax",
+        tmp_path / "in.xyz",
+        "--model",
+        files["model"],
+        "-o",
+        tmp_path / "out.traj",
+        "--optimizer",
+        "fire",
+        "--fmax",
+        "1e-4",
+        "--steps",
+        "15",
+        "--dtype",
+        "float64",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 2 structure(s)" in result.output
     out = ase.io.read(tmp_path / "out.traj", index=":")
@@ -214,8 +230,22 @@ def test_relax_round_trip_with_fire(files, tmp_path):
 
 def test_relax_writes_the_requested_format(files, tmp_path):
     ase.io.write(tmp_path / "POSCAR", rattled_cu(1)[0], format="vasp")
-    result = run("relax", tmp_path / "POSCAR", "--model", files["model"], "-o", tmp_path / "CONTCAR",
-                 "--format", "vasp", "--optimizer", "fire", "--fmax", "1e-4", "--steps", "5")
+    result = run(
+        "relax",
+        tmp_path / "POSCAR",
+        "--model",
+        files["model"],
+        "-o",
+        tmp_path / "CONTCAR",
+        "--format",
+        "vasp",
+        "--optimizer",
+        "fire",
+        "--fmax",
+        "1e-4",
+        "--steps",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "CONTCAR").read_text().splitlines()[5].split() == ["Cu"]  # a VASP 5 species line
     out = ase.io.read(tmp_path / "CONTCAR", format="vasp")
@@ -224,14 +254,29 @@ def test_relax_writes_the_requested_format(files, tmp_path):
 
 
 def test_evaluate_writes_the_report(files, tmp_path):
-    result = run("evaluate", files["model"], "--db", files["db"], "-o", tmp_path / "rep", "--eta-grid", "0.01,0.04",
-                 "--fire-steps", "5", "--max-steps", "10")
+    result = run(
+        "evaluate",
+        files["model"],
+        "--db",
+        files["db"],
+        "-o",
+        tmp_path / "rep",
+        "--eta-grid",
+        "0.01,0.04",
+        "--fire-steps",
+        "5",
+        "--max-steps",
+        "10",
+    )
     assert result.exit_code == 0, result.output
     assert "perfect information" in result.output and "report.md" in result.output
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["settings"]["eta_grid"] == [0.01, 0.04]
     assert [p.name for p in sorted((tmp_path / "rep").glob("*.png"))] == [
-        "dq_before_after.png", "eta_curve.png", "training_curves.png"]
+        "dq_before_after.png",
+        "eta_curve.png",
+        "training_curves.png",
+    ]
 
 
 def test_relax_learned_follows_the_checkpoint_step_rule(files, tmp_path):
@@ -244,8 +289,18 @@ def test_relax_learned_follows_the_checkpoint_step_rule(files, tmp_path):
 
     frames = rattled_cu(2, seed=7)
     ase.io.write(tmp_path / "in.extxyz", frames)
-    result = run("relax", tmp_path / "in.extxyz", "--model", files["model"], "-o", tmp_path / "out.extxyz",
-                 "--dtype", "float64", "--device", "cpu")
+    result = run(
+        "relax",
+        tmp_path / "in.extxyz",
+        "--model",
+        files["model"],
+        "-o",
+        tmp_path / "out.extxyz",
+        "--dtype",
+        "float64",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     out = ase.io.read(tmp_path / "out.extxyz", index=":")
     model = load_model(files["model"], dtype=torch.float64)
@@ -262,8 +317,16 @@ def test_import_then_info(tmp_path):
     ase.io.write(tmp_path / "a.extxyz", emt_relaxation(11, vacancy=True))
     ase.io.write(tmp_path / "b.traj", emt_relaxation(12, vacancy=False))
     (tmp_path / "empty.xyz").write_text("")
-    result = run("import", tmp_path / "a.extxyz", tmp_path / "b.traj", tmp_path / "empty.xyz",
-                 "--db", tmp_path / "new.db", "--label", "cu")
+    result = run(
+        "import",
+        tmp_path / "a.extxyz",
+        tmp_path / "b.traj",
+        tmp_path / "empty.xyz",
+        "--db",
+        tmp_path / "new.db",
+        "--label",
+        "cu",
+    )
     assert result.exit_code == 0, result.output
     assert "added 2 trajectories, skipped 1" in result.output and "empty.xyz" in result.output
     info = run("info", tmp_path / "new.db")

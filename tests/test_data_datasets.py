@@ -19,8 +19,12 @@ def traj(n_atoms, n_frames, *, seed, last_fmax=0.01, energy=True, cell=5.0):
     base = rng.uniform(0, cell, size=(n_atoms, 3))
     frames = []
     for i in range(n_frames):
-        a = Atoms(numbers=rng.choice([13, 29], size=n_atoms) if i == 0 else frames[0].numbers,
-                  positions=base + 0.02 * i, cell=np.eye(3) * cell, pbc=True)
+        a = Atoms(
+            numbers=rng.choice([13, 29], size=n_atoms) if i == 0 else frames[0].numbers,
+            positions=base + 0.02 * i,
+            cell=np.eye(3) * cell,
+            pbc=True,
+        )
         f = rng.normal(size=(n_atoms, 3))
         f *= (last_fmax if i == n_frames - 1 else 1.0) / np.linalg.norm(f, axis=1).max()
         a.calc = SinglePointCalculator(a, energy=float(seed * 10 + i) if energy else None, forces=f)

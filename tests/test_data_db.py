@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ase.db
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-import ase.db
 
 from ase_bptt.data.db import (
     DuplicateTrajectoryError,
@@ -206,8 +206,10 @@ def test_fast_sqlite_reader_matches_ase_select(db):
         fast = db._load_sqlite(split, conv)
         slow = db._load_generic(split, conv)
         assert len(fast) == len(slow)
-        for (ka, fa), (kb, fb) in zip(sorted(fast, key=lambda r: (r[0]["traj_id"], r[0]["frame"])),
-                                      sorted(slow, key=lambda r: (r[0]["traj_id"], r[0]["frame"]))):
+        for (ka, fa), (kb, fb) in zip(
+            sorted(fast, key=lambda r: (r[0]["traj_id"], r[0]["frame"])),
+            sorted(slow, key=lambda r: (r[0]["traj_id"], r[0]["frame"])),
+        ):
             assert ka == kb
             for key in ("numbers", "positions", "cell", "pbc", "forces"):
                 assert np.array_equal(fa[key], fb[key]), key

@@ -212,6 +212,7 @@ def test_paper_sized_cell():
 @pytest.mark.parametrize("defect", ["vacancy", "interstitial-tetrahedral", "interstitial-split110"])
 def test_fixed_site_is_the_same_defect_in_every_cell(defect):
     """site="fixed": unrattled cells from different seeds are identical; "random" ones differ."""
+
     def build(seed, site):
         atoms, _ = build_si_defect(np.random.default_rng(seed), "sw", defects=(defect,), sigma=0.0, site=site)
         return atoms

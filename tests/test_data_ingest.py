@@ -14,8 +14,8 @@ from ase.io import read, write
 from ase.io.trajectory import Trajectory as AseTrajectory
 from ase.optimize import FIRE
 
-from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data import ingest
+from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.ingest import import_paths
 
 # extxyz writes floats as text with enough digits for float64 round trips.

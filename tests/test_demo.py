@@ -19,11 +19,25 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert result.exit_code == 0, result.output
 
     text = result.output
-    for row in ("do nothing", "ASE FIRE", "best fixed step (eta chosen on val)", "perfect information", "BPTT fine-tuned"):
+    for row in (
+        "do nothing",
+        "ASE FIRE",
+        "best fixed step (eta chosen on val)",
+        "perfect information",
+        "BPTT fine-tuned",
+    ):
         assert row in text, row
     assert f"report: {out / 'report' / 'report.md'}" in text
-    for name in ("si-defects.db", "pretrained.pt", "bptt.pt", "report/report.md", "report/report.json",
-                 "report/dq_before_after.png", "report/eta_curve.png", "report/training_curves.png"):
+    for name in (
+        "si-defects.db",
+        "pretrained.pt",
+        "bptt.pt",
+        "report/report.md",
+        "report/report.json",
+        "report/dq_before_after.png",
+        "report/eta_curve.png",
+        "report/training_curves.png",
+    ):
         assert (out / name).is_file(), name
 
     # The printed table is the report's numbers.
@@ -43,5 +57,5 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert again.exit_code == 0, again.output
     assert "reusing" in again.output
     assert {p: (out / p).stat().st_mtime for p in mtimes} == mtimes
-    table = lambda s: s[s.index("Dq (amu"):s.index("report:")]  # noqa: E731
+    table = lambda s: s[s.index("Dq (amu") : s.index("report:")]  # noqa: E731
     assert table(again.output) == table(text)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -29,7 +28,9 @@ def test_known_values_silicon_iron_gold():
     t = element_table()
     si, fe, au = t[14], t[26], t[79]
     assert si[col("period")] == 3 and si[col("group")] == 14 and si[col("block_p")] == 1
-    assert si[col("valence_electrons")] == 4 and fe[col("valence_electrons")] == 8 and au[col("valence_electrons")] == 11
+    assert (
+        si[col("valence_electrons")] == 4 and fe[col("valence_electrons")] == 8 and au[col("valence_electrons")] == 11
+    )
     assert si[col("electronegativity")] == pytest.approx(1.90)
     assert si[col("ionization_energy")] == pytest.approx(8.1517, abs=1e-3)  # eV
     assert si[col("covalent_radius")] == pytest.approx(covalent_radii[14])  # A

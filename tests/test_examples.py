@@ -34,8 +34,14 @@ TABLE_HEADINGS = (
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"],
-                          capture_output=True, text=True, timeout=QUICK_LIMIT_S, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=QUICK_LIMIT_S,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -63,8 +69,16 @@ def test_report_files_and_tables(quick_run):
     for row in table3[1:]:
         assert math.isfinite(float(row[1])), row
     table4 = next(rows for h, rows in tables.items() if h.startswith("## Table 4"))
-    assert [r[0] for r in table4[1:]] == ["ADAPT", "ADAPT+Momentum", "ADAPT+Anneal", "ADAPT+Momentum+Anneal", "BPTT",
-                                        "BPTT+Momentum", "BPTT+Anneal", "BPTT+Momentum+Anneal"]
+    assert [r[0] for r in table4[1:]] == [
+        "ADAPT",
+        "ADAPT+Momentum",
+        "ADAPT+Anneal",
+        "ADAPT+Momentum+Anneal",
+        "BPTT",
+        "BPTT+Momentum",
+        "BPTT+Anneal",
+        "BPTT+Momentum+Anneal",
+    ]
     for name in ("eta_curve.png", "bptt_curves.png", "per_defect.png", "report.json"):
         assert (quick_run / name).stat().st_size > 0, name
 
@@ -94,8 +108,13 @@ def test_report_numbers_match_an_independent_recomputation(quick_run):
 def test_report_only_rerenders_the_same_tables_without_evaluating(quick_run):
     before = _tables((quick_run / "report.md").read_text())
     stamp = (quick_run / "eval-si" / "report.json").stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(quick_run), "--report-only"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(quick_run), "--report-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tables((quick_run / "report.md").read_text()) == before
     # The test split was not evaluated again.
@@ -107,8 +126,9 @@ def test_seed_is_a_new_experiment_and_no_ablations_keeps_the_main_tables(quick_r
 
     args = ["--quick", "--seed", "1", "--no-ablations", "--no-alloys", "--threads", "1", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=QUICK_LIMIT_S, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=QUICK_LIMIT_S, env=env, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "report.md").read_text()
     # The report names the command that made it, flags included.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ase.constraints import FixAtoms
 from ase.io import read
+from conftest import silicon_vacancy
 from test_relax_steps import MorseModel
 
 from ase_bptt import BPTTCalculator, DifferentiableRelaxer, LearnedStepOptimizer
@@ -16,8 +17,6 @@ from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.checkpoint import save_checkpoint
 from ase_bptt.relax.fire import FIREStep
 from ase_bptt.relax.steps import DecoderStep, LearnedStep, relax_settings
-
-from conftest import silicon_vacancy
 
 POSITION_ATOL = 1e-6  # A, float64
 

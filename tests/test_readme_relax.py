@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ase.optimize import FIRE
+from conftest import silicon_vacancy
 
 from ase_bptt import BPTTCalculator, DifferentiableRelaxer, LearnedStepOptimizer
 from ase_bptt.batch import Batch
@@ -12,8 +13,6 @@ from ase_bptt.metrics import dq
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.checkpoint import save_checkpoint
 from ase_bptt.relax import FixedStep, LearnedStep, relax_settings, rollout
-
-from conftest import silicon_vacancy
 
 
 def test_readme_relax_snippets(tmp_path, monkeypatch):

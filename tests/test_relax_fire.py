@@ -7,8 +7,9 @@ import pytest
 import torch
 from ase.constraints import FixAtoms
 from ase.optimize import FIRE
-from torch import nn
+from conftest import silicon_vacancy
 from test_relax_steps import MorseModel, check_gradients
+from torch import nn
 
 from ase_bptt.batch import Batch
 from ase_bptt.calculator import BPTTCalculator
@@ -17,8 +18,6 @@ from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import ForceModel, ModelOutput
 from ase_bptt.relax.fire import FIREStep
 from ase_bptt.relax.relaxer import rollout
-
-from conftest import silicon_vacancy
 
 POSITION_ATOL = 1e-6  # A, the bound for matching ASE in float64
 

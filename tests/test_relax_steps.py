@@ -67,8 +67,9 @@ class MorseModel(ForceModel):
         r = torch.where(pair, safe_norm(rij), torch.ones_like(pair, dtype=pos.dtype))
         x = ((r - self.r_on) / (self.r_cut - self.r_on)).clamp(0.0, 1.0)
         c = 0.5 * (1.0 + torch.cos(math.pi * x))
-        dc = torch.where((x > 0) & (x < 1), -0.5 * math.pi * torch.sin(math.pi * x) / (self.r_cut - self.r_on),
-                         torch.zeros_like(x))
+        dc = torch.where(
+            (x > 0) & (x < 1), -0.5 * math.pi * torch.sin(math.pi * x) / (self.r_cut - self.r_on), torch.zeros_like(x)
+        )
         e = torch.exp(-self.a * (r - self.r0))
         phi = self.D * (1.0 - e) ** 2
         dphi = 2.0 * self.D * self.a * e * (1.0 - e)
@@ -85,12 +86,22 @@ def reference_for(batch: Batch, seed: int = 3) -> torch.Tensor:
     return batch.positions + 0.05 * torch.randn(batch.positions.shape, generator=g, dtype=batch.positions.dtype)
 
 
-def check_gradients(model: nn.Module, rule: nn.Module, batch: Batch, *, frames: int, checkpoint_frames: bool,
-                    n_directions: int = 3, extra_directions: list[dict[str, float]] | None = None) -> None:
+def check_gradients(
+    model: nn.Module,
+    rule: nn.Module,
+    batch: Batch,
+    *,
+    frames: int,
+    checkpoint_frames: bool,
+    n_directions: int = 3,
+    extra_directions: list[dict[str, float]] | None = None,
+) -> None:
     """Directional derivatives of Dq(final) along random unit directions vs central differences."""
     ref = reference_for(batch)
     params = [p for p in list(model.parameters()) + list(rule.parameters()) if p.requires_grad]
-    names = {id(p): n for n, p in list(model.named_parameters()) + [("rule." + k, v) for k, v in rule.named_parameters()]}
+    names = {
+        id(p): n for n, p in list(model.named_parameters()) + [("rule." + k, v) for k, v in rule.named_parameters()]
+    }
 
     def loss() -> torch.Tensor:
         out = rollout(model, batch, rule, tol=None, max_steps=frames, checkpoint_frames=checkpoint_frames)
@@ -139,8 +150,10 @@ def test_fixed_step_update_is_eta_times_force(batch):
 
 def test_momentum_and_annealing_by_hand(batch):
     g = torch.Generator().manual_seed(0)
-    f0, f1 = (torch.randn(batch.positions.shape, generator=g, dtype=torch.float64) * batch.movable[..., None]
-              for _ in range(2))
+    f0, f1 = (
+        torch.randn(batch.positions.shape, generator=g, dtype=torch.float64) * batch.movable[..., None]
+        for _ in range(2)
+    )
     rule = FixedStep(0.02, momentum=0.25, anneal=0.9, maxstep=None)
     state = rule.init_state(batch, batch.positions)
     u0, state = rule(batch.positions, f0, batch, state, 0)
@@ -289,7 +302,9 @@ def test_checkpointed_gradients_equal_plain_with_noise(segment, batch):
         rule = FixedStep(0.05, noise=0.01).train()
         gen = torch.Generator().manual_seed(4)
         out = rollout(model, batch, rule, tol=None, max_steps=7, checkpoint_frames=checkpoint_frames, generator=gen)
-        grads.append(torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), list(model.parameters())))
+        grads.append(
+            torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), list(model.parameters()))
+        )
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -324,9 +339,11 @@ def test_recomputed_rollout_equals_naive(segment, rule_name, si_vacancy):
     atoms.rattle(0.1, seed=3)
     batch = Batch.from_atoms(atoms)
     reference = torch.as_tensor(si_vacancy.positions)[None]
-    rule = {"fixed-momentum": lambda: FixedStep(0.05, momentum=0.3, anneal=0.99),
-            "learned": lambda: LearnedStep(0.05, dtype=torch.float64),
-            "fire": FIREStep}[rule_name]().double()
+    rule = {
+        "fixed-momentum": lambda: FixedStep(0.05, momentum=0.3, anneal=0.99),
+        "learned": lambda: LearnedStep(0.05, dtype=torch.float64),
+        "fire": FIREStep,
+    }[rule_name]().double()
     results = []
     for ck in (False, segment):
         model.zero_grad(set_to_none=True)
@@ -335,8 +352,12 @@ def test_recomputed_rollout_equals_naive(segment, rule_name, si_vacancy):
         out = rollout(model, batch, rule, tol=None, max_steps=7, checkpoint_frames=ck)
         dq(out.positions, reference, batch).sum().backward()
         # The energy head gets no gradient from a position loss: zeros, in both runs alike.
-        grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
-                           for p in list(model.parameters()) + list(rule.parameters())])
+        grads = torch.cat(
+            [
+                (torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                for p in list(model.parameters()) + list(rule.parameters())
+            ]
+        )
         results.append((out.positions.detach(), out.n_frames, grads))
     (p0, n0, g0), (p1, n1, g1) = results
     assert torch.equal(n0, n1) and int(n0[0]) == 7

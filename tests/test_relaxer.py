@@ -9,6 +9,7 @@ import pytest
 import torch
 from ase.constraints import FixAtoms
 from ase.io import read
+from conftest import silicon_vacancy
 from test_relax_steps import MorseModel, reference_for
 
 from ase_bptt import DifferentiableRelaxer
@@ -19,8 +20,6 @@ from ase_bptt.models.checkpoint import save_checkpoint
 from ase_bptt.relax.fire import FIREStep
 from ase_bptt.relax.relaxer import rollout
 from ase_bptt.relax.steps import DecoderStep, FixedStep, LearnedStep, relax_settings
-
-from conftest import silicon_vacancy
 
 POSITION_ATOL = 1e-6  # A, batch vs separate runs in float64
 TOL = 1e-3  # A, the paper's RMS-displacement stopping rule
@@ -35,8 +34,11 @@ def three_structures():
     return [a, b, c]
 
 
-@pytest.mark.parametrize("rule_factory", [lambda: FixedStep(0.05), lambda: FixedStep(0.05, momentum=0.05),
-                                          lambda: FIREStep()], ids=["fixed", "momentum", "fire"])
+@pytest.mark.parametrize(
+    "rule_factory",
+    [lambda: FixedStep(0.05), lambda: FixedStep(0.05, momentum=0.05), lambda: FIREStep()],
+    ids=["fixed", "momentum", "fire"],
+)
 def test_batch_equals_separate_runs(rule_factory):
     model = MorseModel()
     images = three_structures()
@@ -48,15 +50,20 @@ def test_batch_equals_separate_runs(rule_factory):
     assert len(set(frames)) == 3 and max(frames) < 75, frames  # each stopped on its own frame
     assert together.converged.all()
     for i, (atoms, r) in enumerate(zip(images, alone)):
-        np.testing.assert_allclose(together.positions[i, : len(atoms)].numpy(), r.positions[0].numpy(),
-                                   rtol=0, atol=POSITION_ATOL)
+        np.testing.assert_allclose(
+            together.positions[i, : len(atoms)].numpy(), r.positions[0].numpy(), rtol=0, atol=POSITION_ATOL
+        )
 
 
-@pytest.mark.parametrize("rule_factory", [
-    lambda: FixedStep(0.05, noise=0.02, momentum=0.3),
-    lambda: DecoderStep(0.05, dtype=torch.float64, noise=0.02),
-    lambda: FIREStep(noise=0.02),
-], ids=["fixed", "decoder", "fire"])
+@pytest.mark.parametrize(
+    "rule_factory",
+    [
+        lambda: FixedStep(0.05, noise=0.02, momentum=0.3),
+        lambda: DecoderStep(0.05, dtype=torch.float64, noise=0.02),
+        lambda: FIREStep(noise=0.02),
+    ],
+    ids=["fixed", "decoder", "fire"],
+)
 def test_fixed_and_padding_atoms_never_move(rule_factory):
     images = three_structures()
     images[2].set_constraint(FixAtoms(indices=[0, 5, 9]))
@@ -109,8 +116,9 @@ def test_sync_active_once_per_segment_with_checkpointing():
     batch = Batch.from_atoms(three_structures())
     calls, always_moving = _always_moving_hook()
     ref = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40)
-    synced = rollout(model, batch, FixedStep(0.05), tol=TOL, max_steps=40, checkpoint_frames=True,
-                     sync_active=always_moving)
+    synced = rollout(
+        model, batch, FixedStep(0.05), tol=TOL, max_steps=40, checkpoint_frames=True, sync_active=always_moving
+    )
     assert len(calls) == 7 and calls[-1] == 0.0  # round(sqrt(40)) = 6 frames per segment: 7 segments
     assert torch.equal(ref.n_frames, synced.n_frames)
     torch.testing.assert_close(ref.positions, synced.positions, rtol=0, atol=1e-14)
@@ -120,8 +128,11 @@ def test_sync_active_once_per_segment_with_checkpointing():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("rule_factory, fmax", [(lambda: FixedStep(0.05, momentum=0.3), None),
-                                                 (lambda: FIREStep(), 0.3)], ids=["fixed-momentum", "fire-fmax"])
+@pytest.mark.parametrize(
+    "rule_factory, fmax",
+    [(lambda: FixedStep(0.05, momentum=0.3), None), (lambda: FIREStep(), 0.3)],
+    ids=["fixed-momentum", "fire-fmax"],
+)
 def test_no_grad_rollout_drops_stopped_structures(rule_factory, fmax, monkeypatch):
     """Under no_grad, stopped structures leave the batch: fewer model evaluations, the same results."""
     from ase_bptt.relax import relaxer as relaxer_module
@@ -157,8 +168,9 @@ def test_relaxer_matches_rollout_and_logs_like_ase(tmp_path):
     images = three_structures()
     log = io.StringIO()
     seen = []
-    relaxer = DifferentiableRelaxer(images, model, eta=0.05, logfile=log,
-                                    trajectory=str(tmp_path / "relax-{index}.traj"))
+    relaxer = DifferentiableRelaxer(
+        images, model, eta=0.05, logfile=log, trajectory=str(tmp_path / "relax-{index}.traj")
+    )
     relaxer.attach(lambda: seen.append(relaxer.nsteps), interval=5)
     assert relaxer.run() is True
     relaxer.close()
@@ -205,8 +217,9 @@ def test_gradients_flow_and_checkpointing_agrees(step):
     for checkpoint_frames in (False, True):
         model = MorseModel()
         torch.manual_seed(0)  # the decoder's initial weights
-        relaxer = DifferentiableRelaxer(images, model, step=step, eta=None if step == "fire" else 0.05,
-                                        checkpoint_frames=checkpoint_frames)
+        relaxer = DifferentiableRelaxer(
+            images, model, step=step, eta=None if step == "fire" else 0.05, checkpoint_frames=checkpoint_frames
+        )
         relaxer.run(steps=6)
         loss = dq(relaxer.positions, reference_for(relaxer.batch), relaxer.batch).sum()
         params = list(model.parameters()) + relaxer.step_rule.step_parameters()
@@ -234,8 +247,11 @@ def test_relaxer_fmax_and_batch_input():
 def test_relax_settings_come_with_the_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ADAPT(ADAPTConfig(d_model=8, d_ff=16, n_layers=1, n_heads=2, frequencies=(1,))).double()
-    path = save_checkpoint(tmp_path / "m.pt", model,
-                           relax=relax_settings(LearnedStep(0.0321, momentum=0.05, dtype=torch.float64), tol=2e-3, max_steps=30))
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        model,
+        relax=relax_settings(LearnedStep(0.0321, momentum=0.05, dtype=torch.float64), tol=2e-3, max_steps=30),
+    )
     relaxer = DifferentiableRelaxer(three_structures()[0], str(path))
     assert isinstance(relaxer.step_rule, LearnedStep)
     assert float(relaxer.step_rule.eta.detach()) == pytest.approx(0.0321, rel=1e-12)
@@ -272,12 +288,21 @@ class _Harmonic(MorseModel):
         return ModelOutput(forces=-self.D * (pos - centre + 0.05 * torch.tanh(self.a * pos)) * batch.mask[..., None])
 
 
-@pytest.mark.parametrize("checkpoint_frames, reads_expected", [(False, 7), (1, 7), (True, 3), (3, 3), (7, 1)],
-                         ids=["plain", "per-frame", "sqrt-segments", "segments-3", "one-segment"])
-@pytest.mark.parametrize("rule_factory", [lambda: FixedStep(0.05, momentum=0.05, anneal=0.99),
-                                          lambda: LearnedStep(0.05, dtype=torch.float64),
-                                          lambda: DecoderStep(0.05, dtype=torch.float64), lambda: FIREStep()],
-                         ids=["fixed", "learned", "decoder", "fire"])
+@pytest.mark.parametrize(
+    "checkpoint_frames, reads_expected",
+    [(False, 7), (1, 7), (True, 3), (3, 3), (7, 1)],
+    ids=["plain", "per-frame", "sqrt-segments", "segments-3", "one-segment"],
+)
+@pytest.mark.parametrize(
+    "rule_factory",
+    [
+        lambda: FixedStep(0.05, momentum=0.05, anneal=0.99),
+        lambda: LearnedStep(0.05, dtype=torch.float64),
+        lambda: DecoderStep(0.05, dtype=torch.float64),
+        lambda: FIREStep(),
+    ],
+    ids=["fixed", "learned", "decoder", "fire"],
+)
 def test_at_most_one_host_read_per_frame(rule_factory, checkpoint_frames, reads_expected, monkeypatch):
     """rollout reads one value per frame (or per recomputed segment) back to the host, nothing else.
 

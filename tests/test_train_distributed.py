@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from test_train_pretrain import TINY_MODEL, make_db
 
 DRIVER = r"""
@@ -22,12 +21,34 @@ pretrain(db, pre_out, config=PretrainConfig(**json.loads(pre)), progress=False)
 finetune(db, ft_out, init=init, config=FinetuneConfig(**json.loads(ft)), progress=False)
 """
 
-PRETRAIN = dict(model=TINY_MODEL, epochs=1, max_steps=1, batch_size=8, lr=1e-2, patience=None, eval_frames=9,
-                checkpoint_every=None, dtype="float64", seed=4, augment_rotation=True, augment_translation=True)
+PRETRAIN = dict(
+    model=TINY_MODEL,
+    epochs=1,
+    max_steps=1,
+    batch_size=8,
+    lr=1e-2,
+    patience=None,
+    eval_frames=9,
+    checkpoint_every=None,
+    dtype="float64",
+    seed=4,
+    augment_rotation=True,
+    augment_translation=True,
+)
 # 5 train trajectories in batches of 4: the second batch has one structure, so rank 1 runs a
 # zero-weight rollout (same frame count, no gradient) and the step must still equal one process's.
-FINETUNE = dict(epochs=1, batch_size=4, lr=1e-3, eta=0.05, max_steps=15, checkpoint_every=None,
-                dtype="float64", seed=4, step="learned", step_lr=1e-2)
+FINETUNE = dict(
+    epochs=1,
+    batch_size=4,
+    lr=1e-3,
+    eta=0.05,
+    max_steps=15,
+    checkpoint_every=None,
+    dtype="float64",
+    seed=4,
+    step="learned",
+    step_lr=1e-2,
+)
 TOL = 1e-6  # float64 sums in another order; the brief's bar is 1e-6
 
 
@@ -51,14 +72,34 @@ def test_two_process_gloo_step_equals_single_process_step(emt_db, tmp_path):
     from ase_bptt.train.state import load_state, state_path
 
     single_pre = pretrain(emt_db, tmp_path / "pre1.pt", config=PretrainConfig(**PRETRAIN), progress=False)
-    single_ft = finetune(emt_db, tmp_path / "ft1.pt", init=single_pre, config=FinetuneConfig(**FINETUNE),
-                         progress=False)
+    single_ft = finetune(
+        emt_db, tmp_path / "ft1.pt", init=single_pre, config=FinetuneConfig(**FINETUNE), progress=False
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "--no-python", sys.executable, "-c", DRIVER, str(emt_db), str(tmp_path / "pre2.pt"),
-         str(tmp_path / "ft2.pt"), str(single_pre), json.dumps(PRETRAIN), json.dumps(FINETUNE)],
-        env=env, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            sys.executable,
+            "-c",
+            DRIVER,
+            str(emt_db),
+            str(tmp_path / "pre2.pt"),
+            str(tmp_path / "ft2.pt"),
+            str(single_pre),
+            json.dumps(PRETRAIN),
+            json.dumps(FINETUNE),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     for single, ddp in ((single_pre, tmp_path / "pre2.pt"), (single_ft, tmp_path / "ft2.pt")):
@@ -72,7 +113,10 @@ def test_two_process_gloo_step_equals_single_process_step(emt_db, tmp_path):
             grad = s_opt[i]["exp_avg"]
             assert float(grad.abs().max()) > 0 or i > 0
             assert float((grad - d_opt[i]["exp_avg"]).abs().max()) < TOL * max(1.0, float(grad.abs().max())), (
-                single.name, i, tuple(grad.shape))
+                single.name,
+                i,
+                tuple(grad.shape),
+            )
         # The step itself: the weights after it agree to 1e-6, and they did move.
         assert close(s_state["model"], d_state["model"]) < TOL
         # Sharded evaluation sums the same numbers.
@@ -84,7 +128,8 @@ def test_two_process_gloo_step_equals_single_process_step(emt_db, tmp_path):
     assert close(load_state(state_path(single_ft))["model"], init) > 1e-4  # the BPTT step changed the model
     # The learned step size is synchronised too (its own group).
     assert load_state(state_path(tmp_path / "ft2.pt"))["step_rule"]["eta"] == pytest.approx(
-        load_state(state_path(single_ft))["step_rule"]["eta"], abs=TOL)
+        load_state(state_path(single_ft))["step_rule"]["eta"], abs=TOL
+    )
 
 
 def test_sync_gradients_sums_and_keeps_unused_parameters_none():

@@ -72,14 +72,27 @@ def make_db(path, splits: dict[str, int] = SPLITS) -> TrajectoryDB:
     for split, n in splits.items():
         for _ in range(n):
             vacancy = seed % 2 == 0
-            db.add_trajectory(emt_relaxation(seed, vacancy=vacancy), label="vacancy" if vacancy else "rattled",
-                              source="test", split=split)
+            db.add_trajectory(
+                emt_relaxation(seed, vacancy=vacancy),
+                label="vacancy" if vacancy else "rattled",
+                source="test",
+                split=split,
+            )
             seed += 1
     return db
 
 
-def make_checkpoint(path, db: TrajectoryDB, *, eta: float = 0.02, tol: float = 1e-3, max_steps: int = 75,
-                    history: bool = True, step_rule: bool = True, seed: int = 0):
+def make_checkpoint(
+    path,
+    db: TrajectoryDB,
+    *,
+    eta: float = 0.02,
+    tol: float = 1e-3,
+    max_steps: int = 75,
+    history: bool = True,
+    step_rule: bool = True,
+    seed: int = 0,
+):
     """A small ADAPT (species Cu) with standardisation fitted on the db's frames, saved with a fixed-step rule."""
     torch.manual_seed(seed)
     model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, species=(29,)))
@@ -92,7 +105,9 @@ def make_checkpoint(path, db: TrajectoryDB, *, eta: float = 0.02, tol: float = 1
     model.fit_standardisation(batch, forces, energy)
     meta = {}
     if history:
-        meta["history"] = [{"epoch": e, "train_force_mae": 1.0 / (e + 1), "val_force_mae": 1.2 / (e + 1)} for e in range(4)]
+        meta["history"] = [
+            {"epoch": e, "train_force_mae": 1.0 / (e + 1), "val_force_mae": 1.2 / (e + 1)} for e in range(4)
+        ]
     relax = relax_settings(FixedStep(eta, maxstep=0.2), tol=tol, max_steps=max_steps)
     return save_checkpoint(path, model, relax=relax if step_rule else None, metadata=meta)
 
@@ -115,8 +130,18 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(tiny):
     root, db, ckpt = tiny
-    return evaluate([ckpt], db, root / "report", eta_grid=[0.005, 0.02, 0.08], fire_fmax=FIRE_FMAX, fire_steps=25,
-                    max_steps=40, dtype="float64", device="cpu", progress=False)
+    return evaluate(
+        [ckpt],
+        db,
+        root / "report",
+        eta_grid=[0.005, 0.02, 0.08],
+        fire_fmax=FIRE_FMAX,
+        fire_steps=25,
+        max_steps=40,
+        dtype="float64",
+        device="cpu",
+        progress=False,
+    )
 
 
 def test_writes_every_report_file(tiny, result):

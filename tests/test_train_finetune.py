@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from ase.geometry import find_mic
-
 from test_train_pretrain import TINY_MODEL, make_db
 
 
@@ -38,8 +37,16 @@ def init_model(emt_db, tmp_path_factory):
 def config(**changes):
     from ase_bptt.train.finetune import FinetuneConfig
 
-    options = dict(epochs=2, batch_size=2, lr=1e-3, eta_grid=(0.02, 0.05, 0.1), maxstep=None, max_steps=10,
-                   checkpoint_every=None, seed=0)
+    options = dict(
+        epochs=2,
+        batch_size=2,
+        lr=1e-3,
+        eta_grid=(0.02, 0.05, 0.1),
+        maxstep=None,
+        max_steps=10,
+        checkpoint_every=None,
+        seed=0,
+    )
     options.update(changes)
     return FinetuneConfig(**options)
 
@@ -91,8 +98,11 @@ def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_mode
     tuned = load_model(out)
     assert best["val_dq"] == pytest.approx(reference_mean_dq(tuned, val, grid["chosen"]), rel=1e-4)
     assert history[0]["val_dq"] == pytest.approx(reference_mean_dq(init, val, grid["chosen"]), rel=1e-4)
-    assert ckpt["relax"] == {"step": {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0,
-                                      "noise": 0.0, "maxstep": None}, "tol": 1e-3, "max_steps": 10}
+    assert ckpt["relax"] == {
+        "step": {"step": "fixed", "eta": grid["chosen"], "momentum": 0.0, "anneal": 1.0, "noise": 0.0, "maxstep": None},
+        "tol": 1e-3,
+        "max_steps": 10,
+    }
     assert meta["skipped_batches"] == 0 and meta["steps"] == 4
 
 
@@ -101,8 +111,13 @@ def test_no_better_epoch_exports_the_initial_model_unchanged(emt_db, init_model,
     from ase_bptt.train.finetune import finetune
 
     # A learning rate of 1e4 wrecks the model (forces ~1e4 times too large), so no epoch beats epoch 0.
-    out = finetune(emt_db, tmp_path / "wrecked.pt", init=init_model,
-                   config=config(lr=1e4, grad_clip=None, eta=0.05, epochs=1), progress=False)
+    out = finetune(
+        emt_db,
+        tmp_path / "wrecked.pt",
+        init=init_model,
+        config=config(lr=1e4, grad_clip=None, eta=0.05, epochs=1),
+        progress=False,
+    )
     meta = load_checkpoint(out)["metadata"]
     assert meta["best_epoch"] == 0 and meta["improved"] is False and "unchanged" in meta["note"]
     exported = load_checkpoint(out)["model"]["state_dict"]
@@ -115,8 +130,13 @@ def test_learned_step_has_its_own_group_and_moves(emt_db, init_model, tmp_path):
     from ase_bptt.train.state import load_state, state_path
 
     out = tmp_path / "learned.pt"
-    finetune(emt_db, out, init=init_model, config=config(step="learned", eta=0.05, step_lr=0.05, epochs=1,
-                                                          lr=1e-4), progress=False)
+    finetune(
+        emt_db,
+        out,
+        init=init_model,
+        config=config(step="learned", eta=0.05, step_lr=0.05, epochs=1, lr=1e-4),
+        progress=False,
+    )
     state = load_state(state_path(out), kind="finetune")
     groups = state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [1e-4, 0.05]
@@ -131,9 +151,13 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
     from ase_bptt.relax.steps import step_rule_from_dict
     from ase_bptt.train.finetune import finetune
 
-    out = finetune(emt_db, tmp_path / f"{step}.pt", init=init_model,
-                   config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=5, batch_size=4),
-                   progress=False)
+    out = finetune(
+        emt_db,
+        tmp_path / f"{step}.pt",
+        init=init_model,
+        config=config(step=step, eta=None if step == "fire" else 0.05, epochs=1, max_steps=5, batch_size=4),
+        progress=False,
+    )
     ckpt = load_checkpoint(out)
     assert ckpt["relax"]["step"]["step"] == step and ckpt["relax"]["max_steps"] == 5
     assert type(step_rule_from_dict(ckpt["relax"]["step"])).__name__.lower().startswith(step)
@@ -159,15 +183,13 @@ def test_non_finite_loss_skips_the_batch(emt_db, init_model, tmp_path, monkeypat
 
     calls["always"] = False
     monkeypatch.setattr(metrics, "dq", poisoned)
-    out = finetune(emt_db, tmp_path / "nan.pt", init=init_model, config=config(eta=0.05, epochs=1),
-                   progress=False)
+    out = finetune(emt_db, tmp_path / "nan.pt", init=init_model, config=config(eta=0.05, epochs=1), progress=False)
     meta = load_checkpoint(out)["metadata"]
     assert meta["skipped_batches"] == 1 and meta["steps"] == 2
     assert all(torch.isfinite(v).all() for v in load_checkpoint(out)["model"]["state_dict"].values())
     calls["always"] = True
     with pytest.raises(TrainingError, match="non-finite"):
-        finetune(emt_db, tmp_path / "allnan.pt", init=init_model, config=config(eta=0.05, epochs=1),
-                 progress=False)
+        finetune(emt_db, tmp_path / "allnan.pt", init=init_model, config=config(eta=0.05, epochs=1), progress=False)
 
 
 def test_variable_stopping_is_seeded_and_in_range():
@@ -194,8 +216,13 @@ def test_proximal_term_keeps_weights_near_the_pretrained_ones(emt_db, init_model
 
     def distance(proximal):
         out = tmp_path / f"prox{proximal}.pt"
-        finetune(emt_db, out, init=init_model, config=config(eta=0.05, epochs=1, batch_size=1, lr=1e-2,
-                                                             grad_clip=None, proximal=proximal), progress=False)
+        finetune(
+            emt_db,
+            out,
+            init=init_model,
+            config=config(eta=0.05, epochs=1, batch_size=1, lr=1e-2, grad_clip=None, proximal=proximal),
+            progress=False,
+        )
         current = load_state(state_path(out))["model"]
         return sum(float((current[k] - initial[k]).pow(2).sum()) for k in initial)
 

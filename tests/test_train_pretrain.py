@@ -59,8 +59,16 @@ def emt_db(tmp_path_factory):
 def small_config(**changes):
     from ase_bptt.train.pretrain import PretrainConfig
 
-    options = dict(model=TINY_MODEL, epochs=4, batch_size=8, lr=1e-2, patience=None, checkpoint_every=None,
-                   eval_frames=None, seed=0)
+    options = dict(
+        model=TINY_MODEL,
+        epochs=4,
+        batch_size=8,
+        lr=1e-2,
+        patience=None,
+        checkpoint_every=None,
+        eval_frames=None,
+        seed=0,
+    )
     options.update(changes)
     return PretrainConfig(**options)
 
@@ -103,8 +111,16 @@ def test_pretrain_learns_logs_and_exports_the_best_epoch(emt_db, pretrained):
     meta = ckpt["metadata"]
     history = meta["history"]
     assert [h["epoch"] for h in history] == list(range(1, config.epochs + 1))
-    for key in ("train_force_mae", "train_force_rmse", "train_energy_mae_mev_per_atom", "val_force_mae",
-                "val_force_rmse", "val_energy_mae_mev_per_atom", "train_loss", "lr"):
+    for key in (
+        "train_force_mae",
+        "train_force_rmse",
+        "train_energy_mae_mev_per_atom",
+        "val_force_mae",
+        "val_force_rmse",
+        "val_energy_mae_mev_per_atom",
+        "train_loss",
+        "lr",
+    ):
         assert all(math.isfinite(h[key]) for h in history), key
     # It learns: the mean training loss of the last epoch is well below the first's.
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
@@ -124,8 +140,11 @@ def test_pretrain_learns_logs_and_exports_the_best_epoch(emt_db, pretrained):
     ids = sorted(t.traj_id for t in db.trajectories("train", converged_only=False))
     assert meta["data_fingerprint"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     assert meta["train_frames"] == sum(len(t.frames) for t in db.trajectories("train", converged_only=False))
-    assert ckpt["relax"] == {"step": {"step": "fixed", "eta": 0.05, "momentum": 0.0, "anneal": 1.0, "noise": 0.0,
-                                      "maxstep": 0.2}, "tol": 1e-3, "max_steps": 75}
+    assert ckpt["relax"] == {
+        "step": {"step": "fixed", "eta": 0.05, "momentum": 0.0, "anneal": 1.0, "noise": 0.0, "maxstep": 0.2},
+        "tol": 1e-3,
+        "max_steps": 75,
+    }
     assert model.species == (29,)
 
 
@@ -177,11 +196,12 @@ def test_learning_rate_schedules():
     cos = [lr_factor(s, total, schedule="cosine", warmup=warmup, min_factor=0.01) for s in range(total)]
     assert cos[0] == pytest.approx(0.1) and cos[warmup - 1] == pytest.approx(1.0)
     assert cos[warmup] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.01)
-    assert all(a >= b for a, b in zip(cos[warmup:], cos[warmup + 1:]))
+    assert all(a >= b for a, b in zip(cos[warmup:], cos[warmup + 1 :]))
     # Half way through the decay the cosine is at the mid point between 1 and min_factor.
     mid = warmup + (total - warmup - 1) / 2
     assert lr_factor(int(mid), total, schedule="cosine", warmup=warmup, min_factor=0.0) == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * int(mid - warmup) / (total - warmup - 1))))
+        0.5 * (1 + math.cos(math.pi * int(mid - warmup) / (total - warmup - 1)))
+    )
     one = [lr_factor(s, total, schedule="onecycle", warmup=warmup, min_factor=0.0) for s in range(total)]
     assert one[0] == pytest.approx(1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi / warmup)))
     assert max(one) == pytest.approx(1.0) and one[-1] == pytest.approx(0.0)
@@ -192,8 +212,7 @@ def test_time_budget_stops_after_one_batch_and_exports(emt_db, tmp_path):
     from ase_bptt.models.checkpoint import load_checkpoint
     from ase_bptt.train.pretrain import pretrain
 
-    out = pretrain(emt_db, tmp_path / "budget.pt", config=small_config(time_budget=0.0, batch_size=8),
-                   progress=False)
+    out = pretrain(emt_db, tmp_path / "budget.pt", config=small_config(time_budget=0.0, batch_size=8), progress=False)
     meta = load_checkpoint(out)["metadata"]
     assert meta["steps"] == 1 and "time budget" in meta["stop_reason"]
     assert len(meta["history"]) == 1 and 0 < meta["history"][0]["partial_epoch"] < 1

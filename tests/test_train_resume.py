@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from test_train_pretrain import TINY_MODEL, make_db
 
 # Runs one training in a fresh process with one thread, as the in-process reference does.
@@ -34,15 +33,21 @@ except TrainingInterrupted as exc:
     sys.exit(130)
 """
 
-PRETRAIN = dict(model=TINY_MODEL, epochs=2, batch_size=16, lr=1e-2, patience=None, checkpoint_every=3,
-                eval_frames=16, seed=3)
+PRETRAIN = dict(
+    model=TINY_MODEL, epochs=2, batch_size=16, lr=1e-2, patience=None, checkpoint_every=3, eval_frames=16, seed=3
+)
 FINETUNE = dict(epochs=2, batch_size=2, lr=1e-3, eta=0.05, max_steps=15, checkpoint_every=None, seed=3)
 
 
 def run_driver(kind, db, out, init, options, *, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-c", DRIVER, kind, str(db), str(out), str(init or ""),
-                           json.dumps(options)], env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, kind, str(db), str(out), str(init or ""), json.dumps(options)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +126,10 @@ def test_pretrain_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, 
     pretrain(emt_db, out, config=PretrainConfig(**PRETRAIN), progress=False)  # the same call again
     assert_same_weights(load_state(state_path(out))["model"], ref_state["model"])
     assert_same_weights(load_checkpoint(out)["model"]["state_dict"], load_checkpoint(reference)["model"]["state_dict"])
-    assert load_checkpoint(out)["metadata"]["history"][-1]["val_force_mae"] == \
-        load_checkpoint(reference)["metadata"]["history"][-1]["val_force_mae"]
+    assert (
+        load_checkpoint(out)["metadata"]["history"][-1]["val_force_mae"]
+        == load_checkpoint(reference)["metadata"]["history"][-1]["val_force_mae"]
+    )
 
 
 def test_finetune_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, one_thread):
@@ -158,8 +165,12 @@ def test_sigint_saves_the_state_and_says_how_to_resume(emt_db, tmp_path):
 
     out = tmp_path / "int.pt"
     options = dict(PRETRAIN, epochs=50, batch_size=4, checkpoint_every=1)
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "pretrain", str(emt_db), str(out), "",
-                             json.dumps(options)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, "pretrain", str(emt_db), str(out), "", json.dumps(options)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not state_path(out).exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

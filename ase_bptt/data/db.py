@@ -38,10 +38,10 @@ import json
 import os
 import sqlite3
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import ase.db
 import numpy as np
@@ -57,6 +57,7 @@ from ase_bptt.data.validate import (
     content_hash,
     validate_frames,
 )
+from ase_bptt.errors import AseBpttError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -77,7 +78,7 @@ SPLITS = ("train", "val", "test")
 _SCHEMA_KEY = "ase_bptt_schema"
 
 
-class TrajectoryDBError(Exception):
+class TrajectoryDBError(AseBpttError):
     """Base class for errors about a trajectory database."""
 
 
@@ -182,8 +183,7 @@ class TrajectoryDB:
         is_url = "://" in self.name
         if not is_url and not create and not Path(self.name).exists():
             raise FileNotFoundError(
-                f"{self.name}: no such trajectory database; create one with "
-                "`ase-bptt import` or `ase-bptt generate`"
+                f"{self.name}: no such trajectory database; create one with `ase-bptt import` or `ase-bptt generate`"
             )
         if not is_url and self.name.endswith(".json"):
             # ase's JSON backend rewrites the whole file per write and has no
@@ -252,9 +252,7 @@ class TrajectoryDB:
             for table in ("keys", "text_key_values", "number_key_values", "species"):
                 con.execute(f"CREATE INDEX IF NOT EXISTS ase_bptt_{table}_id ON {table}(id)")
             # traj_id and content_hash lookups before every write.
-            con.execute(
-                "CREATE INDEX IF NOT EXISTS ase_bptt_text_key_value ON text_key_values(key, value)"
-            )
+            con.execute("CREATE INDEX IF NOT EXISTS ase_bptt_text_key_value ON text_key_values(key, value)")
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -290,7 +288,7 @@ class TrajectoryDB:
         self._db.metadata = md
 
     @contextmanager
-    def transaction(self) -> Iterator["TrajectoryDB"]:
+    def transaction(self) -> Iterator[TrajectoryDB]:
         """Group writes into one transaction: all of them or none.
 
         Nested use joins the outer transaction.
@@ -461,21 +459,14 @@ class TrajectoryDB:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = con.execute(
-                    f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})", chunk
-                ).fetchall()
+                rows = con.execute(f"SELECT id, key_value_pairs FROM systems WHERE id IN ({marks})", chunk).fetchall()
                 con.executemany(
                     "UPDATE systems SET key_value_pairs=?, mtime=? WHERE id=?",
-                    [
-                        (self._db.encode({**json.loads(kvp), "split": new_split[i]}), mtime, i)
-                        for i, kvp in rows
-                    ],
+                    [(self._db.encode({**json.loads(kvp), "split": new_split[i]}), mtime, i) for i, kvp in rows],
                 )
                 con.execute(f"DELETE FROM text_key_values WHERE key='split' AND id IN ({marks})", chunk)
                 con.execute(f"DELETE FROM keys WHERE key='split' AND id IN ({marks})", chunk)
-            con.executemany(
-                "INSERT INTO text_key_values VALUES ('split', ?, ?)", [(v, i) for i, v in changes]
-            )
+            con.executemany("INSERT INTO text_key_values VALUES ('split', ?, ?)", [(v, i) for i, v in changes])
             con.executemany("INSERT INTO keys VALUES ('split', ?)", [(i,) for i, _ in changes])
 
     def _final_rows_split(self) -> list[str | None]:
@@ -499,8 +490,12 @@ class TrajectoryDB:
             frames = []
             for r in records:
                 atoms = Atoms(
-                    numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"],
-                    masses=r["masses"], constraint=r["constraints"],
+                    numbers=r["numbers"],
+                    positions=r["positions"],
+                    cell=r["cell"],
+                    pbc=r["pbc"],
+                    masses=r["masses"],
+                    constraint=r["constraints"],
                 )
                 atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"])
                 frames.append(atoms)
@@ -548,9 +543,14 @@ class TrajectoryDB:
         with self._reading():
             for row in self._db.select(include_data=False, **query):
                 frame = dict(
-                    numbers=row.numbers, positions=row.positions, cell=row.cell, pbc=row.pbc,
-                    masses=row.get("masses"), constraints=row.constraints,
-                    energy=row.get("energy"), forces=row.forces,
+                    numbers=row.numbers,
+                    positions=row.positions,
+                    cell=row.cell,
+                    pbc=row.pbc,
+                    masses=row.get("masses"),
+                    constraints=row.constraints,
+                    energy=row.get("energy"),
+                    forces=row.forces,
                 )
                 out.append((row.key_value_pairs, frame))
         return out
@@ -568,10 +568,7 @@ class TrajectoryDB:
             args.append(split)
         if converged_only:
             where.append("id IN (SELECT id FROM number_key_values WHERE key='converged' AND value=1)")
-        sql = (
-            "SELECT numbers, positions, cell, pbc, masses, constraints, energy, forces, "
-            "key_value_pairs FROM systems"
-        )
+        sql = "SELECT numbers, positions, cell, pbc, masses, constraints, energy, forces, key_value_pairs FROM systems"
         if where:
             sql += " WHERE " + " AND ".join(where)
         deblob = self._db.deblob
@@ -613,14 +610,10 @@ class TrajectoryDB:
             lines.append((*key, str(groups[key]), str(frames[key])))
         lines.append(("total", "", "", str(sum(groups.values())), str(sum(frames.values()))))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = [
-            f"{self.name}: {sum(groups.values())} trajectories, converged_fmax={self.converged_fmax} eV/A"
-        ]
+        text = [f"{self.name}: {sum(groups.values())} trajectories, converged_fmax={self.converged_fmax} eV/A"]
         for j, line in enumerate(lines):
             text.append(
-                "  ".join(
-                    cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))
-                )
+                "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             )
             if j == 0:
                 text.append("  ".join("-" * w for w in widths))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from ase import Atoms

@@ -34,9 +34,9 @@ import json
 import lzma
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -105,10 +105,7 @@ def _check_vasprun_complete(path: Path) -> None:
             f"blocks, {n_forces} with forces): the run was cut off, rerun or remove it"
         )
     if n_forces < n_calc:
-        raise _Skip(
-            f"truncated vasprun.xml: {n_calc} <calculation> blocks but only {n_forces} "
-            "with forces"
-        )
+        raise _Skip(f"truncated vasprun.xml: {n_calc} <calculation> blocks but only {n_forces} with forces")
 
 
 def _with_single_point(atoms: Atoms, i: int) -> Atoms:
@@ -208,7 +205,7 @@ def _mptrj_frames(frames_by_id: dict) -> list[Atoms]:
         raise _Skip("entry is not a {frame_id: frame} mapping")
     ordered = sorted(frames_by_id.items(), key=lambda kv: _mptrj_frame_key(kv[0]))
     out = []
-    for i, (frame_id, frame) in enumerate(ordered):
+    for frame_id, frame in ordered:
         try:
             structure = Structure.from_dict(frame["structure"])
             atoms = AseAtomsAdaptor.get_atoms(structure)

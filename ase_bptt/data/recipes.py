@@ -27,14 +27,17 @@ calculator and keeps every frame.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.calculator import BaseCalculator
 from ase.data import atomic_numbers, reference_states
+
+from ase_bptt.errors import AseBpttError
 
 __all__ = [
     "Recipe",
@@ -58,19 +61,17 @@ SI_LATTICE_CONSTANT = 5.431  # A; the equilibrium of Stillinger-Weber (and close
 SPLIT110_SEPARATION = 2.3  # A; dumbbell bond length, roughly the DFT value
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(AseBpttError, ImportError):
     """An optional dependency (e.g. matscipy) is not installed."""
 
 
 # --------------------------------------------------------------- references
 def _matscipy():
     try:
-        from matscipy.calculators.manybody import Manybody
-        from matscipy.calculators.manybody import explicit_forms
+        from matscipy.calculators.manybody import Manybody, explicit_forms
     except ImportError as exc:
         raise MissingDependencyError(
-            "the Stillinger-Weber and Tersoff references need matscipy: "
-            "pip install ase-bptt[matscipy]"
+            "the Stillinger-Weber and Tersoff references need matscipy: pip install ase-bptt[matscipy]"
         ) from exc
     return Manybody, explicit_forms
 
@@ -181,8 +182,7 @@ class Recipe:
         unknown = set(given) - set(self.defaults)
         if unknown:
             raise ValueError(
-                f"recipe {self.name!r} has no option(s) {sorted(unknown)}; "
-                f"its options are {sorted(self.defaults)}"
+                f"recipe {self.name!r} has no option(s) {sorted(unknown)}; its options are {sorted(self.defaults)}"
             )
         out = {**self.defaults, **given}
         for key in ("defects", "substituents", "elements"):
@@ -227,9 +227,7 @@ def build_si_defect(
     """
     del fmax, max_steps  # relaxation settings, used by the generator
     subs = _si_substituents(reference, substituents)
-    choices = tuple(defects) if defects is not None else tuple(
-        d for d in SI_DEFECTS if d != "substitution" or subs
-    )
+    choices = tuple(defects) if defects is not None else tuple(d for d in SI_DEFECTS if d != "substitution" or subs)
     unknown = set(choices) - set(SI_DEFECTS)
     if unknown:
         raise ValueError(f"unknown defect(s) {sorted(unknown)}; choose from {SI_DEFECTS}")
@@ -333,8 +331,16 @@ RECIPES: dict[str, Recipe] = {
         "si-defects",
         build_si_defect,
         "sw",
-        dict(size=2, sigma=0.1, defects=None, substituents=None,
-             lattice_constant=SI_LATTICE_CONSTANT, site="random", fmax=0.01, max_steps=1000),
+        dict(
+            size=2,
+            sigma=0.1,
+            defects=None,
+            substituents=None,
+            lattice_constant=SI_LATTICE_CONSTANT,
+            site="random",
+            fmax=0.01,
+            max_steps=1000,
+        ),
     ),
     "alloys": Recipe(
         "alloys",

@@ -7,15 +7,17 @@ importers before anything is written.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from ase import Atoms
 
+from ase_bptt.errors import AseBpttError
+
 __all__ = ["InvalidTrajectoryError", "validate_frames", "content_hash"]
 
 
-class InvalidTrajectoryError(ValueError):
+class InvalidTrajectoryError(AseBpttError, ValueError):
     """A trajectory fails validation (too short, missing forces, NaN, ...)."""
 
 
@@ -56,15 +58,12 @@ def validate_frames(frames: Sequence[Atoms]) -> None:
         InvalidTrajectoryError: with the first rule that fails.
     """
     if len(frames) < 2:
-        raise InvalidTrajectoryError(
-            f"{len(frames)} frame(s); a relaxation needs at least 2 (initial and relaxed)"
-        )
+        raise InvalidTrajectoryError(f"{len(frames)} frame(s); a relaxation needs at least 2 (initial and relaxed)")
     numbers0 = frames[0].numbers
     for i, atoms in enumerate(frames):
         if len(atoms) != len(numbers0):
             raise InvalidTrajectoryError(
-                f"atom count changes along the trajectory: {len(numbers0)} in frame 0, "
-                f"{len(atoms)} in frame {i}"
+                f"atom count changes along the trajectory: {len(numbers0)} in frame 0, {len(atoms)} in frame {i}"
             )
         if not np.array_equal(atoms.numbers, numbers0):
             raise InvalidTrajectoryError(f"species order in frame {i} differs from frame 0")
@@ -74,9 +73,7 @@ def validate_frames(frames: Sequence[Atoms]) -> None:
             raise InvalidTrajectoryError(f"frame {i} has a non-finite cell")
         forces = _frame_forces(atoms, i)
         if forces.shape != (len(atoms), 3):
-            raise InvalidTrajectoryError(
-                f"frame {i} has forces of shape {forces.shape}, expected ({len(atoms)}, 3)"
-            )
+            raise InvalidTrajectoryError(f"frame {i} has forces of shape {forces.shape}, expected ({len(atoms)}, 3)")
         if not np.isfinite(forces).all():
             raise InvalidTrajectoryError(f"frame {i} has non-finite forces")
         energy = _frame_energy(atoms)

@@ -113,7 +113,7 @@ class ADAPTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ADAPTConfig":
+    def from_dict(cls, d: dict) -> ADAPTConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a newer model)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -232,7 +232,7 @@ class ADAPT(ForceModel):
         super().check_species(numbers, where=where)
 
     @classmethod
-    def from_config(cls, config: dict) -> "ADAPT":
+    def from_config(cls, config: dict) -> ADAPT:
         """Rebuild from :meth:`ADAPTConfig.to_dict` output (used by checkpoints)."""
         return cls(ADAPTConfig.from_dict(config))
 
@@ -315,7 +315,9 @@ class ADAPT(ForceModel):
             energy = energy.to(device=ref.device, dtype=torch.float64)
             species = sorted({int(z) for z in batch.numbers[mask].tolist()})
             counts = torch.stack([(batch.numbers == z).sum(1) for z in species], dim=1).to(torch.float64)
-            shift = torch.linalg.lstsq(counts, energy.unsqueeze(-1), driver="gelsd" if counts.device.type == "cpu" else None)
+            shift = torch.linalg.lstsq(
+                counts, energy.unsqueeze(-1), driver="gelsd" if counts.device.type == "cpu" else None
+            )
             shift = shift.solution.squeeze(-1)
             table = torch.zeros(MAX_Z + 1, dtype=torch.float64, device=ref.device)
             table[species] = shift

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ase_bptt.batch import Batch
+from ase_bptt.errors import AseBpttError
 
 __all__ = ["ModelOutput", "ForceModel", "UnknownElementError"]
 
@@ -35,7 +36,9 @@ class ForceModel(nn.Module):
 
     species: tuple[int, ...] | None = None
 
-    def forward(self, batch: Batch, positions: torch.Tensor | None = None) -> ModelOutput:  # pragma: no cover - interface
+    def forward(
+        self, batch: Batch, positions: torch.Tensor | None = None
+    ) -> ModelOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
     def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
@@ -55,5 +58,5 @@ class ForceModel(nn.Module):
             )
 
 
-class UnknownElementError(ValueError):
+class UnknownElementError(AseBpttError, ValueError):
     """A structure holds an element the model was never trained on."""

@@ -26,15 +26,16 @@ import os
 import pickle
 import tempfile
 import zipfile
-from zlib import error as zlib_error
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zlib import error as zlib_error
 
 import numpy as np
 import torch
 from torch import nn
 
+from ase_bptt.errors import AseBpttError
 from ase_bptt.models.adapt import ADAPT
 
 __all__ = [
@@ -62,7 +63,7 @@ _REQUIRED = ("format_version", "package_version", "model", "relax", "metadata")
 _REQUIRED_MODEL = ("name", "config", "state_dict")
 
 
-class CheckpointError(Exception):
+class CheckpointError(AseBpttError):
     """Base class: a checkpoint file cannot be used. The message names the file."""
 
 
@@ -226,7 +227,7 @@ def save_checkpoint(
     # copies the metadata of the checkpoint it started from.
     meta = {
         **(metadata or {}),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "package_version": _package_version(),
     }
     checkpoint = {
@@ -256,7 +257,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointNotFoundError(f"checkpoint {path} does not exist; check the path (pretrain writes e.g. runs/pretrain.pt)")
+        raise CheckpointNotFoundError(
+            f"checkpoint {path} does not exist; check the path (pretrain writes e.g. runs/pretrain.pt)"
+        )
     if path.is_dir():
         raise NotACheckpointError(f"{path} is a directory, not an ase-bptt checkpoint file")
     with open(path, "rb") as f:
@@ -302,8 +305,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def validate_checkpoint(data: Any, *, source: str = "checkpoint") -> dict:
     """Check the layout of an already loaded checkpoint dict; errors name ``source``."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        what = "a plain state dict" if isinstance(data, dict) and data and all(
-            isinstance(v, torch.Tensor) for v in data.values()) else f"a {type(data).__name__}"
+        what = (
+            "a plain state dict"
+            if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values())
+            else f"a {type(data).__name__}"
+        )
         raise NotACheckpointError(
             f"{source} is not an ase-bptt checkpoint (it holds {what}, without format='{FORMAT}'); "
             "build the model and save it with ase_bptt.models.checkpoint.save_checkpoint"

@@ -8,10 +8,9 @@ while gradients are enabled so the relaxer can backpropagate through them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ase_bptt.batch import Batch

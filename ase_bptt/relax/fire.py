@@ -47,9 +47,20 @@ class FIREStep(StepRule):
 
     name = "fire"
 
-    def __init__(self, *, dt: float = 0.1, maxstep: float = 0.2, dtmax: float = 1.0, Nmin: int = 5,
-                 finc: float = 1.1, fdec: float = 0.5, astart: float = 0.1, fa: float = 0.99, a: float = 0.1,
-                 noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        dt: float = 0.1,
+        maxstep: float = 0.2,
+        dtmax: float = 1.0,
+        Nmin: int = 5,
+        finc: float = 1.1,
+        fdec: float = 0.5,
+        astart: float = 0.1,
+        fa: float = 0.99,
+        a: float = 0.1,
+        noise: float = 0.0,
+    ) -> None:
         super().__init__(momentum=0.0, anneal=1.0, noise=noise, maxstep=maxstep)
         if maxstep is None:
             raise ValueError("FIRE needs a finite maxstep (ASE's default is 0.2 A).")
@@ -73,8 +84,15 @@ class FIREStep(StepRule):
             "started": torch.zeros(b, dtype=torch.bool, device=positions.device),
         }
 
-    def forward(self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State, frame: int,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        forces: torch.Tensor,
+        batch: Batch,
+        state: State,
+        frame: int,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]:
         movable = batch.movable[..., None]
         g = torch.where(movable, forces, torch.zeros_like(forces))
         v, dt, a, n, started = state["velocity"], state["dt"], state["a"], state["nsteps"], state["started"]
@@ -105,14 +123,24 @@ class FIREStep(StepRule):
         return dr, new_state
 
     def _fire_options(self) -> dict[str, Any]:
-        return {"dt": self.dt, "maxstep": self.maxstep, "dtmax": self.dtmax, "Nmin": self.Nmin, "finc": self.finc,
-                "fdec": self.fdec, "astart": self.astart, "fa": self.fa, "a": self.a, "noise": self.noise}
+        return {
+            "dt": self.dt,
+            "maxstep": self.maxstep,
+            "dtmax": self.dtmax,
+            "Nmin": self.Nmin,
+            "finc": self.finc,
+            "fdec": self.fdec,
+            "astart": self.astart,
+            "fa": self.fa,
+            "a": self.a,
+            "noise": self.noise,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.name, **self._fire_options()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FIREStep":
+    def from_dict(cls, d: dict[str, Any]) -> FIREStep:
         """Inverse of :meth:`to_dict` (unknown keys such as ``tol`` are ignored)."""
         keys = ("dt", "maxstep", "dtmax", "Nmin", "finc", "fdec", "astart", "fa", "a", "noise")
         return cls(**{k: d[k] for k in keys if k in d})

@@ -33,11 +33,12 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.optimize.optimize import Dynamics, Optimizer
 
+from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_TOL
 from ase_bptt.relax.steps import FixedStep, LearnedStep, rule_from_relax_settings
 
 __all__ = ["LearnedStepOptimizer", "DEFAULT_MAX_FRAMES"]
 
-DEFAULT_MAX_FRAMES = 75  # the paper's limit for Si defects
+DEFAULT_MAX_FRAMES = DEFAULT_MAX_STEPS  # kept for imports of the old name
 
 
 class LearnedStepOptimizer(Optimizer):
@@ -59,8 +60,17 @@ class LearnedStepOptimizer(Optimizer):
         ValueError: no ``eta`` and the calculator carries no relax settings.
     """
 
-    def __init__(self, atoms: Atoms, *, eta: float | None = None, tol: float | None = None,
-                 maxstep: float | None = None, logfile: Any = "-", trajectory: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        atoms: Atoms,
+        *,
+        eta: float | None = None,
+        tol: float | None = None,
+        maxstep: float | None = None,
+        logfile: Any = "-",
+        trajectory: Any = None,
+        **kwargs: Any,
+    ) -> None:
         settings = getattr(getattr(atoms, "calc", None), "relax_settings", None)
         saved_tol = saved_steps = None
         if eta is not None:
@@ -76,7 +86,7 @@ class LearnedStepOptimizer(Optimizer):
                 "pass eta=<step size in A^2/eV> to use a fixed step."
             )
         self.step_rule = rule.double().eval()
-        self.tol = float(saved_tol if tol is None and saved_tol is not None else (1e-3 if tol is None else tol))
+        self.tol = float(saved_tol if tol is None and saved_tol is not None else (DEFAULT_TOL if tol is None else tol))
         self.max_frames = int(saved_steps or DEFAULT_MAX_FRAMES)
         self.maxstep = self.step_rule.maxstep
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, **kwargs)
@@ -117,8 +127,10 @@ class LearnedStepOptimizer(Optimizer):
 
         atoms = self.optimizable.atoms if hasattr(self.optimizable, "atoms") else self.atoms
         if not isinstance(atoms, Atoms) or 3 * len(atoms) != forces.size:
-            raise TypeError(f"a {self.step_rule.name!r} step works on plain Atoms, not {type(atoms).__name__}; "
-                            "use a fixed eta with filters.")
+            raise TypeError(
+                f"a {self.step_rule.name!r} step works on plain Atoms, not {type(atoms).__name__}; "
+                "use a fixed eta with filters."
+            )
         # ASE has already applied the constraints to the forces (zero on fixed atoms).
         batch = Batch.from_atoms(atoms, constraints=False, dtype=torch.float64)
         f = torch.as_tensor(forces, dtype=torch.float64)[None]

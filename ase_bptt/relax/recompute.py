@@ -25,8 +25,8 @@ double backward (``create_graph=True``) through a recomputed segment.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from itertools import chain
-from typing import Callable, Sequence
 
 import torch
 
@@ -90,8 +90,10 @@ class _Recomputed(torch.autograd.Function):
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.cuda_device)
-            inputs = [t.detach().requires_grad_(ctx.needs_input_grad[3 + i])
-                      if t is not None and t.is_floating_point() else t for i, t in enumerate(saved)]
+            inputs = [
+                t.detach().requires_grad_(ctx.needs_input_grad[3 + i]) if t is not None and t.is_floating_point() else t
+                for i, t in enumerate(saved)
+            ]
             outs = [o for o in ctx.run(*inputs) if o is not None]
         outputs, grads = [], []
         for out, g in zip(outs, grad_outputs):
@@ -100,14 +102,18 @@ class _Recomputed(torch.autograd.Function):
                 grads.append(g)
         candidates = [*inputs, *ctx.params]
         wanted = [t for t in candidates if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted
-                   else [None] * len(wanted))
+        got = iter(
+            torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
+            if outputs and wanted
+            else [None] * len(wanted)
+        )
         result = [next(got) if t is not None and t.requires_grad else None for t in candidates]
         return (None, None, None, *result)
 
 
-def recompute(run: Callable[..., Sequence[torch.Tensor | None]], *inputs: torch.Tensor | None,
-              params: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+def recompute(
+    run: Callable[..., Sequence[torch.Tensor | None]], *inputs: torch.Tensor | None, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
     """``run(*inputs)`` with its activations dropped after forward and recomputed in backward.
 
     Args:

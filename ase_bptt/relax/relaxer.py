@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from ase import Atoms
@@ -28,13 +29,11 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.batch import Batch
 from ase_bptt.metrics import max_force, rms_displacement
+from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_TOL
 from ase_bptt.relax.recompute import recompute, segment_length, trainable_parameters
 from ase_bptt.relax.steps import State, StepRule, make_step_rule, rule_from_relax_settings
 
 __all__ = ["RolloutResult", "rollout", "DifferentiableRelaxer", "DEFAULT_TOL", "DEFAULT_MAX_STEPS"]
-
-DEFAULT_TOL = 1e-3  # A, RMS per-atom displacement of one frame (the paper's stopping rule)
-DEFAULT_MAX_STEPS = 75  # frames (the paper's limit for Si defects)
 
 
 class RolloutResult(NamedTuple):
@@ -63,10 +62,21 @@ def _where_movable(move: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(move, x, torch.zeros_like(x))
 
 
-def _frame(model: torch.nn.Module, batch: Batch, rule: StepRule, frame: int, tol: float | None,
-           fmax: float | None, positions: torch.Tensor, state: State, active: torch.Tensor,
-           converged: torch.Tensor, n_frames: torch.Tensor, noise: torch.Tensor | None,
-           forces: torch.Tensor | None = None):
+def _frame(
+    model: torch.nn.Module,
+    batch: Batch,
+    rule: StepRule,
+    frame: int,
+    tol: float | None,
+    fmax: float | None,
+    positions: torch.Tensor,
+    state: State,
+    active: torch.Tensor,
+    converged: torch.Tensor,
+    n_frames: torch.Tensor,
+    noise: torch.Tensor | None,
+    forces: torch.Tensor | None = None,
+):
     """One frame for the whole batch; returns ``(positions, state, active, converged, n_frames)``."""
     movable = batch.movable[..., None]
     if forces is None:
@@ -97,10 +107,23 @@ def _draw_noise(rule: StepRule, positions: torch.Tensor, generator: torch.Genera
     return torch.randn(positions.shape, generator=generator, dtype=positions.dtype, device=positions.device)
 
 
-def _segment(model: torch.nn.Module, batch: Batch, rule: StepRule, start: int, stop: int, tol: float | None,
-             fmax: float | None, keys: tuple[str, ...], out_keys: list[str], positions: torch.Tensor,
-             active: torch.Tensor, converged: torch.Tensor, n_frames: torch.Tensor, noise: torch.Tensor | None,
-             *state_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _segment(
+    model: torch.nn.Module,
+    batch: Batch,
+    rule: StepRule,
+    start: int,
+    stop: int,
+    tol: float | None,
+    fmax: float | None,
+    keys: tuple[str, ...],
+    out_keys: list[str],
+    positions: torch.Tensor,
+    active: torch.Tensor,
+    converged: torch.Tensor,
+    n_frames: torch.Tensor,
+    noise: torch.Tensor | None,
+    *state_values: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Frames ``start .. stop-1`` as one flat function of tensors (what :func:`recompute` wraps).
 
     ``noise`` is None or ``(stop - start, B, N, 3)``, drawn outside so that the
@@ -110,8 +133,19 @@ def _segment(model: torch.nn.Module, batch: Batch, rule: StepRule, start: int, s
     state = dict(zip(keys, state_values))
     for i, frame in enumerate(range(start, stop)):
         positions, state, active, converged, n_frames = _frame(
-            model, batch, rule, frame, tol, fmax, positions, state, active, converged, n_frames,
-            None if noise is None else noise[i])
+            model,
+            batch,
+            rule,
+            frame,
+            tol,
+            fmax,
+            positions,
+            state,
+            active,
+            converged,
+            n_frames,
+            None if noise is None else noise[i],
+        )
     out_keys[:] = list(state)
     return (positions, active, converged, n_frames, *state.values())
 
@@ -169,23 +203,44 @@ class _Compactor:
         self.converged[self.rows] = converged
         self.n_frames[self.rows] = n_frames
 
-    def drop_stopped(self, batch: Batch, positions: torch.Tensor, state: State, active: torch.Tensor,
-                     converged: torch.Tensor, n_frames: torch.Tensor):
+    def drop_stopped(
+        self,
+        batch: Batch,
+        positions: torch.Tensor,
+        state: State,
+        active: torch.Tensor,
+        converged: torch.Tensor,
+        n_frames: torch.Tensor,
+    ):
         self._write_back(positions, converged, n_frames)
         keep = torch.nonzero(active).squeeze(1)
         self.rows = self.rows[keep]
-        return (batch.select(keep), positions[keep], {k: v[keep] for k, v in state.items()}, active[keep],
-                converged[keep], n_frames[keep])
+        return (
+            batch.select(keep),
+            positions[keep],
+            {k: v[keep] for k, v in state.items()},
+            active[keep],
+            converged[keep],
+            n_frames[keep],
+        )
 
     def result(self, positions: torch.Tensor, converged: torch.Tensor, n_frames: torch.Tensor) -> RolloutResult:
         self._write_back(positions, converged, n_frames)
         return RolloutResult(self.positions, self.n_frames, self.converged)
 
 
-def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: float | None = 1e-3,
-            max_steps: int = 75, fmax: float | None = None, checkpoint_frames: bool | int = False,
-            generator: torch.Generator | None = None,
-            sync_active: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RolloutResult:
+def rollout(
+    model: torch.nn.Module,
+    batch: Batch,
+    step_rule: StepRule,
+    *,
+    tol: float | None = DEFAULT_TOL,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    fmax: float | None = None,
+    checkpoint_frames: bool | int = False,
+    generator: torch.Generator | None = None,
+    sync_active: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RolloutResult:
     """Unroll a relaxation of every structure in ``batch``, keeping the autograd graph.
 
     Args:
@@ -244,8 +299,11 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
     n_frames = torch.zeros(b, dtype=torch.long, device=device)
     flag_reader = _LaggedFlag(positions.device)
     segment = segment_length(checkpoint_frames, max_steps) if torch.is_grad_enabled() else 0
-    compactor = (_Compactor(positions, converged, n_frames)
-                 if sync_active is None and _Compactor.applies(step_rule, device) else None)
+    compactor = (
+        _Compactor(positions, converged, n_frames)
+        if sync_active is None and _Compactor.applies(step_rule, device)
+        else None
+    )
     params = trainable_parameters(model, step_rule) if segment else ()
     start = 0
     while start < max_steps:
@@ -257,17 +315,20 @@ def rollout(model: torch.nn.Module, batch: Batch, step_rule: StepRule, *, tol: f
             out_keys: list[str] = []
             run = functools.partial(_segment, model, batch, step_rule, start, stop, tol, fmax, keys, out_keys)
             positions, active, converged, n_frames, *values = recompute(
-                run, positions, active, converged, n_frames, noise, *state.values(), params=params)
+                run, positions, active, converged, n_frames, noise, *state.values(), params=params
+            )
             state = dict(zip(out_keys, values))
         else:
             stop = start + 1
             noise = _draw_noise(step_rule, positions, generator)
             positions, state, active, converged, n_frames = _frame(
-                model, batch, step_rule, start, tol, fmax, positions, state, active, converged, n_frames, noise)
+                model, batch, step_rule, start, tol, fmax, positions, state, active, converged, n_frames, noise
+            )
         start = stop
         if compactor is not None and not bool(active.all()):
             batch, positions, state, active, converged, n_frames = compactor.drop_stopped(
-                batch, positions, state, active, converged, n_frames)
+                batch, positions, state, active, converged, n_frames
+            )
         flag = active.any()
         if sync_active is not None:
             flag = sync_active(flag.to(dtype)) > 0
@@ -289,8 +350,10 @@ def _resolve_model(model: Any) -> tuple[torch.nn.Module, dict | None]:
         return model.model, model.relax_settings
     if isinstance(model, torch.nn.Module):
         return model, getattr(model, "relax_settings", None)
-    raise TypeError(f"DifferentiableRelaxer needs a torch force model, a BPTTCalculator or a checkpoint path, "
-                    f"not {type(model).__name__}.")
+    raise TypeError(
+        f"DifferentiableRelaxer needs a torch force model, a BPTTCalculator or a checkpoint path, "
+        f"not {type(model).__name__}."
+    )
 
 
 class DifferentiableRelaxer:
@@ -330,10 +393,19 @@ class DifferentiableRelaxer:
         structure ``(B,)``; ``structure_converged``: ``(B,)`` bool.
     """
 
-    def __init__(self, atoms: Atoms | Sequence[Atoms] | Batch, model: Any, *,
-                 step: str | StepRule = "fixed", eta: float | None = None, tol: float | None = None,
-                 maxstep: float | None = 0.2, logfile: Any = None, trajectory: Any = None,
-                 checkpoint_frames: bool | int = False) -> None:
+    def __init__(
+        self,
+        atoms: Atoms | Sequence[Atoms] | Batch,
+        model: Any,
+        *,
+        step: str | StepRule = "fixed",
+        eta: float | None = None,
+        tol: float | None = None,
+        maxstep: float | None = 0.2,
+        logfile: Any = None,
+        trajectory: Any = None,
+        checkpoint_frames: bool | int = False,
+    ) -> None:
         self.model, settings = _resolve_model(model)
         dtype, device = model_dtype_device(self.model)
         if isinstance(atoms, Batch):
@@ -379,7 +451,7 @@ class DifferentiableRelaxer:
         self._trajectories = self._open_trajectories(trajectory)
 
     # ------------------------------------------------------------ context
-    def __enter__(self) -> "DifferentiableRelaxer":
+    def __enter__(self) -> DifferentiableRelaxer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -407,8 +479,10 @@ class DifferentiableRelaxer:
         else:
             paths = [trajectory]
         if len(paths) != b:
-            raise ValueError(f"trajectory names {len(paths)} file(s) for {b} structures; give a list of {b} paths "
-                             "or a name containing '{index}', e.g. 'relax-{index}.traj'.")
+            raise ValueError(
+                f"trajectory names {len(paths)} file(s) for {b} structures; give a list of {b} paths "
+                "or a name containing '{index}', e.g. 'relax-{index}.traj'."
+            )
         return [Trajectory(p, "w") for p in paths]
 
     # ---------------------------------------------------------- evaluation
@@ -417,8 +491,7 @@ class DifferentiableRelaxer:
         if self._forces is None:
             if self.checkpoint_frames and torch.is_grad_enabled():
                 params = trainable_parameters(self.model)
-                out = recompute(lambda p: tuple(self.model(self.batch, positions=p))[:2], self.positions,
-                                params=params)
+                out = recompute(lambda p: tuple(self.model(self.batch, positions=p))[:2], self.positions, params=params)
             else:
                 out = self.model(self.batch, positions=self.positions)
             self._forces, self._energy = out[0], out[1]
@@ -478,7 +551,7 @@ class DifferentiableRelaxer:
                 ``max_steps`` when the rule came from it, else 75).
         """
         is_converged = False
-        for is_converged in self.irun(fmax=fmax, steps=steps):
+        for is_converged in self.irun(fmax=fmax, steps=steps):  # noqa: B007 (the last value is the result)
             pass
         return is_converged
 
@@ -507,8 +580,9 @@ class DifferentiableRelaxer:
             energy = None if self._energy is None else self._energy.detach().double().cpu().numpy()
             mask = self.batch.mask.cpu().numpy()
             for i, atoms in enumerate(images):
-                atoms.calc = SinglePointCalculator(atoms, forces=forces[i, mask[i]],
-                                                   energy=None if energy is None else float(energy[i]))
+                atoms.calc = SinglePointCalculator(
+                    atoms, forces=forces[i, mask[i]], energy=None if energy is None else float(energy[i])
+                )
         if self._input_atoms is not None:
             for atoms, original in zip(images, self._input_atoms):
                 atoms.info.update(original.info)
@@ -517,8 +591,15 @@ class DifferentiableRelaxer:
     def todict(self) -> dict[str, Any]:
         """A JSON-like description, as ASE optimizers give (written into trajectories)."""
         rule = {k: v for k, v in self.step_rule.to_dict().items() if k != "state_dict"}
-        return {"type": "optimization", "optimizer": type(self).__name__, "step_rule": rule,
-                "tol": self.tol, "maxstep": self.step_rule.maxstep, "max_steps": self.max_steps, "fmax": self.fmax}
+        return {
+            "type": "optimization",
+            "optimizer": type(self).__name__,
+            "step_rule": rule,
+            "tol": self.tol,
+            "maxstep": self.step_rule.maxstep,
+            "max_steps": self.max_steps,
+            "fmax": self.fmax,
+        }
 
     def log(self) -> None:
         """One ASE-style line per structure that moved in the last frame."""
@@ -535,8 +616,10 @@ class DifferentiableRelaxer:
         energy = [float("nan")] * b if self._energy is None else self._energy.detach().double().cpu().tolist()
         t = time.localtime()
         for i in torch.nonzero(self._moved).flatten().tolist():
-            lines.append("%s:  %3d %02d:%02d:%02d %15.6f %15.6f\n"
-                         % (names[i].ljust(width), self.nsteps, t[3], t[4], t[5], energy[i], fmax[i]))
+            lines.append(
+                "%s:  %3d %02d:%02d:%02d %15.6f %15.6f\n"
+                % (names[i].ljust(width), self.nsteps, t[3], t[4], t[5], energy[i], fmax[i])
+            )
         text = "".join(lines)
         if self._own_log is not None:
             self._own_log.write(text)

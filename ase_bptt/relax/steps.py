@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ase_bptt import metrics
 from ase_bptt.batch import Batch
+from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
 
 __all__ = [
     "DEFAULT_ETA",
@@ -48,8 +49,6 @@ __all__ = [
     "rule_from_relax_settings",
 ]
 
-#: Step size (A^2/eV) used when none is given and the model carries no relax settings.
-DEFAULT_ETA = 0.05
 
 State = dict[str, torch.Tensor]
 
@@ -101,8 +100,9 @@ class StepRule(nn.Module):
 
     name: str = ""
 
-    def __init__(self, *, momentum: float = 0.0, anneal: float = 1.0, noise: float = 0.0,
-                 maxstep: float | None = 0.2) -> None:
+    def __init__(
+        self, *, momentum: float = 0.0, anneal: float = 1.0, noise: float = 0.0, maxstep: float | None = 0.2
+    ) -> None:
         super().__init__()
         _check_options(momentum, anneal, noise, maxstep)
         self.momentum = float(momentum)
@@ -123,13 +123,21 @@ class StepRule(nn.Module):
         return self.training and self.noise > 0.0
 
     # --------------------------------------------------------------- update
-    def step_size(self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State,
-                  frame: int) -> torch.Tensor:
+    def step_size(
+        self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State, frame: int
+    ) -> torch.Tensor:
         """Step size before annealing: a float, a 0-d tensor or one value per structure ``(B,)``."""
         raise NotImplementedError
 
-    def forward(self, positions: torch.Tensor, forces: torch.Tensor, batch: Batch, state: State, frame: int,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        forces: torch.Tensor,
+        batch: Batch,
+        state: State,
+        frame: int,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]:
         """One frame's update.
 
         Args:
@@ -208,8 +216,14 @@ class LearnedStep(StepRule):
 
     name = "learned"
 
-    def __init__(self, eta0: float = DEFAULT_ETA, *, log_eta: float | None = None,
-                 dtype: torch.dtype | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        eta0: float = DEFAULT_ETA,
+        *,
+        log_eta: float | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         if log_eta is None:
             if not eta0 > 0.0:
@@ -269,18 +283,33 @@ class DecoderStep(StepRule):
     name = "decoder"
     n_features = 10
 
-    def __init__(self, eta0: float = DEFAULT_ETA, *, d_model: int = 16, n_heads: int = 2, d_ff: int = 32,
-                 dropout: float = 0.0, force_scale: float = 1.0, length_scale: float = 10.0,
-                 dtype: torch.dtype | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        eta0: float = DEFAULT_ETA,
+        *,
+        d_model: int = 16,
+        n_heads: int = 2,
+        d_ff: int = 32,
+        dropout: float = 0.0,
+        force_scale: float = 1.0,
+        length_scale: float = 10.0,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         if not eta0 > 0.0:
             raise ValueError(f"eta0 must be positive, got {eta0}.")
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
         self.eta0 = float(eta0)
-        self.config = {"d_model": int(d_model), "n_heads": int(n_heads), "d_ff": int(d_ff),
-                       "dropout": float(dropout), "force_scale": float(force_scale),
-                       "length_scale": float(length_scale)}
+        self.config = {
+            "d_model": int(d_model),
+            "n_heads": int(n_heads),
+            "d_ff": int(d_ff),
+            "dropout": float(dropout),
+            "force_scale": float(force_scale),
+            "length_scale": float(length_scale),
+        }
         kw = {"dtype": dtype or torch.get_default_dtype()}
         self.lift0 = nn.Linear(self.n_features, d_model, **kw)
         self.lift1 = nn.Linear(d_model, d_model, **kw)
@@ -300,11 +329,14 @@ class DecoderStep(StepRule):
     def step_size(self, positions, forces, batch, state, frame):
         dtype = self.query.dtype
         scale = self.config["force_scale"]
-        z = torch.cat([
-            _periodic_features(positions, batch, self.config["length_scale"]),
-            forces / scale,
-            safe_norm(forces, dim=-1)[..., None] / scale,
-        ], dim=-1).to(dtype)
+        z = torch.cat(
+            [
+                _periodic_features(positions, batch, self.config["length_scale"]),
+                forces / scale,
+                safe_norm(forces, dim=-1)[..., None] / scale,
+            ],
+            dim=-1,
+        ).to(dtype)
         h = self.lift2(z) + self.lift1(F.silu(self.lift0(z)))
         q = self.query.expand(h.shape[0], 1, h.shape[-1])
         attended, _ = self.attention(q, h, h, key_padding_mask=~batch.mask, need_weights=False)
@@ -318,7 +350,9 @@ class DecoderStep(StepRule):
         return {"step": self.name, "eta": self.eta0, **self.config, **self._options(), "state_dict": state}
 
     def extra_repr(self) -> str:
-        return f"eta0={self.eta0}, " + ", ".join(f"{k}={v}" for k, v in self.config.items()) + ", " + super().extra_repr()
+        return (
+            f"eta0={self.eta0}, " + ", ".join(f"{k}={v}" for k, v in self.config.items()) + ", " + super().extra_repr()
+        )
 
 
 _RELAX_ONLY_KEYS = ("step", "tol", "max_steps")
@@ -357,8 +391,15 @@ def step_rule_from_dict(d: dict[str, Any]) -> StepRule:
     )
 
 
-def make_step_rule(spec: str | StepRule | dict[str, Any], *, eta: float | None = None, maxstep: float | None = 0.2,
-                   momentum: float = 0.0, anneal: float = 1.0, noise: float = 0.0) -> StepRule:
+def make_step_rule(
+    spec: str | StepRule | dict[str, Any],
+    *,
+    eta: float | None = None,
+    maxstep: float | None = 0.2,
+    momentum: float = 0.0,
+    anneal: float = 1.0,
+    noise: float = 0.0,
+) -> StepRule:
     """Build a step rule from a name (``"fixed"``, ``"learned"``, ``"decoder"``, ``"fire"``).
 
     A ``StepRule`` is returned unchanged; a dict goes to :func:`step_rule_from_dict`.
@@ -387,13 +428,15 @@ def make_step_rule(spec: str | StepRule | dict[str, Any], *, eta: float | None =
         from ase_bptt.relax.fire import FIREStep
 
         if momentum != 0.0 or anneal != 1.0:
-            raise ValueError("FIRE has its own velocity mixing; momentum and anneal apply only to "
-                             "'fixed', 'learned' and 'decoder' steps.")
+            raise ValueError(
+                "FIRE has its own velocity mixing; momentum and anneal apply only to "
+                "'fixed', 'learned' and 'decoder' steps."
+            )
         return FIREStep(maxstep=0.2 if maxstep is None else maxstep, noise=noise)
     raise ValueError(f"unknown step rule {spec!r}; choose 'fixed', 'learned', 'decoder' or 'fire', or pass a StepRule.")
 
 
-def relax_settings(rule: StepRule, *, tol: float = 1e-3, max_steps: int = 75) -> dict[str, Any]:
+def relax_settings(rule: StepRule, *, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
     """A checkpoint's ``relax`` dict: ``{"step": rule.to_dict(), "tol": tol, "max_steps": max_steps}``."""
     return {"step": rule.to_dict(), "tol": float(tol), "max_steps": int(max_steps)}
 

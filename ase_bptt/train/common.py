@@ -21,13 +21,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
+from ase_bptt.errors import AseBpttError
 from ase_bptt.train.distributed import DistContext, shard
 from ase_bptt.train.state import StateError, get_rng_state, save_state, set_rng_state
 
@@ -62,11 +64,11 @@ RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batc
 KILL_ENV = "ASE_BPTT_TEST_KILL_AFTER_STEP"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AseBpttError, RuntimeError):
     """Training cannot go on (e.g. every batch was non-finite)."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(AseBpttError, RuntimeError):
     """SIGINT stopped the run after the state was saved; the message says how to resume."""
 
 
@@ -74,7 +76,7 @@ class ConfigMismatchError(StateError):
     """An output or state file belongs to another configuration or database."""
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(AseBpttError, ValueError):
     """A split the run needs holds no data."""
 
 
@@ -126,7 +128,7 @@ def config_differences(old: dict, new: dict, *, ignore=frozenset(), prefix: str 
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """"float32"/"float64" (or a torch dtype) to a torch floating dtype; None is float32."""
+    """ "float32"/"float64" (or a torch dtype) to a torch floating dtype; None is float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -160,8 +162,9 @@ def seed_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Gen
 
 
 # ------------------------------------------------------------------ schedules
-def lr_factor(step: int, total: int, *, schedule: str, warmup: int, min_factor: float = 0.0,
-              div_factor: float = 25.0) -> float:
+def lr_factor(
+    step: int, total: int, *, schedule: str, warmup: int, min_factor: float = 0.0, div_factor: float = 25.0
+) -> float:
     """Learning-rate multiplier for optimiser step ``step`` (0-based) of ``total``.
 
     ``constant``: linear warmup then 1. ``cosine``: linear warmup from 0 to 1
@@ -220,7 +223,7 @@ class LoopState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoopState":
+    def from_dict(cls, d: dict) -> LoopState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -293,8 +296,10 @@ def sigint_flag() -> Iterator[dict]:
 def write_state(spec: LoopSpec, loop: LoopState, payload: dict, ctx: DistContext) -> None:
     """Rank 0 writes the state file (header, loop counters, RNG states, payload)."""
     if ctx.is_main:
-        save_state(spec.state_file, {"kind": spec.kind, **spec.header, "loop": loop.to_dict(),
-                                     "rng": get_rng_state(), **payload})
+        save_state(
+            spec.state_file,
+            {"kind": spec.kind, **spec.header, "loop": loop.to_dict(), "rng": get_rng_state(), **payload},
+        )
 
 
 def restore_rng(state: dict) -> None:
@@ -349,9 +354,16 @@ def run_epochs(
         else:
             loop.since_best += 1
         if ctx.is_main:
-            log.info("%s epoch %s: %s", spec.kind, epoch,
-                     ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
-                               if k not in ("epoch",)))
+            log.info(
+                "%s epoch %s: %s",
+                spec.kind,
+                epoch,
+                ", ".join(
+                    f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in entry.items()
+                    if k not in ("epoch",)
+                ),
+            )
 
     if loop.finished:
         return loop
@@ -371,8 +383,14 @@ def run_epochs(
         while loop.epoch < spec.epochs and not loop.finished:
             epoch = loop.epoch
             batches = epoch_batches(spec, epoch)
-            bar = tqdm(total=len(batches), initial=loop.batch, desc=f"{spec.kind} epoch {epoch + 1}/{spec.epochs}",
-                       disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(batches),
+                initial=loop.batch,
+                desc=f"{spec.kind} epoch {epoch + 1}/{spec.epochs}",
+                disable=not (progress and ctx.is_main),
+                leave=False,
+                dynamic_ncols=True,
+            )
             stop = ""
             try:
                 for b in range(loop.batch, len(batches)):
@@ -426,8 +444,13 @@ def run_epochs(
     if not loop.finished:
         loop.finished, loop.stop_reason = True, f"completed {spec.epochs} epochs"
     if ctx.is_main:
-        log.info("%s finished: %s; best epoch %s (%.5g)", spec.kind, loop.stop_reason, loop.best_epoch,
-                 loop.best_metric if loop.best_metric is not None else float("nan"))
+        log.info(
+            "%s finished: %s; best epoch %s (%.5g)",
+            spec.kind,
+            loop.stop_reason,
+            loop.best_epoch,
+            loop.best_metric if loop.best_metric is not None else float("nan"),
+        )
     return loop
 
 
@@ -438,8 +461,15 @@ def _trim(batch, n: int):
 
     if batch.positions.shape[1] == n:
         return batch
-    return Batch(positions=batch.positions[:, :n], numbers=batch.numbers[:, :n], masses=batch.masses[:, :n],
-                 mask=batch.mask[:, :n], fixed=batch.fixed[:, :n], cell=batch.cell, pbc=batch.pbc)
+    return Batch(
+        positions=batch.positions[:, :n],
+        numbers=batch.numbers[:, :n],
+        masses=batch.masses[:, :n],
+        mask=batch.mask[:, :n],
+        fixed=batch.fixed[:, :n],
+        cell=batch.cell,
+        pbc=batch.pbc,
+    )
 
 
 @dataclass
@@ -461,17 +491,20 @@ class FrameSet:
     def __len__(self) -> int:
         return len(self.batch)
 
-    def to(self, device=None, dtype=None) -> "FrameSet":
-        return FrameSet(self.batch.to(device, dtype), self.forces.to(device=device, dtype=dtype),
-                        None if self.energy is None else self.energy.to(device=device, dtype=dtype), self.traj_ids)
+    def to(self, device=None, dtype=None) -> FrameSet:
+        return FrameSet(
+            self.batch.to(device, dtype),
+            self.forces.to(device=device, dtype=dtype),
+            None if self.energy is None else self.energy.to(device=device, dtype=dtype),
+            self.traj_ids,
+        )
 
     def take(self, index: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
         """Frames ``index`` as (Batch, forces, energy), trimmed to their largest atom count."""
         index = index.to(self.forces.device)
         batch = self.batch.select(index)
         n = int(batch.mask.sum(1).max()) if len(index) else 0
-        return (_trim(batch, n), self.forces[index, :n],
-                None if self.energy is None else self.energy[index])
+        return (_trim(batch, n), self.forces[index, :n], None if self.energy is None else self.energy[index])
 
 
 def load_frames(db, split: str, *, dtype: torch.dtype = torch.float64) -> FrameSet | None:
@@ -500,9 +533,10 @@ class RelaxationSet:
     def __len__(self) -> int:
         return len(self.initial)
 
-    def to(self, device=None, dtype=None) -> "RelaxationSet":
-        return RelaxationSet(self.initial.to(device, dtype), self.relaxed.to(device=device, dtype=dtype),
-                             self.labels, self.traj_ids)
+    def to(self, device=None, dtype=None) -> RelaxationSet:
+        return RelaxationSet(
+            self.initial.to(device, dtype), self.relaxed.to(device=device, dtype=dtype), self.labels, self.traj_ids
+        )
 
     def take(self, index: torch.Tensor) -> tuple[Any, torch.Tensor]:
         index = index.to(self.relaxed.device)
@@ -511,8 +545,9 @@ class RelaxationSet:
         return _trim(batch, n), self.relaxed[index, :n]
 
 
-def load_relaxations(db, split: str, *, converged_only: bool = True,
-                     dtype: torch.dtype = torch.float64) -> RelaxationSet | None:
+def load_relaxations(
+    db, split: str, *, converged_only: bool = True, dtype: torch.dtype = torch.float64
+) -> RelaxationSet | None:
     """Initial structure and relaxed positions of every (converged) trajectory in ``split``.
 
     Reads through :class:`~ase_bptt.data.datasets.RelaxationDataset`, whose relaxed positions
@@ -550,12 +585,17 @@ def check_same_run(sfile: Path, state: dict, header: dict, *, ignore=frozenset()
 
 def run_header(config_dict: dict, traj_ids: list[str], init_digest: str | None) -> dict:
     """What identifies a training run: its config, its train data and its initial model."""
-    return {"config": config_dict, "config_hash": config_hash(config_dict, ignore=RUN_CONTROL),
-            "data_fingerprint": fingerprint(traj_ids), "init": init_digest}
+    return {
+        "config": config_dict,
+        "config_hash": config_hash(config_dict, ignore=RUN_CONTROL),
+        "data_fingerprint": fingerprint(traj_ids),
+        "init": init_digest,
+    }
 
 
-def start_or_resume(out: Path, header: dict, *, kind: str, ctx: DistContext,
-                    overwrite: bool) -> tuple[Path, dict | None, bool]:
+def start_or_resume(
+    out: Path, header: dict, *, kind: str, ctx: DistContext, overwrite: bool
+) -> tuple[Path, dict | None, bool]:
     """Decide how a pretrain/finetune run to ``out`` starts.
 
     Returns:
@@ -582,9 +622,11 @@ def start_or_resume(out: Path, header: dict, *, kind: str, ctx: DistContext,
         return sfile, state, done
     if out.exists():
         meta = load_checkpoint(out)["metadata"]
-        if (meta.get("config_hash") == header["config_hash"]
-                and meta.get("data_fingerprint") == header["data_fingerprint"]
-                and meta.get("init_digest") == header["init"]):
+        if (
+            meta.get("config_hash") == header["config_hash"]
+            and meta.get("data_fingerprint") == header["data_fingerprint"]
+            and meta.get("init_digest") == header["init"]
+        ):
             return sfile, None, True
         raise ConfigMismatchError(
             f"{out} already exists and was not made by this configuration, database and initial model; "

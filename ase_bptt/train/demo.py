@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["DemoSettings", "QUICK", "FULL", "run_demo"]
 
@@ -63,10 +64,16 @@ QUICK = DemoSettings(
     test=0.3,
     # Looser reference relaxations (still converged by the database's 0.05 eV/A): fewer frames.
     generate_options={"fmax": 0.03},
-    pretrain={"model": _MODEL, "epochs": 4, "time_budget": 15.0, "batch_size": 16, "lr": 2e-3, "patience": None,
-              "eval_frames": 200},
-    finetune={"epochs": 1, "time_budget": 15.0, "batch_size": 4, "eta_grid": (0.02, 0.05),
-              "grid_structures": 3},
+    pretrain={
+        "model": _MODEL,
+        "epochs": 4,
+        "time_budget": 15.0,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "patience": None,
+        "eval_frames": 200,
+    },
+    finetune={"epochs": 1, "time_budget": 15.0, "batch_size": 4, "eta_grid": (0.02, 0.05), "grid_structures": 3},
     eta_grid=(0.01, 0.03, 0.1),
     fire_steps=40,
 )
@@ -75,8 +82,15 @@ FULL = DemoSettings(
     n_trajectories=100,
     val=0.15,
     test=0.15,
-    pretrain={"model": _MODEL, "epochs": 6, "time_budget": 210.0, "batch_size": 16, "lr": 2e-3, "patience": 20,
-              "eval_frames": 500},
+    pretrain={
+        "model": _MODEL,
+        "epochs": 6,
+        "time_budget": 210.0,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "patience": 20,
+        "eval_frames": 500,
+    },
     finetune={"epochs": 5, "time_budget": 170.0, "batch_size": 4, "grid_structures": 32},
     eta_grid=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
     fire_steps=300,
@@ -137,8 +151,9 @@ def run_demo(
     db = TrajectoryDB(paths["db"], create=True)
     t = _stage(echo, f"silicon point defects: {s.n_trajectories} relaxations into {paths['db']}")
     # generate() is resumable: it adds only the trajectories not yet in the database.
-    added = generate("si-defects", db, n=s.n_trajectories, seed=seed, workers=workers, progress=progress,
-                     **s.generate_options)
+    added = generate(
+        "si-defects", db, n=s.n_trajectories, seed=seed, workers=workers, progress=progress, **s.generate_options
+    )
     if not added:
         echo(f"    reusing {len(db)} trajectories")
     counts = db.assign_splits(val=s.val, test=s.test, seed=seed)
@@ -146,21 +161,37 @@ def run_demo(
     timings["generate"] = time.perf_counter() - t
 
     t = _stage(echo, f"pretraining (force matching) -> {paths['pretrained']}")
-    _resumable(echo, pretrain, db, paths["pretrained"], config=PretrainConfig(**s.pretrain, **common),
-               progress=progress)
+    _resumable(
+        echo, pretrain, db, paths["pretrained"], config=PretrainConfig(**s.pretrain, **common), progress=progress
+    )
     timings["pretrain"] = time.perf_counter() - t
 
     t = _stage(echo, f"BPTT fine-tuning -> {paths['finetuned']}")
-    _resumable(echo, finetune, db, paths["finetuned"], init=paths["pretrained"],
-               config=FinetuneConfig(**s.finetune, **common), progress=progress)
+    _resumable(
+        echo,
+        finetune,
+        db,
+        paths["finetuned"],
+        init=paths["pretrained"],
+        config=FinetuneConfig(**s.finetune, **common),
+        progress=progress,
+    )
     timings["finetune"] = time.perf_counter() - t
 
     t = _stage(echo, f"evaluating on the test split -> {paths['report_dir']}")
     result = _cached_report(paths)
     if result is None:
         result = evaluate(
-            [paths["pretrained"], paths["finetuned"]], db, paths["report_dir"], split="test", select_eta_on="val",
-            names=["pretrained", "bptt"], eta_grid=s.eta_grid, fire_steps=s.fire_steps, device=device, dtype=dtype,
+            [paths["pretrained"], paths["finetuned"]],
+            db,
+            paths["report_dir"],
+            split="test",
+            select_eta_on="val",
+            names=["pretrained", "bptt"],
+            eta_grid=s.eta_grid,
+            fire_steps=s.fire_steps,
+            device=device,
+            dtype=dtype,
             progress=progress,
         )
     else:
@@ -181,8 +212,13 @@ def run_demo(
     echo("honest fixed-step baseline uses the eta chosen on the val split.")
     echo(f"report: {paths['report_dir'] / 'report.md'}")
     echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return {"result": result, "table": table, "report": paths["report_dir"] / "report.md", "timings": timings,
-            "paths": paths}
+    return {
+        "result": result,
+        "table": table,
+        "report": paths["report_dir"] / "report.md",
+        "timings": timings,
+        "paths": paths,
+    }
 
 
 def _resumable(echo: Callable[[str], Any], train: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:

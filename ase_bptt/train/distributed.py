@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -130,9 +130,7 @@ class DistContext:
         if not params:
             return
         has = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=self.device)
-        flat = torch.cat(
-            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
-        )
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
         has = self.all_reduce_max(has)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0

@@ -26,17 +26,19 @@ import datetime as _dt
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ase_bptt import __version__
-from ase_bptt import metrics
+from ase_bptt import __version__, metrics
 from ase_bptt.batch import Batch
+from ase_bptt.errors import AseBpttError
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
 from ase_bptt.train.distributed import resolve_device
 
@@ -45,16 +47,10 @@ __all__ = [
     "EmptySplitError",
     "NoStepRuleError",
     "evaluate",
-    "relax_file",
-    "RelaxedStructure",
 ]
 
-#: Log-spaced fixed step sizes (A^2/eV) covering the paper's Table 6 range and
-#: beyond it, up to where the 0.2 A per-frame cap dominates.
-DEFAULT_ETA_GRID: tuple[float, ...] = tuple(float(f"{x:.3g}") for x in np.geomspace(0.005, 0.3, 10))
 
-
-class NoStepRuleError(ValueError):
+class NoStepRuleError(AseBpttError, ValueError):
     """A checkpoint stores no step rule, so it cannot relax with the learned optimizer."""
 
 
@@ -74,7 +70,8 @@ def _summary(values: Sequence[float], labels: Sequence[str]) -> dict[str, Any]:
         "mean": float(np.mean(values)),
         "median": float(median(values)),
         "per_label": {
-            lab: {"mean": float(np.mean(v)), "median": float(median(v)), "n": len(v)} for lab, v in sorted(per_label.items())
+            lab: {"mean": float(np.mean(v)), "median": float(median(v)), "n": len(v)}
+            for lab, v in sorted(per_label.items())
         },
     }
 
@@ -128,8 +125,18 @@ def _errors(split: _Split, final: torch.Tensor, metric: str) -> list[float]:
     return _metric(metric)(final.detach().to("cpu", torch.float64), split.relaxed64, split.batch64).tolist()
 
 
-def _rollout_all(model, initial: Sequence, rule, *, tol: float, max_steps: int, fmax: float | None, batch_size: int,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rollout_all(
+    model,
+    initial: Sequence,
+    rule,
+    *,
+    tol: float,
+    max_steps: int,
+    fmax: float | None,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched no-grad rollouts of the structures ``initial`` (Atoms).
 
     Returns final positions ``(S, N_max, 3)`` (float64, CPU, zero padded),
@@ -154,8 +161,9 @@ def _rollout_all(model, initial: Sequence, rule, *, tol: float, max_steps: int, 
     return positions, n_frames, converged
 
 
-def _method_entry(split: _Split, values: list[float], *, frames: torch.Tensor, converged: torch.Tensor,
-                  **extra: Any) -> dict[str, Any]:
+def _method_entry(
+    split: _Split, values: list[float], *, frames: torch.Tensor, converged: torch.Tensor, **extra: Any
+) -> dict[str, Any]:
     return {
         **extra,
         "dq": _summary(values, split.labels),
@@ -165,8 +173,21 @@ def _method_entry(split: _Split, values: list[float], *, frames: torch.Tensor, c
     }
 
 
-def _eta_curves(model, splits: Sequence[_Split], grid: Sequence[float], *, tol, max_steps, maxstep, batch_size,
-                device, dtype, metric, progress: bool, desc: str) -> list[list[dict[str, Any]]]:
+def _eta_curves(
+    model,
+    splits: Sequence[_Split],
+    grid: Sequence[float],
+    *,
+    tol,
+    max_steps,
+    maxstep,
+    batch_size,
+    device,
+    dtype,
+    metric,
+    progress: bool,
+    desc: str,
+) -> list[list[dict[str, Any]]]:
     """Fixed-step rollouts over the eta grid, one curve per split.
 
     The splits' structures are rolled out together (fuller batches, fewer
@@ -178,14 +199,26 @@ def _eta_curves(model, splits: Sequence[_Split], grid: Sequence[float], *, tol, 
     curves: list[list[dict[str, Any]]] = [[] for _ in splits]
     for eta in _progress(grid, enabled=progress, desc=desc):
         rule = FixedStep(float(eta), maxstep=maxstep).to(device=device, dtype=dtype)
-        pos, frames, conv = _rollout_all(model, initial, rule, tol=tol, max_steps=max_steps, fmax=None,
-                                         batch_size=batch_size, device=device, dtype=dtype)
+        pos, frames, conv = _rollout_all(
+            model,
+            initial,
+            rule,
+            tol=tol,
+            max_steps=max_steps,
+            fmax=None,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
         start = 0
         for sp, curve in zip(splits, curves):
             sl = slice(start, start + len(sp))
             n = sp.batch64.positions.shape[1]
-            curve.append(_method_entry(sp, _errors(sp, pos[sl, :n], metric), frames=frames[sl], converged=conv[sl],
-                                       eta=float(eta)))
+            curve.append(
+                _method_entry(
+                    sp, _errors(sp, pos[sl, :n], metric), frames=frames[sl], converged=conv[sl], eta=float(eta)
+                )
+            )
             start += len(sp)
     return curves
 
@@ -214,8 +247,9 @@ def _fire_all(model, split: _Split, *, fmax: float, steps: int, device, dtype, m
     return final, n_steps, converged
 
 
-def _force_errors(model, db, split: str, *, batch_size: int, device, dtype, progress: bool = False,
-                  desc: str = "force errors") -> dict[str, Any]:
+def _force_errors(
+    model, db, split: str, *, batch_size: int, device, dtype, progress: bool = False, desc: str = "force errors"
+) -> dict[str, Any]:
     """Force (and energy) errors of ``model`` on every frame of the split's trajectories.
 
     All trajectories count here, converged or not: every frame carries
@@ -377,19 +411,27 @@ def evaluate(
         "format": "ase-bptt-report",
         "format_version": 1,
         "package_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "database": str(getattr(database, "name", db)),
         "split": split,
         "selection_split": selection.name if selection else None,
         "metric": metric,
         "settings": {
-            "eta_grid": grid, "fire_fmax": fire_fmax, "fire_steps": fire_steps, "tol": tol, "max_steps": max_steps,
-            "maxstep": maxstep, "batch_size": batch_size, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "eta_grid": grid,
+            "fire_fmax": fire_fmax,
+            "fire_steps": fire_steps,
+            "tol": tol,
+            "max_steps": max_steps,
+            "maxstep": maxstep,
+            "batch_size": batch_size,
+            "device": str(dev),
+            "dtype": str(dt).replace("torch.", ""),
         },
         "n_structures": len(data),
         "label_counts": {lab: data.labels.count(lab) for lab in sorted(set(data.labels))},
         "structures": [
-            {"traj_id": t, "label": lab, "n_atoms": len(a)} for t, lab, a in zip(data.traj_ids, data.labels, data.initial)
+            {"traj_id": t, "label": lab, "n_atoms": len(a)}
+            for t, lab, a in zip(data.traj_ids, data.labels, data.initial)
         ],
         "do_nothing": {"dq": _summary(baseline, data.labels), "per_structure": baseline},
         "checkpoints": [],
@@ -407,19 +449,47 @@ def evaluate(
             "path": str(path),
             "model": {"name": ckpt["model"].get("name"), "n_parameters": sum(p.numel() for p in model.parameters())},
             "relax": _jsonable(ckpt.get("relax")),
-            "forces": _force_errors(model, database, split, batch_size=max(batch_size, 16), device=dev, dtype=dt,
-                                    progress=progress, desc=f"{name}: force errors"),
+            "forces": _force_errors(
+                model,
+                database,
+                split,
+                batch_size=max(batch_size, 16),
+                device=dev,
+                dtype=dt,
+                progress=progress,
+                desc=f"{name}: force errors",
+            ),
         }
 
-        final, steps, conv = _fire_all(model, data, fmax=fire_fmax, steps=fire_steps, device=dev, dtype=dt,
-                                       metric=metric, progress=progress, desc=f"{name}: ASE FIRE")
-        entry["fire"] = _method_entry(data, _errors(data, final, metric), frames=steps, converged=conv,
-                                      fmax=fire_fmax, max_steps=fire_steps)
+        final, steps, conv = _fire_all(
+            model,
+            data,
+            fmax=fire_fmax,
+            steps=fire_steps,
+            device=dev,
+            dtype=dt,
+            metric=metric,
+            progress=progress,
+            desc=f"{name}: ASE FIRE",
+        )
+        entry["fire"] = _method_entry(
+            data, _errors(data, final, metric), frames=steps, converged=conv, fmax=fire_fmax, max_steps=fire_steps
+        )
         entry["fire"]["steps_mean"] = entry["fire"]["frames_mean"]
 
         splits = [data] if selection is None else [data, selection]
-        curves = _eta_curves(model, splits, grid, tol=tol, max_steps=max_steps, maxstep=maxstep, metric=metric,
-                             progress=progress, desc=f"{name}: eta curve", **kw)
+        curves = _eta_curves(
+            model,
+            splits,
+            grid,
+            tol=tol,
+            max_steps=max_steps,
+            maxstep=maxstep,
+            metric=metric,
+            progress=progress,
+            desc=f"{name}: eta curve",
+            **kw,
+        )
         curve = curves[0]
         entry["eta_curve"] = [{k: v for k, v in p.items() if k != "per_structure"} for p in curve]
         best = _best(curve)
@@ -430,8 +500,11 @@ def evaluate(
             sel_curve = curves[1]
             chosen = _best(sel_curve)
             at = next(p for p in curve if p["eta"] == chosen["eta"])
-            entry["fixed_step_selected"] = {**at, "chosen_on": selection.name,
-                                            "selection_dq_mean": chosen["dq"]["mean"]}
+            entry["fixed_step_selected"] = {
+                **at,
+                "chosen_on": selection.name,
+                "selection_dq_mean": chosen["dq"]["mean"],
+            }
             entry["selection_eta_curve"] = [{k: v for k, v in p.items() if k != "per_structure"} for p in sel_curve]
 
         own = _own_rule(ckpt)
@@ -441,12 +514,21 @@ def evaluate(
             rule = rule.to(device=dev, dtype=dt).eval()
             own_tol = tol if own_tol is None else float(own_tol)
             own_max = max_steps if own_max is None else int(own_max)
-            pos, frames, conv = _rollout_all(model, data.initial, rule, tol=own_tol, max_steps=own_max, fmax=own_fmax, **kw)
+            pos, frames, conv = _rollout_all(
+                model, data.initial, rule, tol=own_tol, max_steps=own_max, fmax=own_fmax, **kw
+            )
             eta = getattr(rule, "eta", None)
             entry["own_rule"] = _method_entry(
-                data, _errors(data, pos, metric), frames=frames, converged=conv, rule=_rule_name(rule),
-                eta=float(eta) if isinstance(eta, (float, int, torch.Tensor)) and torch.as_tensor(eta).numel() == 1 else None,
-                tol=own_tol, max_steps=own_max,
+                data,
+                _errors(data, pos, metric),
+                frames=frames,
+                converged=conv,
+                rule=_rule_name(rule),
+                eta=float(eta)
+                if isinstance(eta, (float, int, torch.Tensor)) and torch.as_tensor(eta).numel() == 1
+                else None,
+                tol=own_tol,
+                max_steps=own_max,
             )
         entry["history"] = _jsonable((ckpt.get("metadata") or {}).get("history"))
         result["checkpoints"].append(entry)
@@ -465,111 +547,3 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     if len(set(stems)) == len(stems):
         return stems
     return [str(p) for p in paths]
-
-
-# -------------------------------------------------------------- relax files
-@dataclass
-class RelaxedStructure:
-    """What ``relax_file`` did to one frame of the input."""
-
-    index: int
-    formula: str
-    n_atoms: int
-    steps: int
-    converged: bool
-    fmax: float
-    displacement_rms: float
-
-
-def relax_file(
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    model: str | os.PathLike,
-    optimizer: str = "learned",
-    fmax: float = 0.05,
-    steps: int | None = None,
-    input_format: str | None = None,
-    output_format: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = "float32",
-    progress: bool = True,
-) -> list[RelaxedStructure]:
-    """Relax every frame of an ``ase.io``-readable file and write the results.
-
-    Args:
-        input_path: any file ``ase.io.read(..., index=":")`` reads.
-        output_path: any file ``ase.io.write`` writes (format from the suffix
-            unless ``output_format`` is given).
-        model: checkpoint path.
-        optimizer: "learned" (:class:`~ase_bptt.relax.optimizer.LearnedStepOptimizer`
-            with the checkpoint's step rule, exactly as trained) or "fire"
-            (``ase.optimize.FIRE`` to ``fmax``).
-        fmax: force criterion of FIRE (eV/A); unused by "learned", which stops
-            on the checkpoint's displacement tolerance.
-        steps: step limit (default: the checkpoint's ``max_steps`` for
-            "learned", 300 for "fire").
-
-    Raises:
-        FileNotFoundError: the input or model is missing.
-        UnknownElementError: a frame holds an element the model does not know
-            (checked for every frame before anything is relaxed or written).
-        ValueError: an unknown optimizer or an input with no structures.
-    """
-    import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.optimize import FIRE
-
-    from ase_bptt.calculator import BPTTCalculator
-
-    if optimizer not in ("learned", "fire"):
-        raise ValueError(f"unknown optimizer {optimizer!r}: use learned or fire")
-    src = Path(input_path)
-    if not src.exists():
-        raise FileNotFoundError(f"input file {src} does not exist")
-    if not Path(model).exists():
-        raise FileNotFoundError(f"model checkpoint {model} does not exist")
-    images = ase.io.read(src, index=":", format=input_format)
-    if not images:
-        raise ValueError(f"{src} holds no structures")
-    calc = BPTTCalculator(Path(model), device=resolve_device(device), dtype=resolve_dtype(dtype))
-    for i, atoms in enumerate(images):
-        calc.model.check_species(atoms.numbers, where=f"{src} (frame {i}, {atoms.get_chemical_formula()})")
-
-    if optimizer == "learned" and not calc.relax_settings:
-        raise NoStepRuleError(
-            f"{model} stores no step rule (relax settings); relax with --optimizer fire, or fine-tune it first"
-        )
-    if steps is None:
-        relax = calc.relax_settings or {}
-        steps = int(relax.get("max_steps") or 75) if optimizer == "learned" else 300
-    done: list[RelaxedStructure] = []
-    for i, atoms in enumerate(_progress(images, enabled=progress, desc=f"relax ({optimizer})")):
-        start = atoms.get_positions()
-        atoms.calc = calc
-        if optimizer == "fire":
-            opt = FIRE(atoms, logfile=None)
-            converged = bool(opt.run(fmax=fmax, steps=steps))
-        else:
-            from ase_bptt.relax.optimizer import LearnedStepOptimizer
-
-            opt = LearnedStepOptimizer(atoms, logfile=None)
-            converged = bool(opt.run(steps=steps))
-        forces = atoms.get_forces()
-        energy = atoms.calc.results.get("energy")
-        # The calculator is shared by all frames: freeze this frame's results so
-        # the output file carries its own energy and forces.
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces.copy())
-        moved = atoms.get_positions() - start
-        done.append(
-            RelaxedStructure(
-                index=i, formula=atoms.get_chemical_formula(), n_atoms=len(atoms), steps=int(opt.nsteps),
-                converged=converged, fmax=float(np.linalg.norm(forces, axis=1).max()),
-                displacement_rms=float(np.sqrt((moved**2).sum(axis=1).mean())),
-            )
-        )
-    out = Path(output_path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(out, images[0] if len(images) == 1 else images, format=output_format)
-    return done

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ase_bptt import metrics
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.common import (
     EmptySplitError,
     LoopSpec,
@@ -48,8 +49,6 @@ __all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts",
 log = logging.getLogger("ase_bptt.train")
 
 #: Step sizes (A^2/eV) tried when ``eta`` is not given.
-DEFAULT_ETA_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
-
 
 
 @dataclass
@@ -167,7 +166,7 @@ class FinetuneConfig:
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
+    def from_dict(cls, d: dict) -> FinetuneConfig:
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
 
@@ -178,8 +177,17 @@ def _loss_fn(name: str):
 
 
 @torch.no_grad()
-def evaluate_rollouts(model, rule, data: RelaxationSet, *, tol: float, max_steps: int, batch_size: int,
-                      ctx: DistContext, index: torch.Tensor | None = None) -> dict:
+def evaluate_rollouts(
+    model,
+    rule,
+    data: RelaxationSet,
+    *,
+    tol: float,
+    max_steps: int,
+    batch_size: int,
+    ctx: DistContext,
+    index: torch.Tensor | None = None,
+) -> dict:
     """Mean Dq, MSE, frames and converged fraction of rollouts over ``data`` (sharded by rank).
 
     The model and the rule run in eval mode (no dropout, no noise).
@@ -205,14 +213,32 @@ def evaluate_rollouts(model, rule, data: RelaxationSet, *, tol: float, max_steps
     model.train(modes[0])
     rule.train(modes[1])
     n = max(float(sums[4]), 1.0)
-    return {"dq": float(sums[0]) / n, "mse": float(sums[1]) / n, "frames": float(sums[2]) / n,
-            "converged": float(sums[3]) / n}
+    return {
+        "dq": float(sums[0]) / n,
+        "mse": float(sums[1]) / n,
+        "frames": float(sums[2]) / n,
+        "converged": float(sums[3]) / n,
+    }
 
 
-def grid_search_eta(model, data: RelaxationSet, etas, *, loss: str = "dq", tol: float = 1e-3, max_steps: int = 75,
-                    maxstep: float | None = 0.2, momentum: float = 0.0, anneal: float = 1.0, batch_size: int = 16,
-                    max_structures: int | None = None, seed: int = 0, ctx: DistContext | None = None,
-                    progress: bool = False, margin: float = 0.05) -> tuple[float, dict[str, float]]:
+def grid_search_eta(
+    model,
+    data: RelaxationSet,
+    etas,
+    *,
+    loss: str = "dq",
+    tol: float = 1e-3,
+    max_steps: int = 75,
+    maxstep: float | None = 0.2,
+    momentum: float = 0.0,
+    anneal: float = 1.0,
+    batch_size: int = 16,
+    max_structures: int | None = None,
+    seed: int = 0,
+    ctx: DistContext | None = None,
+    progress: bool = False,
+    margin: float = 0.05,
+) -> tuple[float, dict[str, float]]:
     """The step size BPTT starts from: the smallest eta whose mean loss of
     fixed-step rollouts over ``data`` is within ``margin`` (5%) of the best.
 
@@ -235,11 +261,17 @@ def grid_search_eta(model, data: RelaxationSet, etas, *, loss: str = "dq", tol: 
     scores: dict[str, float] = {}
     from tqdm.auto import tqdm
 
-    for eta in tqdm(list(etas), desc=f"eta grid ({len(index)} train structures)", leave=False,
-                    disable=not (progress and ctx.is_main), dynamic_ncols=True):
+    for eta in tqdm(
+        list(etas),
+        desc=f"eta grid ({len(index)} train structures)",
+        leave=False,
+        disable=not (progress and ctx.is_main),
+        dynamic_ncols=True,
+    ):
         rule = FixedStep(float(eta), momentum=momentum, anneal=anneal, maxstep=maxstep)
-        result = evaluate_rollouts(model, rule, data, tol=tol, max_steps=max_steps, batch_size=batch_size,
-                                   ctx=ctx, index=index)
+        result = evaluate_rollouts(
+            model, rule, data, tol=tol, max_steps=max_steps, batch_size=batch_size, ctx=ctx, index=index
+        )
         scores[repr(float(eta))] = result[loss]
     finite = {k: v for k, v in scores.items() if math.isfinite(v)}
     if not finite:
@@ -277,8 +309,9 @@ def _current_eta(rule) -> float | None:
 
 
 # -------------------------------------------------------------------- main
-def finetune(db, out, *, init=None, config: FinetuneConfig | None = None, progress: bool = True,
-             overwrite: bool = False) -> Path:
+def finetune(
+    db, out, *, init=None, config: FinetuneConfig | None = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Fine-tune a pretrained model by BPTT through relaxations of the train split.
 
     Args:
@@ -311,8 +344,7 @@ def finetune(db, out, *, init=None, config: FinetuneConfig | None = None, progre
         ctx.close()
 
 
-def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overwrite: bool,
-              ctx: DistContext) -> Path:
+def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overwrite: bool, ctx: DistContext) -> Path:
     from ase_bptt.models.checkpoint import load_model, save_checkpoint
     from ase_bptt.relax.relaxer import rollout
     from ase_bptt.relax.steps import make_step_rule
@@ -333,10 +365,18 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
     if init is None:
         init = out.with_name(f"{out.stem}-pretrained.pt")
         if ctx.is_main:
-            log.info("no initial model given: pretraining first into %s "
-                     "(BPTT from a random model is not the method; see the paper's Fig. 5b)", init)
-        pretrain(db, init, config=replace(config.pretrain, device=config.device, dtype=config.dtype),
-                 progress=progress, overwrite=overwrite)
+            log.info(
+                "no initial model given: pretraining first into %s "
+                "(BPTT from a random model is not the method; see the paper's Fig. 5b)",
+                init,
+            )
+        pretrain(
+            db,
+            init,
+            config=replace(config.pretrain, device=config.device, dtype=config.dtype),
+            progress=progress,
+            overwrite=overwrite,
+        )
     init = Path(init)
     if not init.exists():
         raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
@@ -361,17 +401,38 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
         eta = config.eta
         if eta is None and config.step != "fire":
             best_eta, scores = grid_search_eta(
-                model, train, config.eta_grid, loss=config.loss, tol=config.tol, max_steps=config.max_steps,
-                maxstep=config.maxstep, momentum=config.momentum, anneal=config.anneal,
-                batch_size=config.eval_batch_size, max_structures=config.grid_structures, seed=config.seed, ctx=ctx,
-                progress=progress)
+                model,
+                train,
+                config.eta_grid,
+                loss=config.loss,
+                tol=config.tol,
+                max_steps=config.max_steps,
+                maxstep=config.maxstep,
+                momentum=config.momentum,
+                anneal=config.anneal,
+                batch_size=config.eval_batch_size,
+                max_structures=config.grid_structures,
+                seed=config.seed,
+                ctx=ctx,
+                progress=progress,
+            )
             grid = {"split": "train", "loss": config.loss, "scores": scores, "chosen": best_eta}
             eta = best_eta
             if ctx.is_main:
-                log.info("eta grid search on the train split (mean %s): %s -> eta = %g", config.loss,
-                         ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()), eta)
-        rule = make_step_rule(config.step, eta=None if config.step == "fire" else eta, maxstep=config.maxstep, momentum=config.momentum,
-                              anneal=config.anneal, noise=config.noise)
+                log.info(
+                    "eta grid search on the train split (mean %s): %s -> eta = %g",
+                    config.loss,
+                    ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()),
+                    eta,
+                )
+        rule = make_step_rule(
+            config.step,
+            eta=None if config.step == "fire" else eta,
+            maxstep=config.maxstep,
+            momentum=config.momentum,
+            anneal=config.anneal,
+            noise=config.noise,
+        )
     rule = rule.to(device=device, dtype=dtype)
 
     model_params = [p for p in model.parameters() if p.requires_grad]
@@ -383,10 +444,19 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
     anchor = [p.detach().clone() for p in model_params] if config.proximal > 0 else None
     all_params = model_params + step_params
 
-    spec = LoopSpec(kind="finetune", state_file=sfile, n_items=len(train), batch_size=config.batch_size,
-                    epochs=config.epochs, seed=config.seed, max_steps=config.max_batches,
-                    time_budget=config.time_budget, checkpoint_every=config.checkpoint_every, patience=None,
-                    header=header)
+    spec = LoopSpec(
+        kind="finetune",
+        state_file=sfile,
+        n_items=len(train),
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        seed=config.seed,
+        max_steps=config.max_batches,
+        time_budget=config.time_budget,
+        checkpoint_every=config.checkpoint_every,
+        patience=None,
+        header=header,
+    )
     loop = LoopState()
     best: dict[str, Any] = {"model": None, "rule": None}
     if state is not None:
@@ -398,8 +468,12 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
         if ctx.is_main:
             log.info("resuming finetune from %s at epoch %d, batch %d", sfile, loop.epoch + 1, loop.batch)
     elif ctx.is_main:
-        log.info("BPTT fine-tuning on %d train trajectories (val: %d), step rule %s", len(train),
-                 0 if val is None else len(val), rule.to_dict().get("step"))
+        log.info(
+            "BPTT fine-tuning on %d train trajectories (val: %d), step rule %s",
+            len(train),
+            0 if val is None else len(val),
+            rule.to_dict().get("step"),
+        )
     running = {"loss": 0.0, "frames": 0.0, "n": 0}
     loss_fn = _loss_fn(config.loss)
 
@@ -410,8 +484,16 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
         batch, relaxed = train.take(local)
         model.train(config.rollout_dropout)
         rule.train()
-        res = rollout(model, batch, rule, tol=tol, max_steps=max_steps, checkpoint_frames=config.checkpoint_frames,
-                      generator=noise_gen, sync_active=ctx.sync_active if ctx.enabled else None)
+        res = rollout(
+            model,
+            batch,
+            rule,
+            tol=tol,
+            max_steps=max_steps,
+            checkpoint_frames=config.checkpoint_frames,
+            generator=noise_gen,
+            sync_active=ctx.sync_active if ctx.enabled else None,
+        )
         per = loss_fn(res.positions, relaxed, batch) * weight
         loss = per.sum() / len(index)
         if anchor is not None:
@@ -419,8 +501,9 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             loss = loss + (config.proximal / ctx.world_size) * prox
         loss.backward()
         ctx.sync_gradients(all_params)
-        stats = ctx.all_reduce_sum(torch.stack([per.detach().double().sum(),
-                                                res.n_frames.double().sum() * weight]).to(device))
+        stats = ctx.all_reduce_sum(
+            torch.stack([per.detach().double().sum(), res.n_frames.double().sum() * weight]).to(device)
+        )
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
         norm = torch.nn.utils.clip_grad_norm_(model_params, config.grad_clip or float("inf"))
         finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))
@@ -449,8 +532,9 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
             entry["train_loss"] = running["loss"] / running["n"]
             entry["train_frames"] = running["frames"] / running["n"]
         running.update(loss=0.0, frames=0.0, n=0)
-        result = evaluate_rollouts(model, rule, select, tol=config.tol, max_steps=config.max_steps,
-                                   batch_size=config.eval_batch_size, ctx=ctx)
+        result = evaluate_rollouts(
+            model, rule, select, tol=config.tol, max_steps=config.max_steps, batch_size=config.eval_batch_size, ctx=ctx
+        )
         prefix = "val" if val is not None else "train"
         entry.update({f"{prefix}_{k}": v for k, v in result.items()})
         eta = _current_eta(rule)
@@ -465,12 +549,27 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
         best["rule"] = rule.to_dict()
 
     def payload() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step_rule": rule.to_dict(),
-                "best_model": best["model"], "best_rule": best["rule"], "eta_grid": grid}
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step_rule": rule.to_dict(),
+            "best_model": best["model"],
+            "best_rule": best["rule"],
+            "eta_grid": grid,
+        }
 
     if not loop.finished:
-        run_epochs(spec, loop, ctx, train_batch=train_batch, evaluate=evaluate, on_best=on_best,
-                   payload=payload, progress=progress, evaluate_first=True)
+        run_epochs(
+            spec,
+            loop,
+            ctx,
+            train_batch=train_batch,
+            evaluate=evaluate,
+            on_best=on_best,
+            payload=payload,
+            progress=progress,
+            evaluate_first=True,
+        )
 
     if ctx.is_main:
         final = copy.deepcopy(model)
@@ -479,8 +578,12 @@ def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overw
         rule_dict = best["rule"] if best["rule"] is not None else rule.to_dict()
         improved = bool(loop.best_epoch)
         if not improved:
-            log.warning("no fine-tuning epoch beat the initial model on the %s split: exporting the initial "
-                        "model %s unchanged (with its step rule)", "val" if val is not None else "train", init)
+            log.warning(
+                "no fine-tuning epoch beat the initial model on the %s split: exporting the initial "
+                "model %s unchanged (with its step rule)",
+                "val" if val is not None else "train",
+                init,
+            )
         metadata = {
             "kind": "finetune",
             "database": str(db.name),

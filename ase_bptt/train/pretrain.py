@@ -136,7 +136,7 @@ class PretrainConfig:
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
+    def from_dict(cls, d: dict) -> PretrainConfig:
         """Inverse of :meth:`to_dict` (unknown keys are an error)."""
         return cls(**d)
 
@@ -228,8 +228,9 @@ def _build_model(config: PretrainConfig, train: FrameSet, init, device, dtype):
 
 
 # -------------------------------------------------------------------- main
-def pretrain(db, out, *, config: PretrainConfig | None = None, init=None, progress: bool = True,
-             overwrite: bool = False) -> Path:
+def pretrain(
+    db, out, *, config: PretrainConfig | None = None, init=None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Pretrain a force model on the frames of the train split of ``db``.
 
     Args:
@@ -262,8 +263,7 @@ def pretrain(db, out, *, config: PretrainConfig | None = None, init=None, progre
         ctx.close()
 
 
-def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overwrite: bool,
-              ctx: DistContext) -> Path:
+def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overwrite: bool, ctx: DistContext) -> Path:
     from ase_bptt.models.checkpoint import save_checkpoint
     from ase_bptt.relax.steps import FixedStep, relax_settings
 
@@ -307,10 +307,19 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    spec = LoopSpec(kind="pretrain", state_file=sfile, n_items=len(train), batch_size=config.batch_size,
-                    epochs=config.epochs, seed=config.seed, max_steps=config.max_steps,
-                    time_budget=config.time_budget, checkpoint_every=config.checkpoint_every,
-                    patience=config.patience if val is not None else None, header=header)
+    spec = LoopSpec(
+        kind="pretrain",
+        state_file=sfile,
+        n_items=len(train),
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        seed=config.seed,
+        max_steps=config.max_steps,
+        time_budget=config.time_budget,
+        checkpoint_every=config.checkpoint_every,
+        patience=config.patience if val is not None else None,
+        header=header,
+    )
     steps_per_epoch = len(epoch_batches(spec, 0))
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -327,8 +336,13 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         if ctx.is_main:
             log.info("resuming pretrain from %s at epoch %d, batch %d", sfile, loop.epoch + 1, loop.batch)
     elif ctx.is_main:
-        log.info("pretraining on %d frames from %d trajectories (%d steps per epoch); val: %d frames",
-                 len(train), len(train.traj_ids), steps_per_epoch, 0 if val is None else len(val))
+        log.info(
+            "pretraining on %d frames from %d trajectories (%d steps per epoch); val: %d frames",
+            len(train),
+            len(train.traj_ids),
+            steps_per_epoch,
+            0 if val is None else len(val),
+        )
     eval_index = torch.randperm(len(train), generator=seed_generator(config.seed, 13))
     if config.eval_frames is not None:
         eval_index = eval_index[: config.eval_frames]
@@ -341,8 +355,9 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
             # whichever is further along, the steps or the clock, so warmup and decay
             # fit in the budget.
             position = max(position, int(total * min(loop.elapsed / config.time_budget, 1.0)))
-        lr = config.lr * lr_factor(position, total, schedule=config.schedule, warmup=warmup,
-                                   min_factor=config.min_lr_factor)
+        lr = config.lr * lr_factor(
+            position, total, schedule=config.schedule, warmup=warmup, min_factor=config.min_lr_factor
+        )
         for g in optimizer.param_groups:
             g["lr"] = lr
         gen = seed_generator(config.seed, epoch, b, 17)
@@ -357,10 +372,14 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
                 eye = torch.eye(3, dtype=batch.cell.dtype, device=device).expand_as(batch.cell)
                 cell = torch.where(batch.pbc.unsqueeze(-1), batch.cell, eye)
                 shifts = (shifts[local].to(device=device, dtype=cell.dtype).unsqueeze(1) @ cell).squeeze(1)
-            batch, forces = augment(batch, forces, rotations=None if rotations is None else rotations[local],
-                                    shifts=shifts)
-        counts = ctx.all_reduce_sum(torch.tensor([3.0 * float(batch.mask.sum()) * weight, float(len(local)) * weight],
-                                                 dtype=torch.float64, device=device))
+            batch, forces = augment(
+                batch, forces, rotations=None if rotations is None else rotations[local], shifts=shifts
+            )
+        counts = ctx.all_reduce_sum(
+            torch.tensor(
+                [3.0 * float(batch.mask.sum()) * weight, float(len(local)) * weight], dtype=torch.float64, device=device
+            )
+        )
         model.train()
         out = model(batch)
         diff = (out.forces - forces) * batch.mask.unsqueeze(-1)
@@ -386,12 +405,12 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         if running["n"]:
             entry["train_loss"] = running["loss"] / running["n"]
         running.update(loss=0.0, n=0)
-        for name, value in force_metrics(model, train, eval_index, batch_size=config.eval_batch_size,
-                                         ctx=ctx).items():
+        for name, value in force_metrics(model, train, eval_index, batch_size=config.eval_batch_size, ctx=ctx).items():
             entry[f"train_{name}"] = value
         if val is not None:
-            for name, value in force_metrics(model, val, torch.arange(len(val)), batch_size=config.eval_batch_size,
-                                             ctx=ctx).items():
+            for name, value in force_metrics(
+                model, val, torch.arange(len(val)), batch_size=config.eval_batch_size, ctx=ctx
+            ).items():
                 entry[f"val_{name}"] = value
         entry["elapsed_s"] = round(loop.elapsed, 2)
         metric = entry["val_force_mae"] if val is not None else entry["train_force_mae"]
@@ -404,8 +423,16 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best["model"]}
 
     if not loop.finished:
-        run_epochs(spec, loop, ctx, train_batch=train_batch, evaluate=evaluate, on_best=on_best,
-                   payload=payload, progress=progress)
+        run_epochs(
+            spec,
+            loop,
+            ctx,
+            train_batch=train_batch,
+            evaluate=evaluate,
+            on_best=on_best,
+            payload=payload,
+            progress=progress,
+        )
 
     if ctx.is_main:
         final = copy.deepcopy(model)
@@ -435,4 +462,3 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         log.info("wrote %s (best epoch %s, %s)", out, loop.best_epoch, loop.stop_reason)
     ctx.barrier()
     return out
-

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "PLOT_FILES",
-    "UnrecognisedFileError",
-    "describe",
     "summary_text",
     "write_report",
     "method_rows",
@@ -112,7 +111,9 @@ def format_table(header: list[str], rows: Iterable[list[Any]], *, markdown: bool
 
     out = [line(header)]
     if markdown:
-        out.append("|" + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|")
+        out.append(
+            "|" + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|"
+        )
     else:
         out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in body)
@@ -139,7 +140,16 @@ def demo_rows(result: Mapping[str, Any], *, pretrained: str, finetuned: str) -> 
     def add(label: str, ck: Mapping[str, Any], key: str) -> None:
         entry = ck.get(key)
         if entry:
-            rows.append([label, ck["name"], entry.get("eta"), entry["dq"]["mean"], entry["dq"]["median"], entry.get("frames_mean")])
+            rows.append(
+                [
+                    label,
+                    ck["name"],
+                    entry.get("eta"),
+                    entry["dq"]["mean"],
+                    entry["dq"]["median"],
+                    entry.get("frames_mean"),
+                ]
+            )
 
     add("ASE FIRE (fmax %.2g)" % pre["fire"]["fmax"], pre, "fire")
     sel = pre.get("fixed_step_selected")
@@ -256,7 +266,12 @@ def _plot_eta_curve(result: Mapping[str, Any], path: Path) -> None:
         ax.plot(etas, [p["dq"]["mean"] for p in curve], "o-", label=f"{ck['name']} (mean, {result['split']})")
         sel = ck.get("selection_eta_curve")
         if sel:
-            ax.plot([p["eta"] for p in sel], [p["dq"]["mean"] for p in sel], "x:", label=f"{ck['name']} (mean, {ck['fixed_step_selected']['chosen_on']})")
+            ax.plot(
+                [p["eta"] for p in sel],
+                [p["dq"]["mean"] for p in sel],
+                "x:",
+                label=f"{ck['name']} (mean, {ck['fixed_step_selected']['chosen_on']})",
+            )
         own = ck.get("own_rule")
         if own and own.get("eta") is not None:
             ax.scatter([own["eta"]], [own["dq"]["mean"]], marker="*", s=120, zorder=5, label=f"{ck['name']} own rule")
@@ -287,8 +302,11 @@ def _curve_panels(result: Mapping[str, Any]) -> list[tuple[str, dict[str, list[t
     panels = []
     for ck in result["checkpoints"]:
         for phase, series in history_series(ck.get("history")).items():
-            kept = {m: pts for m, pts in series.items() if not any(m == k or m.endswith("_" + k) or m.startswith(k)
-                                                                     for k in _NOT_CURVES)}
+            kept = {
+                m: pts
+                for m, pts in series.items()
+                if not any(m == k or m.endswith("_" + k) or m.startswith(k) for k in _NOT_CURVES)
+            }
             for title, keys in _CURVE_KINDS:
                 chosen = {m: pts for m, pts in kept.items() if any(k in m for k in keys)}
                 for m in chosen:
@@ -311,7 +329,7 @@ def _plot_training(result: Mapping[str, Any], path: Path) -> None:
         cols = 2 if len(panels) > 1 else 1
         rows = (len(panels) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat[len(panels):]:
+        for ax in axes.flat[len(panels) :]:
             ax.axis("off")
         for ax, (title, series) in zip(axes.flat, panels):
             positive = all(y > 0 for pts in series.values() for _, y in pts)
@@ -336,7 +354,7 @@ def _markdown(result: Mapping[str, Any]) -> str:
         f"- database: `{result['database']}`",
         f"- split: **{result['split']}**, {result['n_structures']} converged trajectories "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(result['label_counts'].items()))})",
-        f"- Dq = sqrt(sum_j m_j |X*_j - X_j|^2) in amu^1/2 A, minimum image"
+        "- Dq = sqrt(sum_j m_j |X*_j - X_j|^2) in amu^1/2 A, minimum image"
         + (" (plus MSE, A^2 per atom)" if result.get("loss") == "mse" else ""),
         f"- ASE FIRE: fmax {s['fire_fmax']} eV/A, at most {s['fire_steps']} steps, one structure at a time through "
         "`BPTTCalculator`.",
@@ -366,14 +384,22 @@ def _markdown(result: Mapping[str, Any]) -> str:
     if labels:
         lines += ["", "## Mean Dq per label", ""]
         header = ["method", "model", *labels]
-        lines.append(format_table(header, [[r["method"], r["model"], *(r["per_label"].get(l) for l in labels)] for r in rows]))
+        lines.append(
+            format_table(header, [[r["method"], r["model"], *(r["per_label"].get(l) for l in labels)] for r in rows])
+        )
     lines += ["", "## Force errors on the split's frames", ""]
     lines.append(
         format_table(
             ["model", "frames", "MAE (eV/A)", "RMSE (eV/A)", "L2 (eV/A)", "energy MAE (meV/atom)"],
             [
-                [ck["name"], ck["forces"]["n_frames"], ck["forces"]["mae"], ck["forces"]["rmse"], ck["forces"]["l2"],
-                 ck["forces"].get("energy_mae_mev_per_atom")]
+                [
+                    ck["name"],
+                    ck["forces"]["n_frames"],
+                    ck["forces"]["mae"],
+                    ck["forces"]["rmse"],
+                    ck["forces"]["l2"],
+                    ck["forces"].get("energy_mae_mev_per_atom"),
+                ]
                 for ck in result["checkpoints"]
             ],
         )
@@ -393,7 +419,10 @@ def _markdown(result: Mapping[str, Any]) -> str:
         lines.append(format_table(header, table))
         if ck.get("fire"):
             f = ck["fire"]
-            lines += ["", f"ASE FIRE: {f['steps_mean']:.1f} steps on average, {100 * f['converged_fraction']:.0f}% reached fmax."]
+            lines += [
+                "",
+                f"ASE FIRE: {f['steps_mean']:.1f} steps on average, {100 * f['converged_fraction']:.0f}% reached fmax.",
+            ]
     lines += ["", "## Plots", ""]
     lines += [f"![{role}]({name})" for role, name in PLOT_FILES.items()]
     lines.append("")
@@ -461,87 +490,3 @@ def summary_text(result: Mapping[str, Any]) -> str:
         for ck in result["checkpoints"]
     )
     return f"{head}\n{table}\n{forces}"
-
-
-class UnrecognisedFileError(ValueError):
-    """A path is neither an ase-bptt database nor an ase-bptt checkpoint."""
-
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-def _kind_of(path: str) -> str:
-    """"database" or "checkpoint", from the file's first bytes (the suffix only as a hint)."""
-    if "://" in path:
-        return "database"
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if p.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a database (.db) or a checkpoint (.pt)")
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_SQLITE_MAGIC):
-        return "database"
-    if head.startswith(_ZIP_MAGIC) or p.suffix in (".pt", ".pth", ".ckpt"):
-        return "checkpoint"
-    if p.suffix == ".json" or p.suffix == ".db":
-        return "database"
-    raise UnrecognisedFileError(
-        f"{path} is neither an ase-bptt database (SQLite .db) nor a checkpoint (.pt); "
-        "make one with `ase-bptt import` or `ase-bptt pretrain`"
-    )
-
-
-def _describe_checkpoint(path: str) -> str:
-    from ase.data import chemical_symbols
-
-    from ase_bptt.models.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(path)
-    model = ck["model"]
-    n_params = sum(int(v.numel()) for v in model["state_dict"].values() if hasattr(v, "numel"))
-    config = dict(model.get("config") or {})
-    species = config.pop("species", None)
-    lines = [
-        f"{path}: ase-bptt checkpoint (format {ck['format_version']}, written by ase-bptt {ck['package_version']})",
-        f"  model     {model['name']}, {n_params} numbers in its weights and buffers",
-        "  config    " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)) or len(str(v)) < 40),
-    ]
-    if species:
-        lines.append("  species   " + " ".join(chemical_symbols[int(z)] for z in species))
-    relax = ck.get("relax")
-    if relax:
-        step = relax.get("step")
-        step_text = ", ".join(f"{k}={v}" for k, v in (step.items() if isinstance(step, Mapping) else relax.items())
-                              if k not in ("state_dict", "tol", "max_steps") and not hasattr(v, "numel"))
-        lines.append(f"  relax     {step_text}; tol={relax.get('tol')} A, max_steps={relax.get('max_steps')}")
-    else:
-        lines.append("  relax     none stored (a pretrained model: relax with ASE's optimizers, or fine-tune it)")
-    meta = dict(ck.get("metadata") or {})
-    history = meta.pop("history", None)
-    for key, value in meta.items():
-        text = json.dumps(value, default=str)
-        lines.append(f"  {key:<9s} {text if len(text) < 100 else text[:97] + '...'}")
-    for phase, series in history_series(history).items():
-        last = {m: pts[-1][1] for m, pts in series.items()}
-        n = max(len(pts) for pts in series.values())
-        lines.append(f"  history   {phase}: {n} entries; last " + ", ".join(f"{m}={_fmt(v)}" for m, v in sorted(last.items())))
-    return "\n".join(lines)
-
-
-def describe(path: str | os.PathLike) -> str:
-    """Human-readable description of a database or checkpoint (``ase-bptt info``).
-
-    Raises:
-        FileNotFoundError: no such path.
-        UnrecognisedFileError: neither kind of file.
-        CheckpointError / NotATrajectoryDBError: the file is damaged or foreign.
-    """
-    path = os.fspath(path)
-    if _kind_of(path) == "checkpoint":
-        return _describe_checkpoint(path)
-    from ase_bptt.data.db import TrajectoryDB
-
-    return TrajectoryDB(path, create=False).summary()

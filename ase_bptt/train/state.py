@@ -16,10 +16,10 @@ import os
 import random
 from pathlib import Path
 
-
 import numpy as np
 import torch
 
+from ase_bptt.errors import AseBpttError
 from ase_bptt.models.checkpoint import atomic_torch_save
 
 __all__ = [
@@ -36,7 +36,7 @@ STATE_FORMAT = "ase-bptt-train-state"
 STATE_VERSION = 1
 
 
-class StateError(ValueError):
+class StateError(AseBpttError, ValueError):
     """A state file is unreadable, of another kind, or from another run."""
 
 
@@ -78,9 +78,7 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None) -> dict:
             f"{path} was written by a newer ase-bptt (state format {obj['format_version']}); upgrade ase-bptt."
         )
     if kind is not None and obj.get("kind") != kind:
-        raise StateError(
-            f"{path} is the state of a {obj.get('kind')!r} run, not {kind!r}; choose another output path."
-        )
+        raise StateError(f"{path} is the state of a {obj.get('kind')!r} run, not {kind!r}; choose another output path.")
     return obj
 
 

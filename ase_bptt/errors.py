@@ -1,0 +1,15 @@
+"""The one base class of every error ase-bptt raises on purpose.
+
+Each public exception derives from :class:`AseBpttError` and, where it
+already had one, from the stdlib class that fits (``ValueError``,
+``FileNotFoundError``, ...), so ``except ValueError`` keeps working. The CLI
+catches ``AseBpttError`` once and prints its message as one ``Error:`` line.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AseBpttError"]
+
+
+class AseBpttError(Exception):
+    """Something the user can fix: the message names the file, structure or option and what to do."""
