@@ -1,4 +1,5 @@
-"""The README's "Relax in torch" snippets run as written (tiny ADAPT saved as si.pt)."""
+"""The snippets of the README ("Use a tuned model in ASE") and docs/training.md ("Relax in torch") run as
+written (tiny ADAPT saved as si.pt)."""
 
 from __future__ import annotations
 
