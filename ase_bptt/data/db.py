@@ -308,7 +308,7 @@ class TrajectoryDB:
             return
         self._depth = 1
         try:
-            with self._access_errors(), self._db:
+            with self._access_errors(), self._store.transaction():
                 yield self
         finally:
             self._depth = 0

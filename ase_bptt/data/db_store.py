@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,23 @@ class RowStore:
 
     def prepare(self) -> None:
         """Make the database fast for ase-bptt's queries (nothing for generic backends)."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        self.db.__enter__()
+        try:
+            yield
+        except BaseException:
+            con, self.db.connection = self.db.connection, None
+            # ase-db-backends (0.11) wraps psycopg2's connection in an object
+            # without rollback(), so ase's __exit__ would fail and leave the
+            # transaction open: roll back the wrapped connection instead.
+            raw = con if hasattr(con, "rollback") else con.con
+            raw.rollback()
+            raw.close()
+            raise
+        self.db.__exit__(None, None, None)
 
     def check_writable(self) -> None:
         """Raise the backend's error now if a write would fail later (nothing to check generically)."""
