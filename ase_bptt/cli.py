@@ -195,6 +195,30 @@ def _key_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return out
 
 
+def split_options(f: Callable) -> Callable:
+    """``--val`` and ``--test``: fractions of trajectories for validation and testing."""
+    for name, purpose in (("--test", "testing"), ("--val", "validation")):
+        help_text = f"Fraction of trajectories for {purpose} (--val + --test < 1)."
+        f = click.option(
+            name, type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help=help_text
+        )(f)
+    return f
+
+
+def _split_fractions(val: float, test: float, seed: int) -> Any:
+    # Checked before the database is opened, so a bad pair writes nothing.
+    from ase_bptt.data.splits import SplitFractionError, SplitFractions
+
+    try:
+        return SplitFractions(val=val, test=test, seed=seed)
+    except SplitFractionError:
+        raise click.BadParameter(
+            f"--val {val} and --test {test} add up to {val + test:g}; they must leave some for training "
+            "(val + test < 1), e.g. --val 0.1 --test 0.1",
+            param_hint="'--val' / '--test'",
+        ) from None
+
+
 # -------------------------------------------------------------------- group
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="ase-bptt", prog_name="ase-bptt")
@@ -243,8 +267,7 @@ def cli(quiet: bool) -> None:
     metavar="NAME|MODULE:CLASS",
     help="Reference calculator: sw, tersoff, emt or module:Class  [default: the recipe's]",
 )
-@click.option("--val", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for validation.")
-@click.option("--test", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for testing.")
+@split_options
 @runtime_options(device=False, dtype=False, seed=True, workers=True)
 @click.pass_context
 def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, workers):
@@ -259,11 +282,19 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, worker
         RECIPES[recipe].options(options)
     except ValueError as exc:
         raise click.BadParameter(_one_line(exc), param_hint="--option") from None
+    splits = _split_fractions(val, test, seed)
     database = TrajectoryDB(db, create=True)
     added = generate(
-        recipe, database, n=n, seed=seed, workers=workers, progress=_progress(ctx), reference=reference, **options
+        recipe,
+        database,
+        n=n,
+        seed=seed,
+        workers=workers,
+        progress=_progress(ctx),
+        reference=reference,
+        splits=splits,
+        **options,
     )
-    database.assign_splits(val=val, test=test, seed=seed)
     click.echo(f"added {added} trajectories to {db}")
     click.echo(database.summary())
 
@@ -276,22 +307,44 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, worker
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--db", "db", required=True, type=click.Path(dir_okay=False), help="Database to add to (created if new).")
-@click.option("--label", default=None, help="Label stored with every imported trajectory (e.g. the defect type).")
-@click.option("--val", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for validation.")
-@click.option("--test", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction for testing.")
+@click.option(
+    "--label",
+    default=None,
+    help="Label stored with every imported trajectory (e.g. the defect type)  [default: each file's --label-key]",
+)
+@click.option(
+    "--label-key",
+    default="label",
+    show_default=True,
+    help="atoms.info key (extxyz, .traj) whose value labels a trajectory when --label is not given.",
+)
+@click.option(
+    "--group-key",
+    default=None,
+    metavar="KEY",
+    help="For an ase.db file: the key whose value tells its relaxations apart (one trajectory per value).",
+)
+@split_options
 @runtime_options(device=False, dtype=False, seed=True)
 @click.pass_context
-def import_cmd(ctx, paths, db, label, val, test, seed):
+def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, seed):
     """Import every relaxation found in PATHS (files or directories, one relaxation per
-    file) into --db, skipping (and listing) the invalid ones, then assign splits."""
+    file) into --db, skipping (and listing) the invalid ones, and assign splits in the
+    same transaction. Exits with status 1 when nothing was added and something was skipped."""
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.ingest import import_paths
 
+    splits = _split_fractions(val, test, seed)
+    new = "://" not in db and not Path(db).exists()
     database = TrajectoryDB(db, create=True)
-    kwargs = {"label": label} if label is not None else {}
-    report = import_paths(list(paths), database, **kwargs)
-    database.assign_splits(val=val, test=test, seed=seed)
+    report = import_paths(list(paths), database, label=label, label_key=label_key, group_key=group_key, splits=splits)
     click.echo(str(report))
+    if not report.added and report.skipped:
+        if new:  # leave no empty database behind
+            Path(db).unlink(missing_ok=True)
+        raise click.ClickException(
+            f"nothing imported into {db}: every input was skipped ({len(report.skipped)}, reasons above)"
+        )
     click.echo(database.summary())
 
 

@@ -14,6 +14,7 @@ from ase_bptt.data.db import (
     NotATrajectoryDBError,
     TrajectoryDB,
 )
+from ase_bptt.data.db_store import RowStore
 
 EXACT = 0.0  # values pass through SQLite as float64 blobs: bit-exact
 
@@ -203,8 +204,8 @@ def test_fast_sqlite_reader_matches_ase_select(db):
     db.add_trajectory(make_frames(2, seed=5, energy=False), traj_id="plain")
     db.assign_splits(val=0.0, test=0.0)
     for split, conv in ((None, True), ("train", False), ("val", False)):
-        fast = db._load_sqlite(split, conv)
-        slow = db._load_generic(split, conv)
+        fast = db._store.frame_records(split, conv)
+        slow = RowStore(db._db, db.name).frame_records(split, conv)
         assert len(fast) == len(slow)
         for (ka, fa), (kb, fb) in zip(
             sorted(fast, key=lambda r: (r[0]["traj_id"], r[0]["frame"])),
@@ -242,14 +243,14 @@ def test_split_update_is_visible_to_ase(db):
 def test_read_only_database_can_be_read(tmp_path, monkeypatch):
     import sqlite3
 
+    from ase.db.sqlite import SQLite3Database
+
     path = tmp_path / "ro.db"
     TrajectoryDB(path).add_trajectory(make_frames(), traj_id="x")
-
-    # What SQLite raises for CREATE INDEX on a read-only file (file permissions
-    # cannot make it happen here: the tests may run as root).
-    def read_only(self):
-        raise sqlite3.OperationalError("attempt to write a readonly database")
-
-    monkeypatch.setattr(TrajectoryDB, "_create_indices", read_only)
+    # SQLite opens a file it may not write read-only; file permissions cannot
+    # make that happen here (the tests may run as root), its URI mode=ro can.
+    monkeypatch.setattr(
+        SQLite3Database, "_connect", lambda self: sqlite3.connect(f"file:{self.filename}?mode=ro", uri=True)
+    )
     db = TrajectoryDB(path, create=False)
     assert [t.traj_id for t in db.trajectories()] == ["x"]

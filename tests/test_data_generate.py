@@ -22,6 +22,7 @@ from ase_bptt.data.recipes import (
     stillinger_weber,
     tersoff,
 )
+from ase_bptt.data.splits import SplitFractions, split_of
 
 TINY = dict(size=1, max_steps=60)  # 8-site cells, short relaxations: CI-sized
 SW_COHESIVE = -4.3366  # eV/atom: -2*epsilon of Stillinger & Weber, PRB 31, 5262 (1985)
@@ -124,20 +125,34 @@ def test_deterministic_across_workers_and_resumable(tmp_path):
         assert np.array_equal(ta.frames[-1].positions, tb.frames[-1].positions)
 
 
-def test_killed_run_keeps_finished_trajectories(db, monkeypatch):
+def kill_at(monkeypatch, at: int) -> None:
+    """Make generate stop as if killed when it starts trajectory ``at``."""
     original = generate_module.make_trajectory
 
-    def dies_at_two(recipe, index, **kw):
-        if index == 2:
+    def dies(recipe, index, **kw):
+        if index == at:
             raise KeyboardInterrupt
         return original(recipe, index, **kw)
 
-    monkeypatch.setattr(generate_module, "make_trajectory", dies_at_two)
+    monkeypatch.setattr(generate_module, "make_trajectory", dies)
+
+
+def test_killed_run_keeps_finished_trajectories(db, monkeypatch):
+    kill_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         generate("alloys", db, n=4, progress=False, **TINY)
     assert db.traj_ids() == {"alloys-s0-00000", "alloys-s0-00001"}
-    monkeypatch.setattr(generate_module, "make_trajectory", original)
+    monkeypatch.undo()
     assert generate("alloys", db, n=4, progress=False, **TINY) == 2
+
+
+def test_each_trajectory_is_written_with_its_split(db, monkeypatch):
+    kill_at(monkeypatch, 2)  # after two trajectories were stored, before the final assign_splits
+    splits = SplitFractions(val=0.3, test=0.3, seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        generate("alloys", db, n=4, progress=False, splits=splits, **TINY)
+    stored = {t.traj_id: t.split for t in db.trajectories(converged_only=False)}
+    assert stored == {tid: split_of(tid, 0.3, 0.3, 5) for tid in ("alloys-s0-00000", "alloys-s0-00001")}
 
 
 def test_alloys_positions_only_and_labels(db):

@@ -7,8 +7,9 @@ steps) and stores every frame. Trajectory ``i`` is built from the random
 generator seeded with ``(seed, i)`` and stored as ``<recipe>-s<seed>-<i:05d>``
 (e.g. ``si-defects-s0-00042``), so a run is deterministic and resumable: a
 rerun makes only the indices that are not in the database yet. Each
-trajectory is written in its own transaction as soon as it is done, so a run
-killed after k trajectories keeps k. Trajectories that hit ``max_steps`` are
+trajectory is written in its own transaction (with its split, when
+``splits`` is given) as soon as it is done, so a run killed after k
+trajectories keeps k, each with its split. Trajectories that hit ``max_steps`` are
 stored too; the database marks them unconverged when their last frame's max
 force is above its ``converged_fmax``. The settings of each (recipe, seed) are
 recorded in the database metadata under ``generated``; resuming with other
@@ -31,6 +32,7 @@ from ase.optimize import FIRE
 
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.recipes import RECIPES, Recipe, resolve_reference
+from ase_bptt.data.splits import SplitFractions
 
 __all__ = ["generate", "relax_frames", "make_trajectory", "traj_id_for"]
 
@@ -124,6 +126,7 @@ def generate(
     workers: int = 1,
     progress: bool = True,
     reference: Any = None,
+    splits: SplitFractions | None = None,
     **options: Any,
 ) -> int:
     """Make ``n`` relaxation trajectories with a built-in recipe.
@@ -141,6 +144,9 @@ def generate(
             ``"tersoff"``, ``"emt"``), ``"module:Class"``, a Calculator or a
             callable returning one; default the recipe's (SW for
             ``si-defects``, EMT for ``alloys``).
+        splits: give each new trajectory its split as it is written, and
+            the database's others at the end (see
+            :meth:`TrajectoryDB.assign_splits`); None leaves splits alone.
         **options: recipe options, e.g. ``size=3``, ``sigma=0.05``,
             ``fmax``, ``max_steps``.
 
@@ -152,6 +158,7 @@ def generate(
         ValueError: unknown recipe or recipe option.
         MissingDependencyError: the reference needs matscipy and it is not
             installed.
+        DatabaseAccessError: the database cannot be written (checked first).
     """
     from tqdm.auto import tqdm
 
@@ -164,6 +171,7 @@ def generate(
     factory, ref_name = resolve_reference(reference)
     # Build one structure now so bad options fail before any work starts.
     rec.build(np.random.default_rng([seed, 0]), reference, **opts)
+    db.check_writable()
 
     _check_same_settings(db, recipe, seed, ref_name, opts)
     existing = db.traj_ids()
@@ -174,7 +182,9 @@ def generate(
 
     def store(index: int, frames: list[Atoms], label: str) -> None:
         nonlocal added
-        db.add_trajectory(frames, traj_id=traj_id_for(recipe, seed, index), label=label, source=source)
+        traj_id = traj_id_for(recipe, seed, index)
+        split = None if splits is None else splits.split_of(traj_id)
+        db.add_trajectory(frames, traj_id=traj_id, label=label, source=source, split=split)
         added += 1
         bar.update(1)
 
@@ -196,4 +206,6 @@ def generate(
                     store(i, frames, label)
     finally:
         bar.close()
+    if splits is not None:
+        db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed)
     return added

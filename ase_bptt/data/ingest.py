@@ -19,10 +19,19 @@ Formats:
   energy is taken from the first of ``uncorrected_total_energy``,
   ``corrected_total_energy``, ``energy`` that is present (uncorrected first:
   it is the energy whose gradient the forces are).
+- an ``ase.db`` database (``.db``): one trajectory per value of the key
+  named by ``group_key`` (rows in id order); a database made by ase-bptt is
+  grouped by its ``traj_id`` (rows in frame order). A database from another
+  program without ``group_key`` is skipped with advice: its rows may be
+  several relaxations.
+
+A trajectory's label is ``label`` when given, else the ``label_key`` entry
+(default ``"label"``) of its first frame's ``atoms.info`` (extxyz and
+``.traj`` keep it), else none.
 
 Everything is read and validated before anything is written, and all writes
-of one call happen in one transaction: a failure part-way leaves the database
-as it was. Files that cannot be used are reported with the reason, never
+of one call (the trajectories and their splits) happen in one transaction: a
+failure part-way leaves the database as it was. Files that cannot be used are reported with the reason, never
 written.
 """
 
@@ -37,12 +46,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db import InvalidTrajectoryError, TrajectoryDB, content_hash, validate_frames
+from ase_bptt.data.splits import SplitFractions
 
 __all__ = ["ImportReport", "import_paths", "read_trajectory", "read_mptrj"]
 
@@ -70,6 +81,10 @@ class _Skip(Exception):
     """A file (or entry) cannot be imported; the message is the reason."""
 
 
+#: ``(where, traj_id or None, frames or the reason to skip them)`` for one trajectory read from a file.
+_Entry = tuple[str, str | None, "list[Atoms] | _Skip"]
+
+
 @dataclass
 class _Candidate:
     where: str
@@ -79,8 +94,8 @@ class _Candidate:
 
 
 # ------------------------------------------------------------------ helpers
-def _open_text(path: Path):
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+def _open_text(path: Path) -> Any:
+    opener: Any = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
     return opener(path, "rt", errors="replace")
 
 
@@ -133,12 +148,19 @@ def read_trajectory(path: str | os.PathLike) -> list[Atoms]:
             missing forces; the message names the file.
     """
     try:
-        return _read_ase(Path(path))
+        entries = _read_ase(Path(path))
+        if len(entries) != 1:
+            raise _Skip(f"holds {len(entries)} trajectories; import it with import_paths")
+        frames = entries[0][2]
+        if isinstance(frames, _Skip):
+            raise frames
+        return frames
     except _Skip as exc:
         raise InvalidTrajectoryError(f"{path}: {exc}") from None
 
 
-def _read_ase(path: Path) -> list[Atoms]:
+def _read_ase(path: Path, group_key: str | None = None) -> list[_Entry]:
+    """``[(where, traj_id or None, frames or the reason to skip)]`` from a file ASE reads."""
     from ase.io import read
     from ase.io.formats import UnknownFileTypeError, filetype
 
@@ -156,6 +178,8 @@ def _read_ase(path: Path) -> list[Atoms]:
     )
     if fmt is None:
         raise unknown
+    if fmt == "db":
+        return _read_ase_db(path, group_key)
     if fmt == "vasp-xml":
         _check_vasprun_complete(path)
     try:
@@ -168,7 +192,53 @@ def _read_ase(path: Path) -> list[Atoms]:
         frames = [frames]
     if not frames:
         raise _Skip(f"ASE reads no frames from it as {fmt} (unfinished or broken file?)")
-    return [_with_single_point(a, i) for i, a in enumerate(frames)]
+    return [(str(path), None, [_with_single_point(a, i) for i, a in enumerate(frames)])]
+
+
+def _read_ase_db(path: Path, group_key: str | None) -> list[_Entry]:
+    # An ase.db holds rows, not relaxations: without a key that tells the
+    # relaxations apart they would be merged into one trajectory.
+    import sqlite3
+
+    import ase.db
+
+    try:  # read-only, so a foreign SQLite file is never changed by ase's table set-up
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            con.execute("SELECT id, key_value_pairs FROM systems LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise _Skip(f"not an ase.db database (SQLite: {exc})") from None
+    db = ase.db.connect(str(path), type="db", use_lock_file=False)
+    ours = "ase_bptt_schema" in db.metadata
+    key = group_key or ("traj_id" if ours else None)
+    rows = list(db.select())
+    if key is None:
+        keys = sorted({k for row in rows for k in row.key_value_pairs})
+        raise _Skip(
+            f"an ase.db database with {len(rows)} rows from another program: its rows may be several relaxations; "
+            f"name the key that tells them apart with --group-key KEY (its keys: {', '.join(keys) or 'none'}), "
+            "or write each relaxation to its own .traj file"
+        )
+    groups: dict[str, list] = {}
+    missing = 0
+    for row in rows:
+        value = row.get(key)
+        if value is None:
+            missing += 1
+        else:
+            groups.setdefault(str(value), []).append(row)
+    out: list[_Entry] = []
+    if missing:
+        out.append((str(path), None, _Skip(f"{missing} of its {len(rows)} rows have no key {key!r}")))
+    stem = _base_name(path).rsplit(".", 1)[0]
+    for value, group in groups.items():
+        group.sort(key=lambda row: row.get("frame", 0) if ours else row.id)
+        frames = []
+        for i, row in enumerate(group):
+            atoms = row.toatoms()
+            atoms.info.update(row.key_value_pairs)
+            frames.append(_with_single_point(atoms, i))
+        out.append((f"{path}:{key}={value}", value if ours else f"{stem}-{value}", frames))
+    return out
 
 
 # -------------------------------------------------------------------- MPtrj
@@ -204,7 +274,7 @@ def _mptrj_frames(frames_by_id: dict) -> list[Atoms]:
     if not isinstance(frames_by_id, dict):
         raise _Skip("entry is not a {frame_id: frame} mapping")
     ordered = sorted(frames_by_id.items(), key=lambda kv: _mptrj_frame_key(kv[0]))
-    out = []
+    out: list[Atoms] = []
     for frame_id, frame in ordered:
         try:
             structure = Structure.from_dict(frame["structure"])
@@ -268,8 +338,11 @@ def import_paths(
     db: TrajectoryDB,
     *,
     label: str | None = None,
+    label_key: str = "label",
     source: str | None = None,
     recursive: bool = True,
+    splits: SplitFractions | None = None,
+    group_key: str | None = None,
 ) -> ImportReport:
     """Import files and directories of relaxations into ``db``.
 
@@ -280,18 +353,29 @@ def import_paths(
     Args:
         paths: files and/or directories (walked).
         db: the target database.
-        label: label given to every imported trajectory.
+        label: label given to every imported trajectory; None: each
+            trajectory's ``atoms.info[label_key]`` when its first frame has one.
+        label_key: the ``atoms.info`` key read when ``label`` is None.
         source: source recorded for every trajectory; default the file path.
         recursive: walk directories recursively.
+        splits: give every trajectory in the database a split (see
+            :meth:`TrajectoryDB.assign_splits`), in the same transaction as
+            the new trajectories; None leaves splits alone.
+        group_key: the key whose value tells the relaxations in an ``ase.db``
+            file apart (one trajectory per value).
 
     Returns:
         An :class:`ImportReport` with the traj_ids added and every
         ``(path, reason)`` skipped. Importing the same data twice adds
         nothing: the second time each trajectory is skipped as "already in
-        the database as <traj_id>".
+        the database as <traj_id>". When nothing is added nothing is written.
+
+    Raises:
+        DatabaseAccessError: the database cannot be written (checked first).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    db.check_writable()
     report = ImportReport()
     candidates: list[_Candidate] = []
     target = Path(db.name).resolve() if "://" not in db.name else None
@@ -301,7 +385,7 @@ def import_paths(
             report.skipped.append((where, "the target database itself"))
             continue
         try:
-            entries = _read_file(path)
+            entries = _read_file(path, group_key)
         except _Skip as exc:
             report.skipped.append((where, str(exc)))
             continue
@@ -334,22 +418,33 @@ def import_paths(
         taken.add(traj_id)
         to_write.append((c, traj_id))
 
+    if not to_write:
+        return report
     with db.transaction():
         for c, traj_id in to_write:
             src = source if source is not None else c.where
-            db.add_trajectory(c.frames, traj_id=traj_id, label=label, source=src)
+            db.add_trajectory(c.frames, traj_id=traj_id, label=_label_of(c.frames, label, label_key), source=src)
+        if splits is not None:
+            db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed)
     report.added.extend(traj_id for _, traj_id in to_write)
     return report
 
 
-def _read_file(path: Path) -> list[tuple[str, str | None, list[Atoms] | _Skip]]:
+def _label_of(frames: list[Atoms], label: str | None, label_key: str) -> str | None:
+    if label is not None:
+        return label
+    value = frames[0].info.get(label_key)
+    return None if value is None else str(value)
+
+
+def _read_file(path: Path, group_key: str | None) -> list[_Entry]:
     """``[(where, traj_id or None, frames or the reason to skip)]`` for one file."""
     if path.stat().st_size == 0:
         raise _Skip("empty file")
     if _base_name(path).lower().endswith(".json"):
         data = _load_json(path)
         if data is not None and _is_mptrj(data):
-            out = []
+            out: list[_Entry] = []
             for mp_id, frames_by_id in data.items():
                 where = f"{path}:{mp_id}"
                 try:
@@ -357,4 +452,4 @@ def _read_file(path: Path) -> list[tuple[str, str | None, list[Atoms] | _Skip]]:
                 except _Skip as exc:
                     out.append((where, str(mp_id), exc))
             return out
-    return [(str(path), None, _read_ase(path))]
+    return _read_ase(path, group_key)
