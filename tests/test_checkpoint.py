@@ -236,6 +236,17 @@ def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
     assert training_domain(Batch.from_atoms(frames)) == expected
 
 
+def test_merged_training_domains_cover_each(si_small, si_vacancy):
+    from ase.build import molecule
+
+    from ase_bptt.models.domain import merge_training_domains, training_domain
+
+    water = molecule("H2O")
+    merged = merge_training_domains(training_domain([si_vacancy]), None, training_domain([water, si_small]))
+    assert merged == training_domain([si_small, si_vacancy, water])
+    assert merge_training_domains(None, None) is None
+
+
 def test_saved_training_domain_round_trips(tmp_path, model, si_small):
     from ase_bptt.models.domain import read_training_domain, training_domain
 

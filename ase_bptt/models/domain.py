@@ -39,6 +39,7 @@ __all__ = [
     "OutOfDomainWarning",
     "StructureCheck",
     "StructureError",
+    "merge_training_domains",
     "read_training_domain",
     "training_domain",
 ]
@@ -96,6 +97,23 @@ def training_domain(structures: Any) -> dict:
         "n_atoms": [int(min(counts)), int(max(counts))],
         "pbc": [list(p) for p in sorted(set(pbcs))],
         "n_structures": len(counts),
+    }
+
+
+def merge_training_domains(*domains: dict | None) -> dict | None:
+    """One domain covering all of ``domains`` (None entries, e.g. an old checkpoint's, are skipped).
+
+    For fine-tuning: the pretrained checkpoint's domain merged with that of
+    the structures the model is tuned on. None when every entry is None.
+    """
+    known = [d for d in domains if d is not None]
+    if not known:
+        return None
+    return {
+        "species": sorted({int(z) for d in known for z in d["species"]}),
+        "n_atoms": [min(d["n_atoms"][0] for d in known), max(d["n_atoms"][1] for d in known)],
+        "pbc": [list(p) for p in sorted({tuple(bool(x) for x in row) for d in known for row in d["pbc"]})],
+        "n_structures": sum(int(d.get("n_structures", 0)) for d in known),
     }
 
 
