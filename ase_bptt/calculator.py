@@ -21,6 +21,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from ase_bptt.batch import Batch
 from ase_bptt.models.base import ForceModel
+from ase_bptt.models.domain import NonFiniteResultError, StructureCheck, read_training_domain
 
 __all__ = ["BPTTCalculator"]
 
@@ -45,14 +46,21 @@ class BPTTCalculator(Calculator):
         checkpoint: the loaded checkpoint dict, or None for a model object.
         relax_settings: the checkpoint's ``relax`` dict (step rule, ``tol``,
             ``max_steps``) or None: how the model was tuned to be relaxed.
+        training_domain: the checkpoint's training domain (species, atom
+            counts, periodicity; :mod:`ase_bptt.models.domain`) or None.
 
     Raises:
         UnknownElementError: (on calculation) the structure holds an element
             the model was not trained on.
+        StructureError: (on calculation) the model cannot evaluate the
+            structure: a zero or singular periodic cell, no periodic cell for
+            a model with periodic features, ... (see :meth:`check_structure`).
+        NonFiniteResultError: the model returned NaN or infinite numbers.
         PropertyNotImplementedError: energy requested from a forces-only model.
     """
 
-    implemented_properties = ("energy", "free_energy", "forces")
+    # A tuple (ASE's stubs say list) so no caller can change what every instance implements.
+    implemented_properties = ("energy", "free_energy", "forces")  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -66,9 +74,9 @@ class BPTTCalculator(Calculator):
         if isinstance(model_or_path, (str, os.PathLike)):
             from ase_bptt.models.checkpoint import load_checkpoint, load_model
 
-            self.checkpoint: dict | None = load_checkpoint(model_or_path)
-            model = load_model(self.checkpoint, device=device, dtype=dtype)
             self.source = os.fspath(model_or_path)
+            self.checkpoint: dict | None = load_checkpoint(model_or_path)
+            model = load_model(self.checkpoint, device=device, dtype=dtype, name=self.source)
         elif isinstance(model_or_path, torch.nn.Module):
             self.checkpoint = None
             model = model_or_path
@@ -80,12 +88,14 @@ class BPTTCalculator(Calculator):
                 f"BPTTCalculator takes a checkpoint path or a torch model, not {type(model_or_path).__name__}"
             )
         self.model = model.eval()
-        ref = next(iter(model.parameters()), None)
+        ref: torch.Tensor | None = next(iter(model.parameters()), None)
         if ref is None:
             ref = next(iter(model.buffers()), torch.zeros(()))
         self._device = ref.device
         self._dtype = ref.dtype if ref.is_floating_point() else torch.float64
-        self._checked: tuple[int, ...] | None = None
+        self.training_domain = None if self.checkpoint is None else read_training_domain(self.checkpoint, self.source)
+        self._check = StructureCheck(self.model, self.training_domain, self.source)
+        self._checked: tuple | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> BPTTCalculator:
@@ -96,6 +106,21 @@ class BPTTCalculator(Calculator):
     def relax_settings(self) -> dict | None:
         """The checkpoint's ``relax`` dict, or None (model object or no settings saved)."""
         return None if self.checkpoint is None else self.checkpoint.get("relax")
+
+    def check_structure(self, atoms: Atoms, where: str | None = None) -> None:
+        """Raise if the model cannot evaluate ``atoms``; warn once per reason if it lies outside the training domain.
+
+        Errors (``UnknownElementError``, ``StructureError``): an untrained
+        element, non-finite positions or cell, a zero or singular periodic
+        cell, no periodic cell for a model with periodic features, a
+        non-periodic direction where every training structure was periodic.
+        Warnings (``OutOfDomainWarning``, once per reason and calculator): an
+        atom count outside the trained range by more than a factor
+        :data:`~ase_bptt.models.domain.ATOM_COUNT_MARGIN`, or a periodicity no
+        training structure had. ``calculate`` runs this itself; call it to
+        check many structures before relaxing any.
+        """
+        self._check(atoms, where or f"structure {atoms.get_chemical_formula()}")
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """Changes since the last calculation: ASE's answer, with an exact fast path.
@@ -134,19 +159,24 @@ class BPTTCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        numbers = tuple(atoms.numbers.tolist())
-        if numbers != self._checked:  # the species check runs once per composition
-            check = getattr(self.model, "check_species", None)
-            if check is not None:
-                check(atoms.numbers, where=f"structure {atoms.get_chemical_formula()}")
-            self._checked = numbers
+        # Checked once per composition, periodicity and cell, not at every step.
+        key = (tuple(atoms.numbers.tolist()), tuple(atoms.pbc.tolist()), atoms.cell.array.tobytes())
+        if key != self._checked:
+            self.check_structure(atoms)
+            self._checked = key
         batch = Batch.from_atoms(atoms, device=self._device, dtype=self._dtype, constraints=False)
         # no_grad, not inference_mode: a ConservativeForces model needs autograd.
         with torch.no_grad():
             out = self.model(batch)
-        self.results["forces"] = out.forces[0].detach().to("cpu", torch.float64).numpy()
-        if out.energy is not None:
-            energy = float(out.energy[0])
+        forces = out.forces[0].detach().to("cpu", torch.float64).numpy()
+        energy = None if out.energy is None else float(out.energy[0])
+        if not np.isfinite(forces).all() or (energy is not None and not np.isfinite(energy)):
+            raise NonFiniteResultError(
+                f"{self.source} gave non-finite (NaN or infinite) energy or forces for structure "
+                f"{atoms.get_chemical_formula()}; check the structure's positions and cell, and the model's weights"
+            )
+        self.results["forces"] = forces
+        if energy is not None:
             self.results["energy"] = energy
             self.results["free_energy"] = energy
         elif "energy" in properties or "free_energy" in properties:

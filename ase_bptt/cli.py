@@ -733,27 +733,38 @@ def evaluate_cmd(
     help="Step limit  [default: the checkpoint's max_steps (learned) or 300 (fire)]",
 )
 @click.option("--input-format", default=None, help="ase.io format of INPUT (default: from the name).")
-@click.option("--format", "output_format", default=None, help="ase.io format of the output (default: from the name).")
+@click.option(
+    "--output-format",
+    "--format",
+    "output_format",
+    default=None,
+    help="ase.io format of the output, e.g. extxyz, traj, vasp, cif (default: from the name).",
+)
 @runtime_options()
 @click.pass_context
 def relax_cmd(ctx, input_path, model, output, optimizer, fmax, steps, input_format, output_format, device, dtype):
     """Relax every frame of INPUT with a fine-tuned model and write the relaxed
     structures (with energies and forces) to --output."""
+    import warnings
+
     from ase_bptt.train.relax_files import relax_file
 
-    done = relax_file(
-        input_path,
-        output,
-        model=model,
-        optimizer=optimizer,
-        fmax=fmax,
-        steps=steps,
-        input_format=input_format,
-        output_format=output_format,
-        device=device,
-        dtype=dtype,
-        progress=_progress(ctx),
-    )
+    with warnings.catch_warnings():
+        # An input outside the model's training domain: one "Warning: ..." line, not a source listing.
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"Warning: {message}", err=True)
+        done = relax_file(
+            input_path,
+            output,
+            model=model,
+            optimizer=optimizer,
+            fmax=fmax,
+            steps=steps,
+            input_format=input_format,
+            output_format=output_format,
+            device=device,
+            dtype=dtype,
+            progress=_progress(ctx),
+        )
     for r in done:
         state = "converged" if r.converged else "not converged"
         click.echo(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
+from ase.build import bulk, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS, FIRE, LBFGS
@@ -15,6 +15,7 @@ from ase_bptt.calculator import BPTTCalculator
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
 from ase_bptt.models.checkpoint import CheckpointNotFoundError, save_checkpoint
+from ase_bptt.models.domain import ATOM_COUNT_MARGIN, NonFiniteResultError, OutOfDomainWarning, StructureError
 
 
 def tiny_model(atoms) -> ADAPT:
@@ -242,3 +243,87 @@ def test_unchanged_atoms_are_not_recalculated(si_small):
     f2 = atoms.get_forces()
     atoms.get_potential_energy()
     assert model.calls == 1 and np.array_equal(f1, f2)
+
+
+# ----------------------------------------------- structures the model cannot evaluate, or was not trained on
+@pytest.mark.parametrize(
+    "cell", [np.zeros((3, 3)), [[5.43, 0, 0], [0, 5.43, 0], [5.43, 5.43, 0]]], ids=["zero", "singular"]
+)
+def test_periodic_structure_without_a_regular_cell_is_refused(checkpoint, si_small, cell):
+    si_small.set_cell(cell)
+    si_small.pbc = True
+    si_small.calc = BPTTCalculator(checkpoint)
+    with pytest.raises(
+        StructureError, match=r"structure Si7 is periodic along xyz but its cell there is zero or singular"
+    ):
+        si_small.get_forces()
+
+
+def test_non_finite_results_are_an_error_naming_the_structure(si_small):
+    model = tiny_model(si_small)
+    with torch.no_grad():
+        model.energy_head.bias.fill_(float("inf"))
+    si_small.calc = BPTTCalculator(model)
+    with pytest.raises(NonFiniteResultError, match=r"ADAPT gave non-finite .* for structure Si7"):
+        si_small.get_potential_energy()
+    assert "forces" not in si_small.calc.results
+
+
+def test_structure_without_cell_is_refused_by_a_periodic_model(checkpoint):
+    cluster = molecule("Si2H6")
+    cluster.numbers[cluster.numbers == 1] = 14  # an Si8 cluster, no cell
+    cluster.calc = BPTTCalculator(checkpoint)
+    with pytest.raises(StructureError, match=r"si\.pt describes atoms by periodic features"):
+        cluster.get_forces()
+
+
+def test_cartesian_model_evaluates_a_cluster(si_small):
+    torch.manual_seed(0)
+    cartesian = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2, coordinates="cartesian"))
+    cluster = si_small.copy()
+    cluster.pbc = False
+    cluster.calc = BPTTCalculator(cartesian)
+    assert np.isfinite(cluster.get_forces()).all()
+
+
+@pytest.fixture
+def bulk_domain_checkpoint(tmp_path, si_vacancy):
+    """A checkpoint whose metadata says: trained on 7-63 atom fully periodic Si cells."""
+    domain = {"species": [14], "n_atoms": [7, 63], "pbc": [[True, True, True]], "n_structures": 2}
+    relax = {"step": {"rule": "fixed", "eta": 0.05}, "tol": 1e-3, "max_steps": 75}
+    model = tiny_model(si_vacancy)
+    return save_checkpoint(tmp_path / "bulk.pt", model, relax=relax, metadata={"training_domain": domain})
+
+
+def test_slab_is_refused_by_a_model_trained_on_bulk(bulk_domain_checkpoint, si_small):
+    si_small.pbc = (True, True, False)
+    si_small.calc = BPTTCalculator(bulk_domain_checkpoint)
+    with pytest.raises(StructureError, match=r"structure Si7 is not periodic along z, but .*bulk\.pt was trained"):
+        si_small.get_forces()
+
+
+def test_atom_count_outside_the_trained_range_warns_once(bulk_domain_checkpoint):
+    calc = BPTTCalculator(bulk_domain_checkpoint)
+    with pytest.warns(OutOfDomainWarning, match=r"Si216 has 216 atoms, outside the 7-63 atoms .*bulk\.pt") as record:
+        for repeat in (3, 4):  # 216 and 512 atoms, both beyond 2 x 63
+            big = bulk("Si", "diamond", a=5.43, cubic=True) * (repeat, repeat, repeat)
+            big.calc = calc
+            big.get_forces()
+    assert len([w for w in record if issubclass(w.category, OutOfDomainWarning)]) == 1
+
+
+def test_inside_the_margin_no_warning(bulk_domain_checkpoint, recwarn):
+    calc = BPTTCalculator(bulk_domain_checkpoint)
+    # 4 atoms (7 / 2 = 3.5 is the margin) and 64 atoms: inside the trained range by ATOM_COUNT_MARGIN
+    for atoms in (bulk("Si", "diamond", a=5.43, orthorhombic=True), bulk("Si", "diamond", a=5.43, cubic=True) * 2):
+        atoms.calc = calc
+        atoms.get_forces()
+    assert not [w for w in recwarn.list if issubclass(w.category, OutOfDomainWarning)]
+    assert ATOM_COUNT_MARGIN == 2.0
+
+
+def test_check_structure_before_evaluating(bulk_domain_checkpoint, si_small):
+    calc = BPTTCalculator(bulk_domain_checkpoint)
+    si_small.positions[0, 0] = np.nan
+    with pytest.raises(StructureError, match=r"frame 3 has non-finite"):
+        calc.check_structure(si_small, where="frame 3")

@@ -20,6 +20,7 @@ from ase_bptt.models.checkpoint import (
     CheckpointNotFoundError,
     CheckpointVersionError,
     CorruptCheckpointError,
+    NonFiniteWeightsError,
     NotACheckpointError,
     UnknownModelError,
     load_checkpoint,
@@ -190,6 +191,95 @@ def test_weights_not_matching_config(tmp_path, saved):
         load_model(data)
 
 
+def test_weights_not_matching_config_name_the_file(tmp_path, saved):
+    from ase_bptt.calculator import BPTTCalculator
+
+    data = torch.load(saved, weights_only=True)
+    data["model"]["config"]["d_model"] = 32  # the weights are for d_model=16
+    path = tmp_path / "mismatch.pt"
+    torch.save(data, path)
+    for load in (load_model, BPTTCalculator):
+        with pytest.raises(CheckpointKeyError, match=r"mismatch\.pt: weights do not match the ADAPT config") as e:
+            load(path)
+        assert "checkpoint dict" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, saved, bad):
+    data = torch.load(saved, weights_only=True)
+    data["model"]["state_dict"]["blocks.0.qkv.bias"][3] = bad
+    path = tmp_path / "diverged.pt"
+    torch.save(data, path)
+    load_checkpoint(path)  # the file itself is intact: the weights are the problem
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"diverged\.pt holds NaN or infinite weights.*blocks\.0\.qkv\.bias"
+    ):
+        load_model(path)
+    with pytest.raises(NonFiniteWeightsError, match=r"^from-disk holds"):
+        load_model(data, name="from-disk")
+
+
+def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
+    from ase.build import molecule
+
+    from ase_bptt.models.domain import training_domain
+
+    water = molecule("H2O")  # no cell, not periodic
+    frames = [si_small, si_vacancy, water]
+    expected = {
+        "species": [1, 8, 14],
+        "n_atoms": [3, 63],
+        "pbc": [[False, False, False], [True, True, True]],
+        "n_structures": 3,
+    }
+    assert training_domain(frames) == expected
+    assert training_domain(Batch.from_atoms(frames)) == expected
+
+
+def test_merged_training_domains_cover_each(si_small, si_vacancy):
+    from ase.build import molecule
+
+    from ase_bptt.models.domain import merge_training_domains, training_domain
+
+    water = molecule("H2O")
+    merged = merge_training_domains(training_domain([si_vacancy]), None, training_domain([water, si_small]))
+    assert merged == training_domain([si_small, si_vacancy, water])
+    assert merge_training_domains(None, None) is None
+
+
+def test_saved_training_domain_round_trips(tmp_path, model, si_small):
+    from ase_bptt.models.domain import read_training_domain, training_domain
+
+    domain = training_domain([si_small])
+    path = save_checkpoint(tmp_path / "d.pt", model, metadata={"training_domain": domain})
+    assert read_training_domain(load_checkpoint(path)) == domain
+    assert read_training_domain(load_checkpoint(path)) == {
+        "species": [14],
+        "n_atoms": [7, 7],
+        "pbc": [[True, True, True]],
+        "n_structures": 1,
+    }
+
+
+def test_old_checkpoint_without_domain_loads_without_warning(saved, recwarn):
+    from ase_bptt.models.domain import read_training_domain
+
+    assert read_training_domain(load_checkpoint(saved)) is None
+    load_model(saved)
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize(
+    "domain", [{"n_atoms": [8, 4], "pbc": [[True] * 3], "species": [14]}, {"n_atoms": [4, 8]}, "Si, 4-8 atoms"]
+)
+def test_malformed_training_domain(tmp_path, model, domain):
+    from ase_bptt.models.domain import read_training_domain
+
+    path = save_checkpoint(tmp_path / "odd.pt", model, metadata={"training_domain": domain})
+    with pytest.raises(CorruptCheckpointError, match=r"odd\.pt: metadata\.training_domain is malformed"):
+        read_training_domain(load_checkpoint(path), str(path))
+
+
 def test_unknown_model_name(saved):
     data = torch.load(saved, weights_only=True)
     data["model"]["name"] = "MACE"
@@ -206,6 +296,7 @@ def test_errors_are_distinct_checkpoint_errors():
         CorruptCheckpointError,
         CheckpointKeyError,
         UnknownModelError,
+        NonFiniteWeightsError,
     ]
     assert all(issubclass(k, CheckpointError) for k in kinds)
     assert len(set(kinds)) == len(kinds)

@@ -187,6 +187,14 @@ class ADAPT(ForceModel):
     """
 
     model_name = "ADAPT"
+    # Buffers (registered in __init__), declared so type checkers know they are tensors.
+    elements: torch.Tensor
+    coord_mean: torch.Tensor
+    coord_std: torch.Tensor
+    force_scale: torch.Tensor
+    energy_scale: torch.Tensor
+    energy_shift: torch.Tensor
+    _frequencies: torch.Tensor
 
     def __init__(self, config: ADAPTConfig | None = None) -> None:
         super().__init__()
@@ -218,6 +226,10 @@ class ADAPT(ForceModel):
     @property
     def species(self) -> tuple[int, ...] | None:  # type: ignore[override]
         return self.config.species
+
+    @property
+    def periodic_features(self) -> bool:  # type: ignore[override]
+        return self.config.coordinates == "periodic"
 
     def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
         """Raise ``UnknownElementError`` for an untrained element, or one beyond Z = 94."""

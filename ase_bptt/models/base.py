@@ -31,10 +31,13 @@ class ForceModel(nn.Module):
     ``positions`` overrides ``batch.positions`` so a relaxer can thread a
     differentiable tensor through many frames without rebuilding the Batch.
     Subclasses set ``species`` (the atomic numbers they were trained on, or
-    None for "any"), used to reject unknown elements with a clear error.
+    None for "any"), used to reject unknown elements with a clear error, and
+    ``periodic_features`` when they describe atoms by their fractional
+    coordinates in a periodic cell (and so cannot evaluate a structure without one).
     """
 
     species: tuple[int, ...] | None = None
+    periodic_features: bool = False
 
     def forward(
         self, batch: Batch, positions: torch.Tensor | None = None

@@ -26,9 +26,10 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zlib import error as zlib_error
 
 import numpy as np
@@ -49,6 +50,8 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointKeyError",
     "UnknownModelError",
+    "NonFiniteWeightsError",
+    "atomic_write",
     "atomic_torch_save",
     "register_model",
     "model_to_dict",
@@ -88,6 +91,10 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The weights hold NaN or infinite numbers (a diverged training run): the model would predict NaN."""
 
 
 class UnknownModelError(CheckpointError):
@@ -164,23 +171,24 @@ def model_to_dict(model: nn.Module) -> dict:
     return {"name": name, "config": _json_like(config.to_dict(), "model.config"), "state_dict": state}
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file in the same directory, fsync it, rename it to ``path``.
 
-    A crash at any moment leaves either the old file or the complete new one,
-    never a truncated file (used for checkpoints and training state files).
+    A crash (or an exception in ``write``) at any moment leaves either the old
+    file or the complete new one, never a truncated file (used for
+    checkpoints, training state files and ``ase-bptt relax`` outputs).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         # mkstemp makes the file private (0600); give it the mode open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -195,6 +203,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`: never a truncated checkpoint under the real name."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(
@@ -338,11 +351,14 @@ def load_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    name: str | None = None,
 ) -> nn.Module:
     """Rebuild the model in a checkpoint, in eval mode.
 
     Args:
         source: a checkpoint path or an already loaded checkpoint dict.
+        name: what errors call ``source`` (e.g. the path a dict was loaded
+            from; default: the path, or "checkpoint dict").
         device: where to put the model (default CPU).
         dtype: floating dtype (default: the dtype the weights were saved in,
             so outputs are bitwise identical to the saved model's).
@@ -350,13 +366,14 @@ def load_model(
     Raises:
         CheckpointError: any of the :func:`load_checkpoint` errors;
             UnknownModelError for an unregistered model name;
-            CheckpointKeyError when the weights do not match the config.
+            CheckpointKeyError when the weights do not match the config;
+            NonFiniteWeightsError when they hold NaN or infinite numbers.
     """
     if isinstance(source, dict):
-        name_of = "checkpoint dict"
+        name_of = name or "checkpoint dict"
         checkpoint = validate_checkpoint(source, source=name_of)
     else:
-        name_of = str(source)
+        name_of = name or str(source)
         checkpoint = load_checkpoint(source)
     spec = checkpoint["model"]
     cls = MODEL_REGISTRY.get(spec["name"])
@@ -366,10 +383,19 @@ def load_model(
             f"(known: {sorted(MODEL_REGISTRY)}); upgrade ase-bptt or import the package that registers it"
         )
     try:
-        model = cls.from_config(spec["config"])
+        model = cast(Any, cls).from_config(spec["config"])  # register_model checked it has one
     except (TypeError, ValueError) as e:
         raise CheckpointKeyError(f"{name_of}: model config cannot be used ({e})") from None
     state = spec["state_dict"]
+    bad = [
+        k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{name_of} holds NaN or infinite weights (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), "
+            "so every prediction would be NaN; use the checkpoint of an earlier epoch or re-run the training "
+            "(e.g. with a lower learning rate)"
+        )
     saved = next((v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     if saved is not None:
         model.to(saved)

@@ -51,6 +51,10 @@ class ConservativeForces(ForceModel):
     def species(self) -> tuple[int, ...] | None:  # type: ignore[override]
         return getattr(self.energy_model, "species", None)
 
+    @property
+    def periodic_features(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.energy_model, "periodic_features", False))
+
     def forward(self, batch: Batch, positions: torch.Tensor | None = None) -> ModelOutput:
         """``ModelOutput(forces=-dE/dX, energy=E)`` for a Batch."""
         if torch.is_inference_mode_enabled():
@@ -69,11 +73,10 @@ class ConservativeForces(ForceModel):
                 # The fused CPU/GPU attention kernels have no double backward;
                 # the math kernel is built of ordinary differentiable ops.
                 with sdpa_kernel(SDPBackend.MATH):
-                    energy = self.energy_model(batch, pos)
+                    out = self.energy_model(batch, pos)
             else:
-                energy = self.energy_model(batch, pos)
-            if isinstance(energy, ModelOutput):
-                energy = energy.energy
+                out = self.energy_model(batch, pos)
+            energy = out.energy if isinstance(out, ModelOutput) else out
             if energy is None:
                 raise ValueError(f"{type(self.energy_model).__name__} returned no energy; ConservativeForces needs one")
             (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training_graph, allow_unused=True)

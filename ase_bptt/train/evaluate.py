@@ -439,7 +439,7 @@ def evaluate(
 
     for path, name in zip(paths, names):
         ckpt = load_checkpoint(path)
-        model = load_model(ckpt, device=dev, dtype=dt)
+        model = load_model(ckpt, device=dev, dtype=dt, name=str(path))
         model.eval()
         for a, tid in zip(data.initial, data.traj_ids):
             model.check_species(a.numbers, where=f"trajectory {tid} of {result['database']}")

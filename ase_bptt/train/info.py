@@ -47,9 +47,13 @@ def _kind_of(path: str) -> str:
 def _describe_checkpoint(path: str) -> str:
     from ase.data import chemical_symbols
 
-    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.models.checkpoint import load_checkpoint, load_model
+    from ase_bptt.models.domain import DOMAIN_KEY, read_training_domain
 
     ck = load_checkpoint(path)
+    # Rebuild the model it describes: weights that do not fit the config, or hold NaN, are an error here too.
+    load_model(ck, name=path)
+    domain = read_training_domain(ck, path)
     model = ck["model"]
     n_params = sum(int(v.numel()) for v in model["state_dict"].values() if hasattr(v, "numel"))
     config = dict(model.get("config") or {})
@@ -75,6 +79,14 @@ def _describe_checkpoint(path: str) -> str:
         lines.append("  relax     none stored (a pretrained model: relax with ASE's optimizers, or fine-tune it)")
     meta = dict(ck.get("metadata") or {})
     history = meta.pop("history", None)
+    meta.pop(DOMAIN_KEY, None)
+    if domain is not None:
+        low, high = domain["n_atoms"]
+        periodic = " or ".join("".join(a for a, p in zip("xyz", row) if p) or "none" for row in domain["pbc"])
+        lines.append(
+            f"  trained   on {' '.join(chemical_symbols[z] for z in domain['species'])}, {low}-{high} atoms, "
+            f"periodic along {periodic}"
+        )
     for key, value in meta.items():
         text = json.dumps(value, default=str)
         lines.append(f"  {key:<9s} {text if len(text) < 100 else text[:97] + '...'}")

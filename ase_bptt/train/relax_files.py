@@ -6,15 +6,29 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import torch
+from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
+from ase_bptt.errors import AseBpttError
 from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS
 from ase_bptt.train.common import resolve_dtype
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.evaluate import NoStepRuleError, _progress
 
-__all__ = ["RelaxedStructure", "relax_file"]
+__all__ = ["OutputFormatError", "RelaxedStructure", "UnreadableInputError", "read_structures", "relax_file"]
+
+#: Formats worth naming when the user has to pick one (any ase.io format works).
+_COMMON_FORMATS = "extxyz, traj, vasp (POSCAR/CONTCAR), cif, xyz"
+
+
+class UnreadableInputError(AseBpttError, ValueError):
+    """The input file cannot be read as structures (wrong format, damaged, empty)."""
+
+
+class OutputFormatError(AseBpttError, ValueError):
+    """The output file's format is unknown, cannot be written, or cannot hold all the frames."""
 
 
 @dataclass
@@ -59,17 +73,26 @@ def relax_file(
         steps: step limit (default: the checkpoint's ``max_steps`` for
             "learned", 300 for "fire").
 
+    Nothing is written unless every frame relaxed to finite positions; the
+    output appears whole (written to a temporary file, then renamed).
+
     Raises:
         FileNotFoundError: the input or model is missing.
-        UnknownElementError: a frame holds an element the model does not know
-            (checked for every frame before anything is relaxed or written).
-        ValueError: an unknown optimizer or an input with no structures.
+        UnreadableInputError: the input cannot be read, or holds no structures.
+        OutputFormatError: the output format is unknown, not writable, or holds
+            one structure while the input has several (checked before relaxing).
+        UnknownElementError, StructureError: a frame the model cannot evaluate
+            (checked for every frame before anything is relaxed or written);
+            frames outside the training domain give an ``OutOfDomainWarning``.
+        NonFiniteResultError: the model gave NaN or infinite results for a frame.
+        ValueError: an unknown optimizer.
     """
-    import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.optimize import FIRE
 
     from ase_bptt.calculator import BPTTCalculator
+    from ase_bptt.models.checkpoint import atomic_write
+    from ase_bptt.models.domain import NonFiniteResultError
 
     if optimizer not in ("learned", "fire"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use learned or fire")
@@ -78,12 +101,17 @@ def relax_file(
         raise FileNotFoundError(f"input file {src} does not exist")
     if not Path(model).exists():
         raise FileNotFoundError(f"model checkpoint {model} does not exist")
-    images = ase.io.read(src, index=":", format=input_format)
-    if not images:
-        raise ValueError(f"{src} holds no structures")
+    out = Path(output_path)
+    out_format = _output_format(out, output_format)
+    images = read_structures(src, input_format)
+    if len(images) > 1 and ioformats[out_format].single:
+        raise OutputFormatError(
+            f"{out}: the {out_format} format holds one structure, but {src} has {len(images)}; write them all "
+            "to a multi-frame file (e.g. -o relaxed.extxyz or -o relaxed.traj) or give one structure"
+        )
     calc = BPTTCalculator(Path(model), device=resolve_device(device), dtype=resolve_dtype(dtype))
     for i, atoms in enumerate(images):
-        calc.model.check_species(atoms.numbers, where=f"{src} (frame {i}, {atoms.get_chemical_formula()})")
+        calc.check_structure(atoms, where=f"{src} (frame {i}, {atoms.get_chemical_formula()})")
 
     if optimizer == "learned" and not calc.relax_settings:
         raise NoStepRuleError(
@@ -96,15 +124,20 @@ def relax_file(
     for i, atoms in enumerate(_progress(images, enabled=progress, desc=f"relax ({optimizer})")):
         start = atoms.get_positions()
         atoms.calc = calc
-        if optimizer == "fire":
-            opt = FIRE(atoms, logfile=None)
-            converged = bool(opt.run(fmax=fmax, steps=steps))
-        else:
-            from ase_bptt.relax.optimizer import LearnedStepOptimizer
+        try:
+            if optimizer == "fire":
+                opt = FIRE(atoms, logfile=None)
+                converged = bool(opt.run(fmax=fmax, steps=steps))
+            else:
+                from ase_bptt.relax.optimizer import LearnedStepOptimizer
 
-            opt = LearnedStepOptimizer(atoms, logfile=None)
-            converged = bool(opt.run(steps=steps))
-        forces = atoms.get_forces()
+                opt = LearnedStepOptimizer(atoms, logfile=None)
+                converged = bool(opt.run(steps=steps))
+            forces = atoms.get_forces()
+            if not np.isfinite(atoms.positions).all():
+                raise NonFiniteResultError(f"the {optimizer} optimizer moved atoms to non-finite positions")
+        except NonFiniteResultError as e:
+            raise NonFiniteResultError(f"{src} (frame {i}): {e}; nothing was written") from None
         energy = atoms.calc.results.get("energy")
         # The calculator is shared by all frames: freeze this frame's results so
         # the output file carries its own energy and forces.
@@ -121,8 +154,60 @@ def relax_file(
                 displacement_rms=float(np.sqrt((moved**2).sum(axis=1).mean())),
             )
         )
-    out = Path(output_path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(out, images[0] if len(images) == 1 else images, format=output_format)
+    frames = images[0] if len(images) == 1 else images
+    atomic_write(out, lambda tmp: ase.io.write(tmp, frames, format=out_format))
     return done
+
+
+def read_structures(path: Path, input_format: str | None = None) -> list:
+    """Every frame of ``path`` (``ase.io.read(..., index=":")``), or one :class:`UnreadableInputError` line.
+
+    ase.io's readers fail in many ways on a damaged or mislabelled file
+    (XYZError, RuntimeError, AssertionError, UnicodeDecodeError, ...): each
+    becomes one error naming the file, the format tried and what to do.
+    """
+    try:
+        fmt = input_format or filetype(str(path))
+    except UnknownFileTypeError:
+        raise UnreadableInputError(
+            f"{path}: cannot tell its format from its name or content; name it with --input-format "
+            f"(any ase.io format, e.g. {_COMMON_FORMATS})"
+        ) from None
+    if fmt not in ioformats or not ioformats[fmt].can_read:
+        raise UnreadableInputError(
+            f"{path}: {fmt!r} is not a format ase.io can read; give --input-format one that it can "
+            f"(e.g. {_COMMON_FORMATS})"
+        )
+    try:
+        images = ase.io.read(path, index=":", format=fmt)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - each ase.io reader has its own exceptions for a bad file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise UnreadableInputError(
+            f"{path}: cannot be read as {fmt} ({type(e).__name__}: {detail}); check that it is a complete "
+            f"{fmt} file, or name its real format with --input-format (e.g. {_COMMON_FORMATS})"
+        ) from None
+    if not images or any(len(a) == 0 for a in images):
+        raise UnreadableInputError(f"{path}: read as {fmt}, it holds no structure with atoms; check the file")
+    return list(images)
+
+
+def _output_format(out: Path, output_format: str | None) -> str:
+    """The ase.io format ``out`` will be written in, checked before anything is relaxed."""
+    try:
+        fmt = output_format or filetype(str(out), read=False)
+    except UnknownFileTypeError:
+        fmt = ""  # no suffix ase.io knows
+    if fmt not in ioformats:
+        given = f"--output-format {fmt}" if output_format else f"the name {out.name}"
+        raise OutputFormatError(
+            f"{out}: ase.io has no format {fmt!r} (from {given}), so the output cannot be written; use a known suffix (.extxyz, .traj, .cif, "
+            f".xyz, or the name CONTCAR/POSCAR) or name an ase.io format with --output-format "
+            f"(e.g. {_COMMON_FORMATS})"
+        )
+    if not ioformats[fmt].can_write:
+        raise OutputFormatError(
+            f"{out}: ase.io reads {fmt} but cannot write it; choose another output (e.g. {_COMMON_FORMATS})"
+        )
+    return fmt
