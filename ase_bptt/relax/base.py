@@ -23,7 +23,7 @@ from torch import nn
 
 from ase_bptt.batch import Batch
 from ase_bptt.errors import AseBpttError
-from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAXSTEP
+from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAXSTEP, DEFAULT_TOL
 
 __all__ = ["State", "StepRule", "StepRuleError", "safe_norm", "cap_displacement"]
 
@@ -98,6 +98,13 @@ class StepRule(nn.Module):
 
     #: The registry key, stored as ``to_dict()["step"]`` in checkpoints.
     name: str = ""
+    #: True when the update reads the structure (cell, species, positions), not only
+    #: which atoms move: such a rule cannot run on the coordinates of an ASE filter.
+    uses_structure: bool = False
+    #: True when the rule stops like an ASE optimizer, by ``fmax`` and ``steps`` only,
+    #: unless a ``tol`` is given explicitly (FIRE: its first steps are tiny, since its
+    #: velocity starts at zero, so the displacement rule would stop it at once).
+    stops_by_force: bool = False
 
     def __init__(
         self, *, momentum: float = 0.0, anneal: float = 1.0, noise: float = 0.0, maxstep: float | None = DEFAULT_MAXSTEP
@@ -133,6 +140,15 @@ class StepRule(nn.Module):
     def to_dict(self) -> dict[str, Any]:
         """JSON-like values and tensors only, with ``"step": self.name``, enough for :meth:`from_dict`."""
         raise NotImplementedError
+
+    def stopping_tol(self, tol: float | None, saved_tol: float | None = None) -> float | None:
+        """The displacement tolerance a relaxer applies: ``tol`` when given; else None for a rule that
+        :attr:`stops_by_force`; else the checkpoint's ``saved_tol``, else :data:`DEFAULT_TOL`."""
+        if tol is not None:
+            return float(tol)
+        if self.stops_by_force:
+            return None
+        return float(DEFAULT_TOL if saved_tol is None else saved_tol)
 
     @staticmethod
     def options_from_dict(d: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class FIREStep(StepRule):
     """
 
     name = "fire"
+    stops_by_force = True
 
     def __init__(
         self,

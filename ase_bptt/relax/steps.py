@@ -159,6 +159,7 @@ class DecoderStep(StepRule):
     """
 
     name = "decoder"
+    uses_structure = True
     n_features = 10
 
     def __init__(
