@@ -89,6 +89,23 @@ class _Group(click.Group):
                     formatter.write(f"{indent}e.g. {example}\n")
 
 
+class _StepRuleChoice(click.Choice):
+    """The registered step rules, read when first needed (importing them loads torch; --help should not)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from ase_bptt.relax.registry import step_rule_names
+
+        return step_rule_names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns; the registry is the source
+        pass
+
+
 def _command(group: click.Group, name: str, *, example: str, **kwargs: Any) -> Callable:
     """``group.command`` that also records a one-line example and shows it in the epilog."""
 
@@ -461,7 +478,7 @@ def pretrain_cmd(
 )
 @click.option(
     "--step",
-    type=click.Choice(["fixed", "learned", "decoder", "fire"]),
+    type=_StepRuleChoice(),
     default=None,
     help="Step rule of the unrolled relaxation  [default: fixed]",
 )

@@ -59,34 +59,24 @@ def _inputs(n_sites: int, spec: dict):
     return model, batch, reference, FixedStep(ETA)
 
 
-def _initial(batch, rule):
-    positions = batch.positions
-    b = len(batch)
-    state = rule.init_state(batch, positions)
-    active = torch.ones(b, dtype=torch.bool, device=positions.device)
-    converged = torch.zeros_like(active)
-    n_frames = torch.zeros(b, dtype=torch.long, device=positions.device)
-    return positions, state, active, converged, n_frames
-
-
-def _frames(model, batch, rule, start: int, stop: int, positions, state, active, converged, n_frames):
+def _frames(model, batch, rule, start: int, stop: int, carry):
     """Frames ``start..stop-1`` with the package's own frame function (tol=0: no structure stops)."""
-    from ase_bptt.relax.relaxer import _frame
+    from ase_bptt.relax.rollout import relax_frame
 
     for f in range(start, stop):
-        positions, state, active, converged, n_frames = _frame(
-            model, batch, rule, f, 0.0, None, positions, state, active, converged, n_frames, None
-        )
-    return positions, state, active, converged, n_frames
+        carry = relax_frame(model, batch, rule, f, carry, tol=0.0)
+    return carry
 
 
 def _segment_rollout(model, batch, rule, *, k: int, segment: int):
     """k frames, ``torch.utils.checkpoint`` (non-reentrant) around every ``segment`` frames."""
-    carry = _initial(batch, rule)
+    from ase_bptt.relax.rollout import Carry
+
+    carry = Carry.start(rule, batch, batch.positions)
     for start in range(0, k, segment):
         fn = functools.partial(_frames, model, batch, rule, start, min(k, start + segment))
-        carry = checkpoint(fn, *carry, use_reentrant=False)
-    return carry[0]
+        carry = checkpoint(fn, carry, use_reentrant=False)
+    return carry.positions
 
 
 def make_step(variant: str, model, batch, reference, rule, k: int):

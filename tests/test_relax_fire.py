@@ -7,24 +7,17 @@ import pytest
 import torch
 from ase.constraints import FixAtoms
 from ase.optimize import FIRE
-from conftest import silicon_vacancy
-from test_relax_steps import MorseModel, check_gradients
+from conftest import MorseModel, check_gradients, silicon_vacancy, tiny_adapt
 from torch import nn
 
 from ase_bptt.batch import Batch
 from ase_bptt.calculator import BPTTCalculator
 from ase_bptt.metrics import dq
-from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import ForceModel, ModelOutput
 from ase_bptt.relax.fire import FIREStep
 from ase_bptt.relax.relaxer import rollout
 
 POSITION_ATOL = 1e-6  # A, the bound for matching ASE in float64
-
-
-def tiny_adapt(seed: int = 0) -> ADAPT:
-    torch.manual_seed(seed)
-    return ADAPT(ADAPTConfig(d_model=8, d_ff=16, n_layers=1, n_heads=2, frequencies=(1,))).double()
 
 
 def structures():

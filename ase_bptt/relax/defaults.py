@@ -8,7 +8,7 @@ one frame.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_ETA", "DEFAULT_TOL", "DEFAULT_MAX_STEPS", "DEFAULT_MAXSTEP", "DEFAULT_ETA_GRID"]
+__all__ = ["DEFAULT_ETA", "DEFAULT_TOL", "DEFAULT_MAX_STEPS", "DEFAULT_MAXSTEP", "DEFAULT_FMAX", "DEFAULT_ETA_GRID"]
 
 #: Step size (A^2/eV) used when none is given and the model carries no relax settings.
 DEFAULT_ETA = 0.05
@@ -18,6 +18,8 @@ DEFAULT_TOL = 1e-3
 DEFAULT_MAX_STEPS = 75
 #: Largest displacement of any atom in one frame (A); ASE's FIRE default too.
 DEFAULT_MAXSTEP = 0.2
+#: Force criterion (eV/A) of a rule that stops by force (FIRE) when ``run`` is given none: ASE's default.
+DEFAULT_FMAX = 0.05
 #: Fixed step sizes (A^2/eV) scanned on val to choose the best fixed step, in
 #: fine-tuning (the initial eta) and in evaluation (the baseline row):
 #: ``geomspace(0.005, 0.3, 10)`` to 3 digits, the paper's Table 6 range and

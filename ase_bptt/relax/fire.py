@@ -24,11 +24,17 @@ from typing import Any
 import torch
 
 from ase_bptt.batch import Batch
-from ase_bptt.relax.steps import State, StepRule, safe_norm
+from ase_bptt.relax.base import State, StepRule, StepRuleError, safe_norm
+from ase_bptt.relax.defaults import DEFAULT_MAXSTEP
+from ase_bptt.relax.registry import register_step_rule
 
 __all__ = ["FIREStep"]
 
 
+_FIRE_KEYS = ("dt", "maxstep", "dtmax", "Nmin", "finc", "fdec", "astart", "fa", "a", "noise")
+
+
+@register_step_rule
 class FIREStep(StepRule):
     """ASE's FIRE as a step rule, with ASE's defaults.
 
@@ -46,12 +52,13 @@ class FIREStep(StepRule):
     """
 
     name = "fire"
+    stops_by_force = True
 
     def __init__(
         self,
         *,
         dt: float = 0.1,
-        maxstep: float = 0.2,
+        maxstep: float = DEFAULT_MAXSTEP,
         dtmax: float = 1.0,
         Nmin: int = 5,
         finc: float = 1.1,
@@ -61,9 +68,10 @@ class FIREStep(StepRule):
         a: float = 0.1,
         noise: float = 0.0,
     ) -> None:
-        super().__init__(momentum=0.0, anneal=1.0, noise=noise, maxstep=maxstep)
         if maxstep is None:
-            raise ValueError("FIRE needs a finite maxstep (ASE's default is 0.2 A).")
+            raise StepRuleError("FIRE needs a finite maxstep (ASE's default is 0.2 A).")
+        super().__init__(momentum=0.0, anneal=1.0, noise=noise, maxstep=maxstep)
+        self.maxstep: float = float(maxstep)
         self.dt = float(dt)
         self.dtmax = float(dtmax)
         self.Nmin = int(Nmin)
@@ -75,11 +83,11 @@ class FIREStep(StepRule):
 
     def init_state(self, batch: Batch, positions: torch.Tensor, forces: torch.Tensor | None = None) -> State:
         b = positions.shape[0]
-        kw = {"dtype": positions.dtype, "device": positions.device}
+        dtype, device = positions.dtype, positions.device
         return {
             "velocity": torch.zeros_like(positions),
-            "dt": torch.full((b,), self.dt, **kw),
-            "a": torch.full((b,), self.a, **kw),
+            "dt": torch.full((b,), self.dt, dtype=dtype, device=device),
+            "a": torch.full((b,), self.a, dtype=dtype, device=device),
             "nsteps": torch.zeros(b, dtype=torch.long, device=positions.device),
             "started": torch.zeros(b, dtype=torch.bool, device=positions.device),
         }
@@ -123,18 +131,7 @@ class FIREStep(StepRule):
         return dr, new_state
 
     def _fire_options(self) -> dict[str, Any]:
-        return {
-            "dt": self.dt,
-            "maxstep": self.maxstep,
-            "dtmax": self.dtmax,
-            "Nmin": self.Nmin,
-            "finc": self.finc,
-            "fdec": self.fdec,
-            "astart": self.astart,
-            "fa": self.fa,
-            "a": self.a,
-            "noise": self.noise,
-        }
+        return {k: getattr(self, k) for k in _FIRE_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.name, **self._fire_options()}
@@ -142,8 +139,27 @@ class FIREStep(StepRule):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FIREStep:
         """Inverse of :meth:`to_dict` (unknown keys such as ``tol`` are ignored)."""
-        keys = ("dt", "maxstep", "dtmax", "Nmin", "finc", "fdec", "astart", "fa", "a", "noise")
-        return cls(**{k: d[k] for k in keys if k in d})
+        return cls(**{k: d[k] for k in _FIRE_KEYS if k in d})
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        eta: float | None = None,
+        maxstep: float | None = DEFAULT_MAXSTEP,
+        momentum: float = 0.0,
+        anneal: float = 1.0,
+        noise: float = 0.0,
+    ) -> FIREStep:
+        """ASE's FIRE with ``maxstep`` (None: 0.2 A) and ``noise``; it takes no eta, momentum or annealing."""
+        if eta is not None:
+            raise StepRuleError("FIRE takes no eta (it adapts its own time step); build FIREStep(dt=...) to change it.")
+        if momentum != 0.0 or anneal != 1.0:
+            raise StepRuleError(
+                "FIRE has its own velocity mixing; momentum and anneal apply only to "
+                "'fixed', 'learned' and 'decoder' steps."
+            )
+        return cls(maxstep=DEFAULT_MAXSTEP if maxstep is None else maxstep, noise=noise)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._fire_options().items())

@@ -3,23 +3,22 @@
     atoms.calc = BPTTCalculator("si.pt")
     LearnedStepOptimizer(atoms).run()          # the step rule saved in si.pt
 
-It is an ordinary ``ase.optimize.Optimizer`` (NumPy, no autograd): it reads
-the step rule from the calculator's ``relax_settings`` (the checkpoint's
-``relax`` dict), applies the same update as
-:class:`~ase_bptt.relax.relaxer.DifferentiableRelaxer` (step size, annealing,
-momentum, the ``maxstep`` rescale) and stops by the same rule: after a step
-whose RMS per-atom displacement is below ``tol``.
+It is an ordinary ``ase.optimize.Optimizer``: it reads the step rule from the
+calculator's ``relax_settings`` (the checkpoint's ``relax`` dict) and applies
+that very torch rule (the one :class:`~ase_bptt.relax.relaxer.DifferentiableRelaxer`
+and training use) under ``torch.no_grad`` in float64, with NumPy arrays at its
+edges. Exploration noise is a training device and is never applied here.
+Fixed, learned and FIRE steps also run on ASE filters (their coordinates
+include the cell); a decoder step needs plain Atoms.
 
-Fixed and learned scalar steps are computed in NumPy. A decoder step (a small
-neural network) and FIRE are evaluated with the saved torch module under
-``torch.no_grad`` in float64, on a Batch of one structure. Exploration noise
-is a training device and is never applied here.
-
-``fmax``: ASE's ``Optimizer.run`` defaults to ``fmax=0.05``; here ``run()``
-and ``irun()`` default to ``fmax=None``, so only the displacement rule
-decides, as in training. ``run(fmax=0.05)`` adds ASE's force criterion:
-whichever is met first stops the run. ``steps`` defaults to the checkpoint's
-``max_steps`` (the frames the model was tuned with), else 75.
+What stops it: for fixed, learned and decoder steps, a step whose RMS
+per-atom displacement is below ``tol`` (as in training); ``run()`` and
+``irun()`` default to ``fmax=None`` (ASE's are 0.05), so only the
+displacement rule decides, and ``run(fmax=0.05)`` adds ASE's force criterion
+(whichever is met first). A FIRE step stops as ``ase.optimize.FIRE``: by
+``fmax`` (default 0.05 eV/A) or ``steps``, by ``tol`` only when one is passed
+explicitly. ``steps`` defaults to the checkpoint's ``max_steps`` (the frames
+the model was tuned with), else 75.
 """
 
 from __future__ import annotations
@@ -33,8 +32,11 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.optimize.optimize import Dynamics, Optimizer
 
-from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_TOL
-from ase_bptt.relax.steps import FixedStep, LearnedStep, rule_from_relax_settings
+from ase_bptt.batch import Batch
+from ase_bptt.relax.base import StepRule
+from ase_bptt.relax.defaults import DEFAULT_FMAX, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP
+from ase_bptt.relax.registry import rule_from_relax_settings
+from ase_bptt.relax.steps import FixedStep
 
 __all__ = ["LearnedStepOptimizer", "DEFAULT_MAX_FRAMES"]
 
@@ -49,7 +51,7 @@ class LearnedStepOptimizer(Optimizer):
         eta: a fixed step size (A^2/eV); overrides the checkpoint's rule (and its ``tol``
             and ``max_steps``), as in :class:`~ase_bptt.relax.relaxer.DifferentiableRelaxer`.
         tol: RMS per-atom displacement (A) below which the run has converged;
-            None means the checkpoint's ``tol``, else 1e-3.
+            None means the checkpoint's ``tol``, else 1e-3 (FIRE: no displacement rule).
         maxstep: largest displacement of any atom per step (A) for a fixed
             ``eta``; None means the checkpoint rule's own (else 0.2).
         logfile: ``"-"`` for stdout (ASE's default), a path, or None.
@@ -59,6 +61,8 @@ class LearnedStepOptimizer(Optimizer):
     Raises:
         ValueError: no ``eta`` and the calculator carries no relax settings.
     """
+
+    fmax: float | None  # type: ignore[assignment]  # ASE types it None; run() sets the force criterion
 
     def __init__(
         self,
@@ -73,8 +77,9 @@ class LearnedStepOptimizer(Optimizer):
     ) -> None:
         settings = getattr(getattr(atoms, "calc", None), "relax_settings", None)
         saved_tol = saved_steps = None
+        rule: StepRule
         if eta is not None:
-            rule = FixedStep(eta, maxstep=0.2 if maxstep is None else maxstep)
+            rule = FixedStep(eta, maxstep=DEFAULT_MAXSTEP if maxstep is None else maxstep)
         elif settings:
             rule, saved_tol, saved_steps = rule_from_relax_settings(settings)
             if maxstep is not None and rule.name != "fire":
@@ -86,15 +91,16 @@ class LearnedStepOptimizer(Optimizer):
                 "pass eta=<step size in A^2/eV> to use a fixed step."
             )
         self.step_rule = rule.double().eval()
-        self.tol = float(saved_tol if tol is None and saved_tol is not None else (DEFAULT_TOL if tol is None else tol))
+        #: displacement tolerance (A), or None where only ``fmax`` and ``steps`` stop the run (FIRE).
+        self.tol = rule.stopping_tol(tol, saved_tol)
         self.max_frames = int(saved_steps or DEFAULT_MAX_FRAMES)
         self.maxstep = self.step_rule.maxstep
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, **kwargs)
 
     def initialize(self) -> None:
         self._frame = 0
-        self._direction: np.ndarray | None = None
-        self._state: dict | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._points: Batch | None = None
         self.last_rms: float | None = None
 
     def todict(self) -> dict[str, Any]:
@@ -104,51 +110,47 @@ class LearnedStepOptimizer(Optimizer):
         return d
 
     # ---------------------------------------------------------------- step
-    def _numpy_update(self, forces: np.ndarray) -> np.ndarray:
-        rule = self.step_rule
-        if isinstance(rule, LearnedStep):
-            eta = float(torch.exp(rule.log_eta.detach()))
-        else:
-            eta = rule.eta
-        if rule.anneal != 1.0:
-            eta = eta * rule.anneal**self._frame
-        update = eta * forces
-        if rule.momentum > 0.0:
-            previous = np.zeros_like(update) if self._direction is None else self._direction
-            update = (1.0 - rule.momentum) * update + rule.momentum * previous
-            self._direction = update
-        if rule.maxstep is not None:
-            largest = np.linalg.norm(update, axis=1).max()
-            update = update * (rule.maxstep / max(largest, rule.maxstep))
-        return update
+    def _rule_batch(self, x: np.ndarray) -> Batch:
+        """What the torch rule sees: the structure itself, or plain points for rules that need no structure.
 
-    def _torch_update(self, forces: np.ndarray) -> np.ndarray:
-        from ase_bptt.batch import Batch
-
-        atoms = self.optimizable.atoms if hasattr(self.optimizable, "atoms") else self.atoms
-        if not isinstance(atoms, Atoms) or 3 * len(atoms) != forces.size:
-            raise TypeError(
-                f"a {self.step_rule.name!r} step works on plain Atoms, not {type(atoms).__name__}; "
-                "use a fixed eta with filters."
+        Fixed, learned and FIRE steps read only which rows move, so they also
+        work on the coordinates of ASE filters (atoms plus cell degrees of
+        freedom); a rule with ``uses_structure`` (the decoder) needs plain Atoms.
+        """
+        n = x.size // 3
+        if self.step_rule.uses_structure:
+            atoms = self.optimizable.atoms if hasattr(self.optimizable, "atoms") else self.atoms
+            if not isinstance(atoms, Atoms) or len(atoms) != n:
+                raise TypeError(
+                    f"a {self.step_rule.name!r} step works on plain Atoms, not {type(atoms).__name__}; "
+                    "use a fixed eta with filters."
+                )
+            # ASE has already applied the constraints to the forces (zero on fixed atoms).
+            return Batch.from_atoms(atoms, constraints=False, dtype=torch.float64)
+        if self._points is None or self._points.positions.shape[1] != n:
+            real = torch.ones((1, n), dtype=torch.bool)
+            self._points = Batch(
+                positions=torch.zeros((1, n, 3), dtype=torch.float64),
+                numbers=torch.zeros((1, n), dtype=torch.long),
+                masses=torch.ones((1, n), dtype=torch.float64),
+                mask=real,
+                fixed=~real,
+                cell=torch.zeros((1, 3, 3), dtype=torch.float64),
+                pbc=torch.zeros((1, 3), dtype=torch.bool),
             )
-        # ASE has already applied the constraints to the forces (zero on fixed atoms).
-        batch = Batch.from_atoms(atoms, constraints=False, dtype=torch.float64)
-        f = torch.as_tensor(forces, dtype=torch.float64)[None]
-        with torch.no_grad():
-            if self._state is None:
-                self._state = self.step_rule.init_state(batch, batch.positions)
-            update, self._state = self.step_rule(batch.positions, f, batch, self._state, self._frame)
-        return update[0].numpy()
+        return self._points
 
     def step(self, f: np.ndarray | None = None) -> None:
-        """One update: positions += the step rule applied to the (constrained) forces."""
-        forces = -self._get_gradient(f).reshape(-1, 3)
-        if isinstance(self.step_rule, (FixedStep, LearnedStep)):
-            update = self._numpy_update(forces)
-        else:
-            update = self._torch_update(forces)
+        """One update: positions += the torch step rule applied to the (constrained) forces, in float64."""
+        forces = -self._get_gradient(f).reshape(1, -1, 3)
         x = self.optimizable.get_x()
-        self.optimizable.set_x(x + update.ravel())
+        batch = self._rule_batch(x)
+        positions = torch.from_numpy(x.reshape(1, -1, 3))
+        with torch.no_grad():
+            if self._state is None:
+                self._state = self.step_rule.init_state(batch, positions)
+            update, self._state = self.step_rule(positions, torch.from_numpy(forces), batch, self._state, self._frame)
+        self.optimizable.set_x(x + update.numpy().ravel())
         moved = (self.optimizable.get_x() - x).reshape(-1, 3)
         self.last_rms = float(np.sqrt((moved * moved).sum() / len(moved)))
         self._frame += 1
@@ -158,16 +160,19 @@ class LearnedStepOptimizer(Optimizer):
         """The last step moved atoms by less than ``tol`` (RMS), or max force < ``fmax`` when given."""
         if self.fmax is not None and self.optimizable.converged(gradient, self.fmax):
             return True
-        return self.last_rms is not None and self.last_rms < self.tol
+        return self.tol is not None and self.last_rms is not None and self.last_rms < self.tol
 
-    def irun(self, fmax: float | None = None, steps: int | None = None):
-        """As ASE's ``irun``, but ``fmax`` defaults to None (displacement rule only), ``steps`` to ``max_frames``."""
-        self.fmax = fmax
+    def _default_fmax(self, fmax: float | None) -> float | None:
+        return DEFAULT_FMAX if fmax is None and self.tol is None else fmax
+
+    def irun(self, fmax: float | None = None, steps: int | None = None):  # type: ignore[override]
+        """As ASE's ``irun``; ``fmax`` None: none (0.05 where no ``tol`` applies), ``steps`` to ``max_frames``."""
+        self.fmax = self._default_fmax(fmax)
         return Dynamics.irun(self, steps=self.max_frames if steps is None else steps)
 
-    def run(self, fmax: float | None = None, steps: int | None = None) -> bool:
-        """As ASE's ``run``, but ``fmax`` defaults to None (displacement rule only), ``steps`` to ``max_frames``."""
-        self.fmax = fmax
+    def run(self, fmax: float | None = None, steps: int | None = None) -> bool:  # type: ignore[override]
+        """As ASE's ``run``; ``fmax`` None: none (0.05 where no ``tol`` applies), ``steps`` to ``max_frames``."""
+        self.fmax = self._default_fmax(fmax)
         return Dynamics.run(self, steps=self.max_frames if steps is None else steps)
 
     def log(self, gradient: np.ndarray) -> None:

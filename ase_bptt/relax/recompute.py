@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from itertools import chain
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ class _Recomputed(torch.autograd.Function):
     """``run(*inputs)`` under no_grad in forward, recomputed with grad in backward."""
 
     @staticmethod
-    def forward(ctx, run, n_inputs, none_outputs, *tensors):  # noqa: D102
+    def forward(ctx, run, n_inputs, *tensors):  # noqa: D102
         inputs = tensors[:n_inputs]
         ctx.run, ctx.n_inputs = run, n_inputs
         ctx.params = tensors[n_inputs:]
@@ -74,13 +75,12 @@ class _Recomputed(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if ctx.cuda_device is not None else None
         with torch.no_grad():
             outs = run(*inputs)
-        none_outputs[:] = [o is None for o in outs]
         # An output that is an input object (a flag nothing changed) is cloned: a Function
-        # must not hand an input back as its output.
-        outs = [o.clone() if any(o is i for i in tensors) else o for o in outs if o is not None]
+        # must not hand an input back as its output. None outputs pass through as None.
+        outs = tuple(o.clone() if o is not None and any(o is i for i in tensors) else o for o in outs)
         ctx.save_for_backward(*inputs)
-        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
-        return tuple(outs)
+        ctx.mark_non_differentiable(*[o for o in outs if o is not None and not o.is_floating_point()])
+        return outs
 
     @staticmethod
     def backward(ctx, *grad_outputs):  # noqa: D102
@@ -91,13 +91,13 @@ class _Recomputed(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.cuda_device)
             inputs = [
-                t.detach().requires_grad_(ctx.needs_input_grad[3 + i]) if t is not None and t.is_floating_point() else t
+                t.detach().requires_grad_(ctx.needs_input_grad[2 + i]) if t is not None and t.is_floating_point() else t
                 for i, t in enumerate(saved)
             ]
-            outs = [o for o in ctx.run(*inputs) if o is not None]
+            outs = ctx.run(*inputs)
         outputs, grads = [], []
         for out, g in zip(outs, grad_outputs):
-            if g is not None and out.requires_grad:
+            if out is not None and g is not None and out.requires_grad:
                 outputs.append(out)
                 grads.append(g)
         candidates = [*inputs, *ctx.params]
@@ -108,12 +108,12 @@ class _Recomputed(torch.autograd.Function):
             else [None] * len(wanted)
         )
         result = [next(got) if t is not None and t.requires_grad else None for t in candidates]
-        return (None, None, None, *result)
+        return (None, None, *result)
 
 
 def recompute(
     run: Callable[..., Sequence[torch.Tensor | None]], *inputs: torch.Tensor | None, params: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor | None, ...]:
+) -> tuple[Any, ...]:
     """``run(*inputs)`` with its activations dropped after forward and recomputed in backward.
 
     Args:
@@ -124,8 +124,7 @@ def recompute(
         params: the trainable parameters ``run`` uses (see :func:`trainable_parameters`).
 
     Returns:
-        ``run``'s outputs; integer and bool outputs are non-differentiable.
+        ``run``'s outputs (tensors, or None where ``run`` gave None); integer
+        and bool outputs are non-differentiable.
     """
-    none_outputs: list[bool] = []
-    outs = iter(_Recomputed.apply(run, len(inputs), none_outputs, *inputs, *params))
-    return tuple(None if is_none else next(outs) for is_none in none_outputs)
+    return tuple(_Recomputed.apply(run, len(inputs), *inputs, *params))

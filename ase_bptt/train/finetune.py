@@ -25,6 +25,7 @@ import torch
 
 from ase_bptt import metrics
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.relax.registry import step_rule_names
 from ase_bptt.train.common import (
     EmptySplitError,
     LoopSpec,
@@ -136,7 +137,7 @@ class FinetuneConfig:
         self.eta_grid = tuple(float(e) for e in self.eta_grid)
         self.tol_range = tuple(float(t) for t in self.tol_range)
         self.max_steps_range = tuple(int(m) for m in self.max_steps_range)
-        if self.step not in ("fixed", "learned", "decoder", "fire"):
+        if self.step not in step_rule_names():
             raise ValueError(f"step must be 'fixed', 'learned', 'decoder' or 'fire', not {self.step!r}.")
         if self.stopping not in ("fixed", "variable"):
             raise ValueError(f"stopping must be 'fixed' or 'variable', not {self.stopping!r}.")

@@ -1,4 +1,4 @@
-"""LearnedStepOptimizer (NumPy, an ase.optimize.Optimizer) reproduces DifferentiableRelaxer."""
+"""LearnedStepOptimizer (the torch rule inside an ase.optimize.Optimizer) reproduces DifferentiableRelaxer."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import io
 import numpy as np
 import pytest
 import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
+from ase.filters import FrechetCellFilter
 from ase.io import read
-from conftest import silicon_vacancy
-from test_relax_steps import MorseModel
+from ase.optimize import FIRE
+from conftest import MorseModel, silicon_vacancy, tiny_adapt
 
 from ase_bptt import BPTTCalculator, DifferentiableRelaxer, LearnedStepOptimizer
-from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.checkpoint import save_checkpoint
 from ase_bptt.relax.fire import FIREStep
 from ase_bptt.relax.steps import DecoderStep, LearnedStep, relax_settings
@@ -26,14 +28,6 @@ def structure(fixed: bool = True):
     if fixed:
         atoms.set_constraint(FixAtoms(indices=[1, 2]))
     return atoms
-
-
-def tiny_adapt() -> ADAPT:
-    """Random tiny ADAPT; its output scale raised so forces are O(1) eV/A and relaxations take many steps."""
-    torch.manual_seed(0)
-    model = ADAPT(ADAPTConfig(d_model=8, d_ff=16, n_layers=1, n_heads=2, frequencies=(1,))).double()
-    model.force_scale.fill_(30.0)
-    return model
 
 
 def deploy(atoms, calc, **kw):
@@ -83,7 +77,7 @@ def rules():
 @pytest.mark.parametrize("name", ["learned", "decoder", "fire"])
 def test_checkpoint_rule_matches_relaxer(name, tmp_path):
     """The rule saved in a checkpoint, deployed through BPTTCalculator, against the torch relaxer."""
-    model = tiny_adapt()
+    model = tiny_adapt(force_scale=30.0)
     rule = rules()[name]
     path = save_checkpoint(tmp_path / "tuned.pt", model, relax=relax_settings(rule, tol=1e-3, max_steps=40))
     calc = BPTTCalculator(path, dtype=torch.float64)
@@ -117,3 +111,35 @@ def test_needs_a_step_rule():
     atoms.calc = BPTTCalculator(MorseModel())
     with pytest.raises(ValueError, match="pass eta="):
         LearnedStepOptimizer(atoms)
+
+
+def test_fire_checkpoint_stops_like_ase_fire(tmp_path):
+    """A FIRE checkpoint (even one saved with a tol) stops by fmax, as ase.optimize.FIRE does."""
+    model = tiny_adapt()
+    path = save_checkpoint(tmp_path / "fire.pt", model, relax=relax_settings(FIREStep(), tol=1e-3, max_steps=75))
+    reference = structure(fixed=False)
+    reference.calc = BPTTCalculator(model)
+    ase_fire = FIRE(reference, logfile=None)
+    assert ase_fire.run(fmax=0.05)
+    atoms, opt = deploy(structure(fixed=False), BPTTCalculator(path, dtype=torch.float64))
+    assert opt.tol is None and opt.run() is True and opt.fmax == 0.05
+    assert opt.nsteps == ase_fire.nsteps > 3
+    np.testing.assert_allclose(atoms.positions, reference.positions, rtol=0, atol=POSITION_ATOL)
+
+
+def test_fixed_eta_on_a_cell_filter():
+    """Fixed steps run on ASE filters (atoms plus cell degrees of freedom), as the NumPy update did."""
+    atoms = bulk("Cu", cubic=True) * (2, 2, 2)
+    atoms.rattle(0.05, seed=0)
+    atoms.set_cell(atoms.cell * 1.03, scale_atoms=True)
+    atoms.calc = EMT()
+    filtered = FrechetCellFilter(atoms)
+    start = filtered.get_positions()
+    update = 0.01 * filtered.get_forces()
+    update *= 0.2 / max(np.linalg.norm(update, axis=1).max(), 0.2)  # the maxstep rescale, by hand
+    opt = LearnedStepOptimizer(filtered, eta=0.01, logfile=None)
+    opt.run(steps=1)
+    np.testing.assert_allclose(filtered.get_positions(), start + update, rtol=0, atol=1e-10)
+    volume = atoms.get_volume()
+    opt.run(steps=20)
+    assert atoms.get_volume() < volume  # the stretched cell shrinks back
