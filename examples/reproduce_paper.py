@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from si_defects_reference import add_si_defects  # noqa: E402
 
 from ase_bptt import metrics  # noqa: E402
-from ase_bptt.data.datasets import load_relaxations  # noqa: E402
 from ase_bptt.data.db import TrajectoryDB  # noqa: E402
 from ase_bptt.models.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from ase_bptt.relax.relaxer import rollout  # noqa: E402
 from ase_bptt.relax.steps import FixedStep, rule_from_relax_settings  # noqa: E402
+from ase_bptt.train.common import load_relaxations  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
 from ase_bptt.train.finetune import FinetuneConfig, finetune  # noqa: E402
 from ase_bptt.train.pretrain import PretrainConfig, pretrain  # noqa: E402
