@@ -183,6 +183,35 @@ def runtime_options(*, device: bool = True, dtype: bool = True, seed: bool = Fal
     return deco
 
 
+def training_options(*, init_help: str, epochs_help: str, batch_help: str, lr_help: str) -> Callable:
+    """The options ``pretrain`` and ``finetune`` share: DB, --out, --init, --epochs, --time-budget,
+    --batch-size, --lr, --overwrite and the runtime options (the command's context comes first)."""
+    shared = [
+        click.argument("db", type=click.Path()),
+        click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write."),
+        click.option("--init", type=click.Path(dir_okay=False), default=None, help=init_help),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help=epochs_help),
+        click.option(
+            "--time-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="SECONDS",
+            help="Stop (keeping the best model) after this many seconds of training.",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help=batch_help),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help=lr_help),
+        click.option("--overwrite", is_flag=True, help="Replace an --out made with other settings or data."),
+        runtime_options(seed=True),
+    ]
+
+    def deco(f: Callable) -> Callable:
+        for opt in reversed(shared):
+            f = opt(f)
+        return click.pass_context(f)
+
+    return deco
+
+
 def _progress(ctx: click.Context) -> bool:
     return not ctx.find_root().params.get("quiet", False)
 
@@ -387,25 +416,11 @@ def info_cmd(path):
     example="ase-bptt pretrain traj.db -o pretrained.pt --epochs 50",
     short_help="Force (and energy) matching on the frames of the train split.",
 )
-@click.argument("db", type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
-@click.option(
-    "--init",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Continue from this checkpoint instead of a fresh ADAPT model.",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the train frames  [default: 50]")
-@click.option(
-    "--time-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="SECONDS",
-    help="Stop (keeping the best model) after this many seconds of training.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Frames per optimiser step  [default: 16]")
-@click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate  [default: 1e-3]"
+@training_options(
+    init_help="Continue from this checkpoint instead of a fresh ADAPT model.",
+    epochs_help="Passes over the train frames  [default: 50]",
+    batch_help="Frames per optimiser step  [default: 16]",
+    lr_help="Peak learning rate  [default: 1e-3]",
 )
 @click.option(
     "--patience",
@@ -417,9 +432,6 @@ def info_cmd(path):
 @click.option("--d-model", type=click.IntRange(min=1), default=None, help="ADAPT token width  [default: 64]")
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="ADAPT encoder blocks  [default: 3]")
 @click.option("--n-heads", type=click.IntRange(min=1), default=None, help="ADAPT attention heads  [default: 4]")
-@click.option("--overwrite", is_flag=True, help="Replace an --out made with other settings or data.")
-@runtime_options(seed=True)
-@click.pass_context
 def pretrain_cmd(
     ctx,
     db,
@@ -468,13 +480,11 @@ def pretrain_cmd(
     example="ase-bptt finetune traj.db -o si.pt --init pretrained.pt --epochs 5",
     short_help="BPTT fine-tuning through whole relaxations (pretrains first without --init).",
 )
-@click.argument("db", type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
-@click.option(
-    "--init",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Pretrained checkpoint to start from  [default: pretrain first, into <out>-pretrained.pt]",
+@training_options(
+    init_help="Pretrained checkpoint to start from  [default: pretrain first, into <out>-pretrained.pt]",
+    epochs_help="Epochs of BPTT  [default: 5]",
+    batch_help="Trajectories per step  [default: 4]",
+    lr_help="Learning rate  [default: 1e-3]",
 )
 @click.option(
     "--step",
@@ -522,16 +532,6 @@ def pretrain_cmd(
     default=None,
     help="dq (mass-weighted, defects) or mse (pure crystals)  [default: dq]",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of BPTT  [default: 5]")
-@click.option(
-    "--time-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="SECONDS",
-    help="Stop (keeping the best model) after this many seconds.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Trajectories per step  [default: 4]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate  [default: 1e-3]")
 @click.option(
     "--proximal",
     type=click.FloatRange(min=0),
@@ -539,9 +539,6 @@ def pretrain_cmd(
     help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
 )
 @click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")
-@click.option("--overwrite", is_flag=True, help="Replace an --out made with other settings or data.")
-@runtime_options(seed=True)
-@click.pass_context
 def finetune_cmd(
     ctx,
     db,

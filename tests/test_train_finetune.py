@@ -21,9 +21,9 @@ def emt_db(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init_model(emt_db, tmp_path_factory):
     """A tiny ADAPT with fitted standardisation (cheap stand-in for a pretrained model)."""
+    from ase_bptt.data.datasets import load_frames, open_db
     from ase_bptt.models.adapt import ADAPT, ADAPTConfig
     from ase_bptt.models.checkpoint import save_checkpoint
-    from ase_bptt.train.common import load_frames, open_db
 
     frames = load_frames(open_db(emt_db), "train")
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def test_rerun_returns_and_other_runs_are_refused(emt_db, pretrained, tmp_path):
 
 def test_rotation_and_translation_augmentation_match_emt(tmp_path):
     from ase_bptt.batch import Batch
-    from ase_bptt.train.common import seed_generator
+    from ase_bptt.train.config import seed_generator
     from ase_bptt.train.pretrain import augment, random_rotations
 
     frames = [emt_trajectory(s, steps=1)[0] for s in (1, 2)]
@@ -190,7 +191,7 @@ def test_rotation_and_translation_augmentation_match_emt(tmp_path):
 
 
 def test_learning_rate_schedules():
-    from ase_bptt.train.common import lr_factor
+    from ase_bptt.train.loop import lr_factor
 
     total, warmup = 100, 10
     cos = [lr_factor(s, total, schedule="cosine", warmup=warmup, min_factor=0.01) for s in range(total)]
@@ -231,3 +232,30 @@ def test_missing_database_and_empty_split_are_clear_errors(tmp_path):
         pretrain(db, tmp_path / "x.pt", config=small_config(), progress=False)
     with pytest.raises(ValueError, match="schedule"):
         small_config(schedule="linear")
+
+
+def test_configs_share_one_base_round_trip_and_errors():
+    from ase_bptt.errors import AseBpttError
+    from ase_bptt.train.config import ConfigError, TrainConfig
+    from ase_bptt.train.finetune import FinetuneConfig
+    from ase_bptt.train.pretrain import PretrainConfig
+
+    fine = FinetuneConfig(step="learned", eta=0.03, tol_range=[1e-4, 1e-3], pretrain=small_config(lr=5e-3))
+    data = json.loads(json.dumps(fine.to_dict()))  # JSON-safe: tuples became lists, the nested config a dict
+    assert data["tol_range"] == [1e-4, 1e-3] and data["pretrain"]["lr"] == 5e-3
+    again = FinetuneConfig.from_dict(data)
+    assert again == fine and isinstance(again.pretrain, PretrainConfig) and again.tol_range == (1e-4, 1e-3)
+    assert PretrainConfig.from_dict(small_config().to_dict()) == small_config()
+    for cls, bad, field in (
+        (PretrainConfig, {"warmup": 1.5}, "PretrainConfig.warmup"),
+        (PretrainConfig, {"batch_size": 0}, "PretrainConfig.batch_size"),
+        (FinetuneConfig, {"loss": "mae"}, "FinetuneConfig.loss"),
+        (FinetuneConfig, {"tol_range": (1e-3,)}, "FinetuneConfig.tol_range"),
+        (FinetuneConfig, {"step_lr": 0.0}, "FinetuneConfig.step_lr"),
+    ):
+        assert issubclass(cls, TrainConfig)
+        with pytest.raises(ConfigError, match=field) as info:
+            cls(**bad)
+        assert isinstance(info.value, AseBpttError) and isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError, match="dtype"):
+        PretrainConfig(dtype="float16")

@@ -103,7 +103,7 @@ def assert_same_weights(a, b):
 
 def test_pretrain_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, one_thread):
     from ase_bptt.models.checkpoint import load_checkpoint
-    from ase_bptt.train.common import KILL_ENV
+    from ase_bptt.train.loop import KILL_ENV
     from ase_bptt.train.pretrain import PretrainConfig, pretrain
     from ase_bptt.train.state import load_state, state_path
 
@@ -133,8 +133,8 @@ def test_pretrain_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, 
 
 
 def test_finetune_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, one_thread):
-    from ase_bptt.train.common import KILL_ENV
     from ase_bptt.train.finetune import FinetuneConfig, finetune
+    from ase_bptt.train.loop import KILL_ENV
     from ase_bptt.train.pretrain import PretrainConfig, pretrain
     from ase_bptt.train.state import load_state, state_path
 

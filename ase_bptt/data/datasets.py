@@ -3,7 +3,8 @@
 Both load one split into memory once, as padded tensors (not ``Atoms``), and
 yield :class:`~ase_bptt.batch.Batch` es padded to the largest structure of
 each batch, so an epoch over tens of thousands of frames costs only tensor
-indexing.
+indexing. The trainers hold a whole split this way and draw their batches with
+``take(index)``; ``to(device, dtype)`` moves and casts a split at once.
 
 - :class:`FrameDataset`: every frame of every trajectory (converged or not:
   a frame's forces are valid training data either way), with its forces and
@@ -19,9 +20,11 @@ indexing.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from pathlib import Path
+from typing import NamedTuple, Self
 
 import numpy as np
 import torch
@@ -31,7 +34,15 @@ from ase.data import atomic_masses
 from ase_bptt.batch import Batch
 from ase_bptt.data.db import TrajectoryDB
 
-__all__ = ["FrameBatch", "RelaxationBatch", "FrameDataset", "RelaxationDataset"]
+__all__ = [
+    "FrameBatch",
+    "RelaxationBatch",
+    "FrameDataset",
+    "RelaxationDataset",
+    "open_db",
+    "load_frames",
+    "load_relaxations",
+]
 
 
 class FrameBatch(NamedTuple):
@@ -41,7 +52,7 @@ class FrameBatch(NamedTuple):
         batch: the structures.
         forces: ``(B, N, 3)`` reference forces (eV/A), zero on padding.
         energy: ``(B,)`` reference energies (eV), or None when a frame of
-            this batch has no energy.
+            the dataset has no energy.
     """
 
     batch: Batch
@@ -65,10 +76,6 @@ class RelaxationBatch(NamedTuple):
     relaxed: torch.Tensor
     labels: list[str]
     traj_ids: list[str]
-
-
-def _open(db: TrajectoryDB | str | os.PathLike) -> TrajectoryDB:
-    return db if isinstance(db, TrajectoryDB) else TrajectoryDB(db, create=False)
 
 
 def _fixed(n: int, constraints) -> np.ndarray:
@@ -111,29 +118,56 @@ class _Padded:
         return out
 
 
-def _batch(t: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[Batch, int]:
-    n = int(t["n_atoms"][index].max())
-    # Atoms are packed at the front, so trimming to the batch's largest
-    # structure pads per batch.
-    b = Batch(
-        positions=t["positions"][index, :n],
-        numbers=t["numbers"][index, :n],
-        masses=t["masses"][index, :n],
-        mask=t["mask"][index, :n],
-        fixed=t["fixed"][index, :n],
-        cell=t["cell"][index],
-        pbc=t["pbc"][index],
-    )
-    return b, n
+class _PaddedSet:
+    """One split held as padded tensors (``_t``); the base of both datasets."""
+
+    _t: dict[str, torch.Tensor]
+    traj_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.traj_ids)
+
+    @property
+    def trajectories(self) -> list[str]:
+        """The ids of the trajectories the items came from (sorted, unique)."""
+        return sorted(set(self.traj_ids))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+        """A copy on ``device`` with the floating tensors cast to ``dtype``."""
+        other = copy.copy(self)
+        other._t = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self._t.items()}
+        return other
+
+    def _select(self, index: torch.Tensor) -> tuple[Batch, int, torch.Tensor]:
+        """Items ``index`` as a Batch trimmed to their largest structure, that size, the index."""
+        t = self._t
+        index = index.to(t["mask"].device)
+        # Atoms are packed at the front, so trimming to the batch's largest
+        # structure pads per batch.
+        n = int(t["n_atoms"][index].max()) if len(index) else 0
+        batch = Batch(
+            positions=t["positions"][index, :n],
+            numbers=t["numbers"][index, :n],
+            masses=t["masses"][index, :n],
+            mask=t["mask"][index, :n],
+            fixed=t["fixed"][index, :n],
+            cell=t["cell"][index],
+            pbc=t["pbc"][index],
+        )
+        return batch, n, index
+
+    def _whole(self) -> Batch:
+        return Batch(**{k: self._t[k] for k in ("positions", "numbers", "masses", "mask", "fixed", "cell", "pbc")})
+
+    def _orders(self, batch_size: int, shuffle: bool, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield order[start : start + batch_size]
 
 
-def _order(m: int, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
-    if shuffle:
-        return torch.randperm(m, generator=generator)
-    return torch.arange(m)
-
-
-class FrameDataset:
+class FrameDataset(_PaddedSet):
     """Every frame of one split, for force (and energy) matching.
 
     Args:
@@ -143,6 +177,10 @@ class FrameDataset:
             frames carry valid forces).
         dtype: floating dtype of positions, masses, cell, forces, energies.
         device: where the tensors live.
+
+    Attributes:
+        traj_ids: the trajectory of each frame.
+        frame_index: each frame's index in its trajectory.
     """
 
     def __init__(
@@ -155,7 +193,7 @@ class FrameDataset:
         device: torch.device | str | None = None,
     ) -> None:
         # Raw arrays, not Atoms: building 10^4 Atoms costs more than the query.
-        loaded = _open(db)._load(split, converged_only)
+        loaded = open_db(db)._load(split, converged_only)
         frames = [f for _, records in loaded for f in records]
         self.traj_ids = [meta["traj_id"] for meta, records in loaded for _ in records]
         self.frame_index = [i for _, records in loaded for i in range(len(records))]
@@ -171,15 +209,33 @@ class FrameDataset:
         self._t["n_atoms"] = self._t["mask"].sum(1)
         self._t["forces"] = torch.as_tensor(forces, dtype=dtype, device=device)
         self._t["energy"] = torch.as_tensor(energy, dtype=dtype, device=device)
-        self._has_energy = torch.as_tensor(~np.isnan(energy), device=device)
-
-    def __len__(self) -> int:
-        return len(self.traj_ids)
+        self._t["has_energy"] = torch.as_tensor(~np.isnan(energy), device=device)
 
     @property
     def has_energy(self) -> bool:
-        """True when every frame has a reference energy."""
-        return bool(self._has_energy.all()) if len(self) else False
+        """True when every frame has a reference energy (energy matching is all or nothing)."""
+        return bool(self._t["has_energy"].all()) if len(self) else False
+
+    @property
+    def batch(self) -> Batch:
+        """Every frame as one Batch, padded to the largest structure of the split."""
+        return self._whole()
+
+    @property
+    def forces(self) -> torch.Tensor:
+        """``(F, N, 3)`` reference forces of every frame (eV/A), zero on padding."""
+        return self._t["forces"]
+
+    @property
+    def energy(self) -> torch.Tensor | None:
+        """``(F,)`` reference energies (eV), or None unless every frame has one."""
+        return self._t["energy"] if self.has_energy else None
+
+    def take(self, index: torch.Tensor) -> FrameBatch:
+        """Frames ``index`` padded to their largest structure."""
+        batch, n, index = self._select(index)
+        energy = self.energy
+        return FrameBatch(batch, self._t["forces"][index, :n], None if energy is None else energy[index])
 
     def batches(
         self,
@@ -196,17 +252,11 @@ class FrameDataset:
                 order (by traj_id, then frame).
             generator: torch random generator for reproducible shuffling.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = _order(len(self), shuffle, generator).to(self._t["mask"].device)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
-            batch, n = _batch(self._t, index)
-            energy = self._t["energy"][index] if bool(self._has_energy[index].all()) else None
-            yield FrameBatch(batch, self._t["forces"][index, :n], energy)
+        for index in self._orders(batch_size, shuffle, generator):
+            yield self.take(index)
 
 
-class RelaxationDataset:
+class RelaxationDataset(_PaddedSet):
     """One (initial, relaxed) pair per trajectory of one split, for BPTT.
 
     Args:
@@ -216,6 +266,10 @@ class RelaxationDataset:
             (default True: their last frame is no BPTT target).
         dtype: floating dtype.
         device: where the tensors live.
+
+    Attributes:
+        traj_ids: the trajectories' ids.
+        labels: the trajectories' labels ("" when none).
     """
 
     def __init__(
@@ -227,7 +281,7 @@ class RelaxationDataset:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        loaded = _open(db)._load(split, converged_only)
+        loaded = open_db(db)._load(split, converged_only)
         self.traj_ids = [meta["traj_id"] for meta, _ in loaded]
         self.labels = [meta["label"] or "" for meta, _ in loaded]
         initial = [records[0] for _, records in loaded]
@@ -240,8 +294,15 @@ class RelaxationDataset:
         self._t["n_atoms"] = self._t["mask"].sum(1)
         self._t["relaxed"] = torch.as_tensor(relaxed, dtype=dtype, device=device)
 
-    def __len__(self) -> int:
-        return len(self.traj_ids)
+    @property
+    def initial(self) -> Batch:
+        """Every initial structure as one Batch, padded to the largest of the split."""
+        return self._whole()
+
+    def take(self, index: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """Initial structures and relaxed positions of trajectories ``index``, padded to their largest."""
+        batch, n, index = self._select(index)
+        return batch, self._t["relaxed"][index, :n]
 
     def batches(
         self,
@@ -251,19 +312,36 @@ class RelaxationDataset:
         generator: torch.Generator | None = None,
     ) -> Iterator[RelaxationBatch]:
         """Yield RelaxationBatches of up to ``batch_size`` trajectories."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = _order(len(self), shuffle, generator)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
-            batch, n = _batch(self._t, index.to(self._t["mask"].device))
+        for index in self._orders(batch_size, shuffle, generator):
+            batch, relaxed = self.take(index)
             idx = index.tolist()
-            yield RelaxationBatch(
-                batch,
-                self._t["relaxed"][index.to(self._t["mask"].device), :n],
-                [self.labels[i] for i in idx],
-                [self.traj_ids[i] for i in idx],
-            )
+            yield RelaxationBatch(batch, relaxed, [self.labels[i] for i in idx], [self.traj_ids[i] for i in idx])
+
+
+def open_db(db: TrajectoryDB | str | os.PathLike) -> TrajectoryDB:
+    """A TrajectoryDB from an instance or a path (which must exist) or URL."""
+    if isinstance(db, TrajectoryDB):
+        return db
+    text = str(db)
+    if "://" not in text and not Path(text).exists():
+        raise FileNotFoundError(
+            f"database {text} does not exist; create one with `ase-bptt generate` or `ase-bptt import`."
+        )
+    return TrajectoryDB(text, create=False)
+
+
+def load_frames(db, split: str, *, dtype: torch.dtype = torch.float64) -> FrameDataset | None:
+    """Every frame of the trajectories in ``split`` (converged or not); None when there are none."""
+    dataset = FrameDataset(db, split, converged_only=False, dtype=dtype)
+    return dataset if len(dataset) else None
+
+
+def load_relaxations(
+    db, split: str, *, converged_only: bool = True, dtype: torch.dtype = torch.float64
+) -> RelaxationDataset | None:
+    """The (converged) relaxations of ``split``; None when there are none."""
+    dataset = RelaxationDataset(db, split, converged_only=converged_only, dtype=dtype)
+    return dataset if len(dataset) else None
 
 
 def _unwrapped_final(first: dict, last: dict) -> np.ndarray:

@@ -14,46 +14,35 @@ tuned with, as an ordinary checkpoint for :class:`~ase_bptt.calculator.BPTTCalcu
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ase_bptt import metrics
-from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.data.datasets import load_relaxations
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.relax.registry import step_rule_names
-from ase_bptt.train.common import (
-    EmptySplitError,
-    LoopSpec,
-    LoopState,
-    RelaxationSet,
-    config_to_dict,
-    load_relaxations,
-    local_share,
-    open_db,
-    resolve_dtype,
-    restore_rng,
-    run_epochs,
-    run_header,
-    seed_generator,
-    start_or_resume,
-)
-from ase_bptt.train.distributed import DistContext, init_distributed, shard
-from ase_bptt.train.pretrain import PretrainConfig, file_digest, pretrain
+from ase_bptt.train.common import EmptySplitError
+from ase_bptt.train.config import TrainConfig, seed_generator
+from ase_bptt.train.loop import local_share
+from ase_bptt.train.pretrain import PretrainConfig, pretrain
+from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
+from ase_bptt.train.run import TrainingRun
+
+if TYPE_CHECKING:
+    from ase_bptt.models.base import ForceModel
 
 __all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
 
 log = logging.getLogger("ase_bptt.train")
 
-#: Step sizes (A^2/eV) tried when ``eta`` is not given.
-
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """Settings of :func:`finetune` (defaults follow the paper where it says).
 
     Attributes:
@@ -106,10 +95,10 @@ class FinetuneConfig:
     momentum: float = 0.0
     anneal: float = 1.0
     noise: float = 0.0
-    maxstep: float | None = 0.2
+    maxstep: float | None = DEFAULT_MAXSTEP
     stopping: str = "fixed"
-    tol: float = 1e-3
-    max_steps: int = 75
+    tol: float = DEFAULT_TOL
+    max_steps: int = DEFAULT_MAX_STEPS
     tol_range: tuple[float, float] = (1e-4, 1e-2)
     max_steps_range: tuple[int, int] = (50, 75)
     loss: str = "dq"
@@ -131,154 +120,37 @@ class FinetuneConfig:
     checkpoint_every: int | None = 10
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if isinstance(self.pretrain, dict):
             self.pretrain = PretrainConfig.from_dict(self.pretrain)
         self.eta_grid = tuple(float(e) for e in self.eta_grid)
-        self.tol_range = tuple(float(t) for t in self.tol_range)
-        self.max_steps_range = tuple(int(m) for m in self.max_steps_range)
-        if self.step not in step_rule_names():
-            raise ValueError(f"step must be 'fixed', 'learned', 'decoder' or 'fire', not {self.step!r}.")
-        if self.stopping not in ("fixed", "variable"):
-            raise ValueError(f"stopping must be 'fixed' or 'variable', not {self.stopping!r}.")
-        if self.loss not in ("dq", "mse"):
-            raise ValueError(f"loss must be 'dq' or 'mse', not {self.loss!r}.")
-        if self.eta is not None and not self.eta > 0:
-            raise ValueError(f"eta must be positive, got {self.eta}.")
+        for name in ("tol_range", "max_steps_range"):
+            if len(getattr(self, name)) != 2:
+                raise self._fail(name, "a pair (low, high)")
+        self.tol_range = (float(self.tol_range[0]), float(self.tol_range[1]))
+        self.max_steps_range = (int(self.max_steps_range[0]), int(self.max_steps_range[1]))
+        self._one_of("step", step_rule_names())
+        self._one_of("stopping", ("fixed", "variable"))
+        self._one_of("loss", ("dq", "mse"))
+        if self.eta is not None:
+            self._positive(("eta",))
         if self.step == "fire" and self.eta is not None:
-            raise ValueError("the FIRE step adapts its own time step and takes no eta; leave eta unset.")
+            raise self._fail("eta", "unset for the FIRE step (it adapts its own time step)")
         if self.eta is None and self.step != "fire" and (not self.eta_grid or min(self.eta_grid) <= 0):
-            raise ValueError("eta_grid needs at least one positive step size when eta is not given.")
-        for name in ("epochs", "batch_size", "max_steps", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be at least 1, got {getattr(self, name)}.")
+            raise self._fail("eta_grid", "at least one positive step size when eta is not given")
+        self._at_least_one(("epochs", "batch_size", "max_steps", "eval_batch_size"))
         if not (0 < self.tol_range[0] <= self.tol_range[1]):
-            raise ValueError(f"tol_range must be (low, high) with 0 < low <= high, got {self.tol_range}.")
+            raise self._fail("tol_range", "(low, high) with 0 < low <= high")
         if not (1 <= self.max_steps_range[0] <= self.max_steps_range[1]):
-            raise ValueError(f"max_steps_range must be (low, high) with 1 <= low <= high, got {self.max_steps_range}.")
-        if not self.lr > 0 or not self.step_lr > 0:
-            raise ValueError("lr and step_lr must be positive.")
+            raise self._fail("max_steps_range", "(low, high) with 1 <= low <= high")
+        self._positive(("lr", "step_lr"))
         if self.proximal < 0:
-            raise ValueError(f"proximal must be >= 0, got {self.proximal}.")
-        resolve_dtype(self.dtype)
-
-    def to_dict(self) -> dict:
-        """JSON-like dict (stored in checkpoints and state files)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**d)
+            raise self._fail("proximal", ">= 0")
 
 
 # --------------------------------------------------------------- rollouts
 def _loss_fn(name: str):
     return metrics.dq if name == "dq" else metrics.mse
-
-
-@torch.no_grad()
-def evaluate_rollouts(
-    model,
-    rule,
-    data: RelaxationSet,
-    *,
-    tol: float,
-    max_steps: int,
-    batch_size: int,
-    ctx: DistContext,
-    index: torch.Tensor | None = None,
-) -> dict:
-    """Mean Dq, MSE, frames and converged fraction of rollouts over ``data`` (sharded by rank).
-
-    The model and the rule run in eval mode (no dropout, no noise).
-    """
-    from ase_bptt.relax.relaxer import rollout
-
-    modes = (model.training, rule.training)
-    model.eval()
-    rule.eval()
-    index = torch.arange(len(data)) if index is None else index
-    sums = torch.zeros(5, dtype=torch.float64)  # dq, mse, frames, converged, structures
-    for chunk in torch.split(shard(index, ctx.rank, ctx.world_size), batch_size):
-        batch, relaxed = data.take(chunk)
-        res = rollout(model, batch, rule, tol=tol, max_steps=max_steps)
-        batch = batch.to(res.positions.device, res.positions.dtype)
-        relaxed = relaxed.to(res.positions)
-        sums[0] += metrics.dq(res.positions, relaxed, batch).double().sum().cpu()
-        sums[1] += metrics.mse(res.positions, relaxed, batch).double().sum().cpu()
-        sums[2] += res.n_frames.double().sum().cpu()
-        sums[3] += res.converged.double().sum().cpu()
-        sums[4] += len(chunk)
-    sums = ctx.all_reduce_sum(sums.to(ctx.device)).cpu()
-    model.train(modes[0])
-    rule.train(modes[1])
-    n = max(float(sums[4]), 1.0)
-    return {
-        "dq": float(sums[0]) / n,
-        "mse": float(sums[1]) / n,
-        "frames": float(sums[2]) / n,
-        "converged": float(sums[3]) / n,
-    }
-
-
-def grid_search_eta(
-    model,
-    data: RelaxationSet,
-    etas,
-    *,
-    loss: str = "dq",
-    tol: float = 1e-3,
-    max_steps: int = 75,
-    maxstep: float | None = 0.2,
-    momentum: float = 0.0,
-    anneal: float = 1.0,
-    batch_size: int = 16,
-    max_structures: int | None = None,
-    seed: int = 0,
-    ctx: DistContext | None = None,
-    progress: bool = False,
-    margin: float = 0.05,
-) -> tuple[float, dict[str, float]]:
-    """The step size BPTT starts from: the smallest eta whose mean loss of
-    fixed-step rollouts over ``data`` is within ``margin`` (5%) of the best.
-
-    Not simply the best: the eta curve is flat near the stability limit
-    (2/largest Hessian eigenvalue, about 0.07 A^2/eV for silicon), and BPTT
-    from the best eta there diverged within a few epochs where a smaller eta
-    of nearly the same loss trained stably (measured: val-best 0.065 diverged,
-    0.035 went from val Dq 3.43 to 3.08; examples/reproduce_paper.py).
-    Use the TRAIN split: choosing eta on the test split would leak it.
-
-    Returns:
-        ``(eta, {str(eta): mean loss})``.
-    """
-    from ase_bptt.relax.steps import FixedStep
-
-    ctx = DistContext() if ctx is None else ctx
-    index = torch.arange(len(data))
-    if max_structures is not None and len(data) > max_structures:
-        index = torch.randperm(len(data), generator=seed_generator(seed, 31))[:max_structures].sort().values
-    scores: dict[str, float] = {}
-    from tqdm.auto import tqdm
-
-    for eta in tqdm(
-        list(etas),
-        desc=f"eta grid ({len(index)} train structures)",
-        leave=False,
-        disable=not (progress and ctx.is_main),
-        dynamic_ncols=True,
-    ):
-        rule = FixedStep(float(eta), momentum=momentum, anneal=anneal, maxstep=maxstep)
-        result = evaluate_rollouts(
-            model, rule, data, tol=tol, max_steps=max_steps, batch_size=batch_size, ctx=ctx, index=index
-        )
-        scores[repr(float(eta))] = result[loss]
-    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
-    if not finite:
-        raise ValueError(f"every step size in the grid {list(etas)} diverged; try smaller values.")
-    limit = min(finite.values()) * (1.0 + margin)
-    return min(float(k) for k, v in finite.items() if v <= limit), scores
 
 
 def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float, int]:
@@ -338,278 +210,234 @@ def finetune(
         TrainingInterrupted: SIGINT; the state was saved.
     """
     config = FinetuneConfig() if config is None else config
-    ctx = init_distributed(config.device)
-    try:
-        return _finetune(db, Path(out), init, config, progress, overwrite, ctx)
-    finally:
-        ctx.close()
+    return FinetuneRun(db, out, config, init, progress=progress, overwrite=overwrite).run()
 
 
-def _finetune(db, out: Path, init, config: FinetuneConfig, progress: bool, overwrite: bool, ctx: DistContext) -> Path:
-    from ase_bptt.models.checkpoint import load_model, save_checkpoint
-    from ase_bptt.relax.relaxer import rollout
-    from ase_bptt.relax.steps import make_step_rule
+class FinetuneRun(TrainingRun):
+    """BPTT through relaxations plugged into the run skeleton (see :func:`finetune`)."""
 
-    dtype = resolve_dtype(config.dtype)
-    device = ctx.device
-    db = open_db(db)
-    train = load_relaxations(db, "train", converged_only=config.converged_only)
-    if train is None:
-        raise EmptySplitError(
-            f"{db.name} has no {'converged ' if config.converged_only else ''}trajectories in the train split; "
-            "import or generate relaxations that reach the database's converged_fmax, and assign splits."
-        )
-    val = load_relaxations(db, "val", converged_only=True)
-    if val is None and ctx.is_main:
-        log.warning("%s has no converged val trajectories: the best epoch is chosen on the train split", db.name)
+    kind = "finetune"
+    evaluate_first = True
+    best_keys = ("model", "rule")
+    config: FinetuneConfig
 
-    if init is None:
-        init = out.with_name(f"{out.stem}-pretrained.pt")
-        if ctx.is_main:
-            log.info(
-                "no initial model given: pretraining first into %s "
-                "(BPTT from a random model is not the method; see the paper's Fig. 5b)",
-                init,
+    def load_data(self) -> None:
+        config, db = self.config, self.db
+        self.train = load_relaxations(db, "train", converged_only=config.converged_only)
+        if self.train is None:
+            raise EmptySplitError(
+                f"{db.name} has no {'converged ' if config.converged_only else ''}trajectories in the train split; "
+                "import or generate relaxations that reach the database's converged_fmax, and assign splits."
             )
-        pretrain(
-            db,
-            init,
-            config=replace(config.pretrain, device=config.device, dtype=config.dtype),
-            progress=progress,
-            overwrite=overwrite,
-        )
-    init = Path(init)
-    if not init.exists():
-        raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
+        self.val = load_relaxations(db, "val", converged_only=True)
+        if self.val is None and self.ctx.is_main:
+            log.warning("%s has no converged val trajectories: the best epoch is chosen on the train split", db.name)
 
-    header = run_header(config.to_dict(), train.traj_ids, file_digest(init))
-    sfile, state, done = start_or_resume(out, header, kind="finetune", ctx=ctx, overwrite=overwrite)
-    if done:
-        return out
+    def prepare_init(self) -> Path:
+        init, config = self.init, self.config
+        if init is None:
+            init = self.out.with_name(f"{self.out.stem}-pretrained.pt")
+            if self.ctx.is_main:
+                log.info(
+                    "no initial model given: pretraining first into %s "
+                    "(BPTT from a random model is not the method; see the paper's Fig. 5b)",
+                    init,
+                )
+            pretrain(
+                self.db,
+                init,
+                config=replace(config.pretrain, device=config.device, dtype=config.dtype),
+                progress=self.progress,
+                overwrite=self.overwrite,
+            )
+        init = Path(init)
+        if not init.exists():
+            raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
+        return init
 
-    model = load_model(init, device=device, dtype=dtype)
-    model.check_species(train.initial.numbers, where="the train split")
-    train = train.to(device, dtype)
-    val = None if val is None else val.to(device, dtype)
-    select = val if val is not None else train
+    def build(self, state: dict | None) -> None:
+        from ase_bptt.models.checkpoint import load_model
+        from ase_bptt.relax.steps import make_step_rule
 
-    # ---- step rule: eta from a grid search on the TRAIN split (never test)
-    grid: dict[str, Any] | None = None
-    if state is not None:
-        rule = make_step_rule(dict(state["step_rule"]))
-        grid = state.get("eta_grid")
-    else:
-        eta = config.eta
-        if eta is None and config.step != "fire":
-            best_eta, scores = grid_search_eta(
-                model,
-                train,
-                config.eta_grid,
-                loss=config.loss,
-                tol=config.tol,
-                max_steps=config.max_steps,
+        config, device, dtype = self.config, self.device, self.dtype
+        self.model = cast("ForceModel", load_model(self.init, device=device, dtype=dtype))
+        self.model.check_species(self.train.initial.numbers, where="the train split")
+        self.train = self.train.to(device, dtype)
+        self.val = None if self.val is None else self.val.to(device, dtype)
+        self.grid: dict[str, Any] | None = None
+        if state is not None:
+            rule = make_step_rule(dict(state["step_rule"]))
+            self.grid = state.get("eta_grid")
+        else:
+            eta = config.eta
+            if eta is None and config.step != "fire":
+                eta = self._search_eta()
+            rule = make_step_rule(
+                config.step,
+                eta=None if config.step == "fire" else eta,
                 maxstep=config.maxstep,
                 momentum=config.momentum,
                 anneal=config.anneal,
-                batch_size=config.eval_batch_size,
-                max_structures=config.grid_structures,
-                seed=config.seed,
-                ctx=ctx,
-                progress=progress,
+                noise=config.noise,
             )
-            grid = {"split": "train", "loss": config.loss, "scores": scores, "chosen": best_eta}
-            eta = best_eta
-            if ctx.is_main:
-                log.info(
-                    "eta grid search on the train split (mean %s): %s -> eta = %g",
-                    config.loss,
-                    ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()),
-                    eta,
-                )
-        rule = make_step_rule(
-            config.step,
-            eta=None if config.step == "fire" else eta,
+        self.rule = rule.to(device=device, dtype=dtype)
+
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step_params = list(self.rule.step_parameters())
+        groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        if self.step_params:
+            groups.append({"params": self.step_params, "lr": config.step_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.anchor = [p.detach().clone() for p in self.model_params] if config.proximal > 0 else None
+        self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
+        self.loss_fn = _loss_fn(config.loss)
+
+    def _search_eta(self) -> float:
+        """The initial eta: a grid search on the TRAIN split (never test)."""
+        config = self.config
+        eta, scores = grid_search_eta(
+            self.model,
+            self.train,
+            config.eta_grid,
+            loss=config.loss,
+            tol=config.tol,
+            max_steps=config.max_steps,
             maxstep=config.maxstep,
             momentum=config.momentum,
             anneal=config.anneal,
-            noise=config.noise,
+            batch_size=config.eval_batch_size,
+            max_structures=config.grid_structures,
+            seed=config.seed,
+            ctx=self.ctx,
+            progress=self.progress,
         )
-    rule = rule.to(device=device, dtype=dtype)
+        self.grid = {"split": "train", "loss": config.loss, "scores": scores, "chosen": eta}
+        if self.ctx.is_main:
+            log.info(
+                "eta grid search on the train split (mean %s): %s -> eta = %g",
+                config.loss,
+                ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()),
+                eta,
+            )
+        return eta
 
-    model_params = [p for p in model.parameters() if p.requires_grad]
-    step_params = list(rule.step_parameters())
-    groups = [{"params": model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
-    if step_params:
-        groups.append({"params": step_params, "lr": config.step_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    anchor = [p.detach().clone() for p in model_params] if config.proximal > 0 else None
-    all_params = model_params + step_params
+    def limits(self) -> tuple[int | None, int | None]:
+        return self.config.max_batches, None
 
-    spec = LoopSpec(
-        kind="finetune",
-        state_file=sfile,
-        n_items=len(train),
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        seed=config.seed,
-        max_steps=config.max_batches,
-        time_budget=config.time_budget,
-        checkpoint_every=config.checkpoint_every,
-        patience=None,
-        header=header,
-    )
-    loop = LoopState()
-    best: dict[str, Any] = {"model": None, "rule": None}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best["model"], best["rule"] = state.get("best_model"), state.get("best_rule")
-        loop = LoopState.from_dict(state["loop"])
-        restore_rng(state)
-        if ctx.is_main:
-            log.info("resuming finetune from %s at epoch %d, batch %d", sfile, loop.epoch + 1, loop.batch)
-    elif ctx.is_main:
+    def log_start(self) -> None:
         log.info(
             "BPTT fine-tuning on %d train trajectories (val: %d), step rule %s",
-            len(train),
-            0 if val is None else len(val),
-            rule.to_dict().get("step"),
+            len(self.train),
+            0 if self.val is None else len(self.val),
+            self.rule.to_dict().get("step"),
         )
-    running = {"loss": 0.0, "frames": 0.0, "n": 0}
-    loss_fn = _loss_fn(config.loss)
 
-    def train_batch(epoch: int, b: int, index: torch.Tensor) -> dict | None:
+    def train_batch(self, epoch: int, b: int, index: torch.Tensor) -> dict | None:
+        from ase_bptt.relax.relaxer import rollout
+
+        config, ctx, device, model = self.config, self.ctx, self.device, self.model
         tol, max_steps = draw_stopping(config, epoch, b)
         noise_gen = seed_generator(config.seed, epoch, b, 29, ctx.rank, device=device)
         local, weight = local_share(index, ctx)
-        batch, relaxed = train.take(local)
+        batch, relaxed = self.train.take(local)
         model.train(config.rollout_dropout)
-        rule.train()
+        self.rule.train()
         res = rollout(
             model,
             batch,
-            rule,
+            self.rule,
             tol=tol,
             max_steps=max_steps,
             checkpoint_frames=config.checkpoint_frames,
             generator=noise_gen,
             sync_active=ctx.sync_active if ctx.enabled else None,
         )
-        per = loss_fn(res.positions, relaxed, batch) * weight
+        per = self.loss_fn(res.positions, relaxed, batch) * weight
         loss = per.sum() / len(index)
-        if anchor is not None:
-            prox = sum((p - a).pow(2).sum() for p, a in zip(model_params, anchor))
+        if self.anchor is not None:
+            prox = sum((p - a).pow(2).sum() for p, a in zip(self.model_params, self.anchor))
             loss = loss + (config.proximal / ctx.world_size) * prox
         loss.backward()
-        ctx.sync_gradients(all_params)
+        ctx.sync_gradients(self.model_params + self.step_params)
         stats = ctx.all_reduce_sum(
             torch.stack([per.detach().double().sum(), res.n_frames.double().sum() * weight]).to(device)
         )
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
-        norm = torch.nn.utils.clip_grad_norm_(model_params, config.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.model_params, config.grad_clip or float("inf"))
         finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))
-        if step_params:
-            step_norm = torch.nn.utils.clip_grad_norm_(step_params, config.step_grad_clip or float("inf"))
+        if self.step_params:
+            step_norm = torch.nn.utils.clip_grad_norm_(self.step_params, config.step_grad_clip or float("inf"))
             finite = finite and bool(torch.isfinite(step_norm))
         if not finite:
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             if ctx.is_main:
                 log.warning("finetune epoch %d batch %d: non-finite loss or gradient, batch skipped", epoch + 1, b + 1)
             return None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running["loss"] += mean_loss
-        running["frames"] += mean_frames
-        running["n"] += 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.running["loss"] += mean_loss
+        self.running["frames"] += mean_frames
+        self.running["n"] += 1
         out_metrics = {"loss": mean_loss, "frames": mean_frames}
-        eta = _current_eta(rule)
-        if eta is not None and step_params:
+        eta = _current_eta(self.rule)
+        if eta is not None and self.step_params:
             out_metrics["eta"] = eta
         return out_metrics
 
-    def evaluate(epoch: int) -> tuple[float, dict]:
+    def validate(self, epoch: int) -> tuple[float, dict]:
+        config, running = self.config, self.running
         entry: dict[str, Any] = {}
         if running["n"]:
             entry["train_loss"] = running["loss"] / running["n"]
             entry["train_frames"] = running["frames"] / running["n"]
         running.update(loss=0.0, frames=0.0, n=0)
+        select = self.val if self.val is not None else self.train
         result = evaluate_rollouts(
-            model, rule, select, tol=config.tol, max_steps=config.max_steps, batch_size=config.eval_batch_size, ctx=ctx
+            self.model,
+            self.rule,
+            select,
+            tol=config.tol,
+            max_steps=config.max_steps,
+            batch_size=config.eval_batch_size,
+            ctx=self.ctx,
         )
-        prefix = "val" if val is not None else "train"
-        entry.update({f"{prefix}_{k}": v for k, v in result.items()})
-        eta = _current_eta(rule)
+        entry.update({f"{self._selection_split}_{k}": v for k, v in result.items()})
+        eta = _current_eta(self.rule)
         if eta is not None:
             entry["eta"] = eta
-        entry["elapsed_s"] = round(loop.elapsed, 2)
+        entry["elapsed_s"] = round(self.loop.elapsed, 2)
         metric = result[config.loss]
         return (metric if math.isfinite(metric) else float("inf")), entry
 
-    def on_best() -> None:
-        best["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        best["rule"] = rule.to_dict()
+    @property
+    def _selection_split(self) -> str:
+        return "val" if self.val is not None else "train"
 
-    def payload() -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step_rule": rule.to_dict(),
-            "best_model": best["model"],
-            "best_rule": best["rule"],
-            "eta_grid": grid,
-        }
+    def best_extras(self) -> dict:
+        return {"rule": self.rule.to_dict()}
 
-    if not loop.finished:
-        run_epochs(
-            spec,
-            loop,
-            ctx,
-            train_batch=train_batch,
-            evaluate=evaluate,
-            on_best=on_best,
-            payload=payload,
-            progress=progress,
-            evaluate_first=True,
-        )
+    def state_extras(self) -> dict:
+        return {"step_rule": self.rule.to_dict(), "eta_grid": self.grid}
 
-    if ctx.is_main:
-        final = copy.deepcopy(model)
-        if best["model"] is not None:
-            final.load_state_dict(best["model"])
-        rule_dict = best["rule"] if best["rule"] is not None else rule.to_dict()
+    def export_settings(self) -> tuple[dict, dict]:
+        config, loop = self.config, self.loop
+        rule_dict = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
         improved = bool(loop.best_epoch)
         if not improved:
             log.warning(
                 "no fine-tuning epoch beat the initial model on the %s split: exporting the initial "
                 "model %s unchanged (with its step rule)",
-                "val" if val is not None else "train",
-                init,
+                self._selection_split,
+                self.init,
             )
-        metadata = {
-            "kind": "finetune",
-            "database": str(db.name),
-            "data_fingerprint": header["data_fingerprint"],
-            "train_trajectories": len(train),
-            "val_trajectories": 0 if val is None else len(val),
-            "selection_split": "val" if val is not None else "train",
-            "config": header["config"],
-            "config_hash": header["config_hash"],
-            "init": str(init),
-            "init_digest": header["init"],
-            "eta_grid": grid,
-            "history": loop.history,
-            "best_epoch": loop.best_epoch,
-            "best_metric": loop.best_metric,
+        extra = {
+            "train_trajectories": len(self.train),
+            "val_trajectories": 0 if self.val is None else len(self.val),
+            "selection_split": self._selection_split,
+            "eta_grid": self.grid,
             "improved": improved,
             "note": None if improved else "no epoch beat epoch 0: this is the initial model, unchanged",
-            "stop_reason": loop.stop_reason,
-            "skipped_batches": loop.skipped,
-            "steps": loop.step,
-            "world_size": ctx.world_size,
         }
         # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
         relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
-        save_checkpoint(out, final.eval(), relax=relax, metadata=metadata)
-        log.info("wrote %s (best epoch %s of %d, %s)", out, loop.best_epoch, config.epochs, loop.stop_reason)
-    ctx.barrier()
-    return out
+        return relax, extra

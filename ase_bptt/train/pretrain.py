@@ -5,51 +5,39 @@ AdamW, gradient clipping, a warmup + cosine (or one-cycle) learning-rate
 schedule, early stopping on the validation force MAE, optional rotation and
 translation augmentation. Every frame of the split is loaded once into padded
 tensors; a batch is an index into them, so the inner loop does no per-frame
-Python work. Resumable (see :mod:`ase_bptt.train.common`), and runs unchanged
+Python work. Resumable (see :mod:`ase_bptt.train.loop`), and runs unchanged
 under ``torchrun``.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ase_bptt.train.common import (
-    EmptySplitError,
-    FrameSet,
-    LoopSpec,
-    LoopState,
-    config_to_dict,
-    epoch_batches,
-    load_frames,
-    local_share,
-    lr_factor,
-    open_db,
-    resolve_dtype,
-    restore_rng,
-    run_epochs,
-    run_header,
-    seed_generator,
-    start_or_resume,
-)
-from ase_bptt.train.distributed import DistContext, init_distributed, shard
+from ase_bptt.data.datasets import FrameDataset, load_frames
+from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
+from ase_bptt.train.common import EmptySplitError
+from ase_bptt.train.config import TrainConfig, seed_generator
+from ase_bptt.train.distributed import DistContext, shard
+from ase_bptt.train.loop import local_share, lr_factor
+from ase_bptt.train.run import TrainingRun
+
+if TYPE_CHECKING:
+    from ase_bptt.models.adapt import ADAPT
+    from ase_bptt.models.base import ForceModel
 
 __all__ = ["PretrainConfig", "pretrain"]
 
 log = logging.getLogger("ase_bptt.train")
 
-#: Config fields that do not change the result: a resumed run may change them.
-
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
     """Settings of :func:`pretrain`.
 
     Attributes:
@@ -105,40 +93,25 @@ class PretrainConfig:
     standardisation_frames: int = 1000
     eval_frames: int | None = 1000
     eval_batch_size: int = 64
-    relax_eta: float = 0.05
-    relax_tol: float = 1e-3
-    relax_max_steps: int = 75
+    relax_eta: float = DEFAULT_ETA
+    relax_tol: float = DEFAULT_TOL
+    relax_max_steps: int = DEFAULT_MAX_STEPS
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
     checkpoint_every: int | None = 100
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if hasattr(self.model, "to_dict"):
             self.model = self.model.to_dict()
         self.model = dict(self.model or {})
-        for name in ("epochs", "batch_size", "standardisation_frames", "eval_batch_size", "relax_max_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"PretrainConfig.{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("lr", "relax_eta", "relax_tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}.")
-        if self.schedule not in ("cosine", "onecycle", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'onecycle' or 'constant', not {self.schedule!r}.")
+        self._at_least_one(("epochs", "batch_size", "standardisation_frames", "eval_batch_size", "relax_max_steps"))
+        self._positive(("lr", "relax_eta", "relax_tol"))
+        self._one_of("schedule", ("cosine", "onecycle", "constant"))
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}.")
+            raise self._fail("warmup", "a fraction of the steps in [0, 1)")
         if self.energy_weight < 0:
-            raise ValueError(f"energy_weight must be >= 0, got {self.energy_weight}.")
-        resolve_dtype(self.dtype)
-
-    def to_dict(self) -> dict:
-        """JSON-like dict (stored in checkpoints and state files)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PretrainConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
-        return cls(**d)
+            raise self._fail("energy_weight", ">= 0")
 
 
 # ----------------------------------------------------------------- helpers
@@ -164,26 +137,16 @@ def augment(batch, forces: torch.Tensor, *, rotations: torch.Tensor | None, shif
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def file_digest(path: str | Path | None) -> str | None:
-    """sha256 (first 16 hex digits) of a file, identifying an ``init`` checkpoint."""
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 @torch.no_grad()
-def force_metrics(model, frames: FrameSet, index: torch.Tensor, *, batch_size: int, ctx: DistContext) -> dict:
+def force_metrics(model, frames: FrameDataset, index: torch.Tensor, *, batch_size: int, ctx: DistContext) -> dict:
     """Force MAE/RMSE (eV/A) and energy MAE (meV/atom) over frames ``index`` (sharded by rank)."""
     was_training = model.training
     model.eval()
@@ -209,14 +172,14 @@ def force_metrics(model, frames: FrameSet, index: torch.Tensor, *, batch_size: i
     }
 
 
-def _build_model(config: PretrainConfig, train: FrameSet, init, device, dtype):
+def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtype):
     from ase_bptt.models.adapt import ADAPT, ADAPTConfig
     from ase_bptt.models.checkpoint import load_model
 
     if init is not None:
-        model = load_model(init, device=device, dtype=dtype)
-        model.check_species(train.batch.numbers, where="the train split")
-        return model, False
+        loaded = cast("ForceModel", load_model(init, device=device, dtype=dtype))
+        loaded.check_species(train.batch.numbers, where="the train split")
+        return loaded, False
     species = tuple(sorted({int(z) for z in train.batch.numbers[train.batch.mask].tolist()}))
     model_cfg = dict(config.model)
     if model_cfg.get("species") is None:
@@ -256,109 +219,89 @@ def pretrain(
         TrainingInterrupted: SIGINT; the state was saved.
     """
     config = PretrainConfig() if config is None else config
-    ctx = init_distributed(config.device)
-    try:
-        return _pretrain(db, Path(out), config, init, progress, overwrite, ctx)
-    finally:
-        ctx.close()
+    return PretrainRun(db, out, config, init, progress=progress, overwrite=overwrite).run()
 
 
-def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overwrite: bool, ctx: DistContext) -> Path:
-    from ase_bptt.models.checkpoint import save_checkpoint
-    from ase_bptt.relax.steps import FixedStep, relax_settings
+class PretrainRun(TrainingRun):
+    """Force (and energy) matching plugged into the run skeleton (see :func:`pretrain`)."""
 
-    dtype = resolve_dtype(config.dtype)
-    device = ctx.device
-    db = open_db(db)
-    train = load_frames(db, "train")
-    if train is None:
-        raise EmptySplitError(
-            f"{db.name} has no frames in the train split; assign splits (TrajectoryDB.assign_splits) "
-            "or import more trajectories."
-        )
-    val = load_frames(db, "val")
-    if val is None and ctx.is_main:
-        log.warning("%s has no val split: the best epoch is chosen by train force MAE, no early stopping", db.name)
+    kind = "pretrain"
+    config: PretrainConfig
 
-    header = run_header(config.to_dict(), train.traj_ids, file_digest(init))
-    sfile, state, done = start_or_resume(out, header, kind="pretrain", ctx=ctx, overwrite=overwrite)
-    if done:
-        return out
+    def load_data(self) -> None:
+        self.train = load_frames(self.db, "train")
+        if self.train is None:
+            raise EmptySplitError(
+                f"{self.db.name} has no frames in the train split; assign splits (TrajectoryDB.assign_splits) "
+                "or import more trajectories."
+            )
+        self.val = load_frames(self.db, "val")
+        if self.val is None and self.ctx.is_main:
+            log.warning(
+                "%s has no val split: the best epoch is chosen by train force MAE, no early stopping", self.db.name
+            )
 
-    model, fresh = _build_model(config, train, init, device, dtype)
-    # Loss scales: constants from a seeded sample, so the loss is ~1 at the start.
-    n_std = min(config.standardisation_frames, len(train))
-    sample = torch.randperm(len(train), generator=seed_generator(config.seed, 11))[:n_std]
-    s_batch, s_forces, s_energy = train.take(sample)
-    if fresh:
-        model.fit_standardisation(s_batch, s_forces, s_energy)
-    force_var = float(s_forces[s_batch.mask].pow(2).mean().clamp(min=1e-6))
-    use_energy = config.energy_weight > 0 and train.energy is not None
-    energy_var = 1.0
-    if use_energy:
-        per_atom = s_energy / s_batch.mask.sum(1)
-        energy_var = float(per_atom.var(unbiased=False).clamp(min=1e-6)) if len(per_atom) > 1 else 1e-6
-    elif config.energy_weight > 0 and ctx.is_main:
-        log.info("the train split lacks energies for some frames: fitting forces only")
+    def build(self, state: dict | None) -> None:
+        config, train, device = self.config, self.train, self.device
+        self.model, fresh = _build_model(config, train, self.init, device, self.dtype)
+        # Loss scales: constants from a seeded sample, so the loss is ~1 at the start.
+        n_std = min(config.standardisation_frames, len(train))
+        sample = torch.randperm(len(train), generator=seed_generator(config.seed, 11))[:n_std]
+        s_batch, s_forces, s_energy = train.take(sample)
+        if fresh:  # a fresh model is an ADAPT
+            cast("ADAPT", self.model).fit_standardisation(s_batch, s_forces, s_energy)
+        self.force_var = float(s_forces[s_batch.mask].pow(2).mean().clamp(min=1e-6))
+        self.use_energy = config.energy_weight > 0 and train.has_energy
+        self.energy_var = 1.0
+        if self.use_energy:
+            per_atom = s_energy / s_batch.mask.sum(1)
+            self.energy_var = float(per_atom.var(unbiased=False).clamp(min=1e-6)) if len(per_atom) > 1 else 1e-6
+        elif config.energy_weight > 0 and self.ctx.is_main:
+            log.info("the train split lacks energies for some frames: fitting forces only")
 
-    train = train.to(device, dtype)
-    val = None if val is None else val.to(device, dtype)
-    ctx.broadcast_parameters(model)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.train = train.to(device, self.dtype)
+        self.val = None if self.val is None else self.val.to(device, self.dtype)
+        self.ctx.broadcast_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.total = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total = min(self.total, config.max_steps)
+        self.warmup = int(round(config.warmup * self.total))
+        self.eval_index = torch.randperm(len(train), generator=seed_generator(config.seed, 13))
+        if config.eval_frames is not None:
+            self.eval_index = self.eval_index[: config.eval_frames]
+        self.running = {"loss": 0.0, "n": 0}
 
-    spec = LoopSpec(
-        kind="pretrain",
-        state_file=sfile,
-        n_items=len(train),
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        seed=config.seed,
-        max_steps=config.max_steps,
-        time_budget=config.time_budget,
-        checkpoint_every=config.checkpoint_every,
-        patience=config.patience if val is not None else None,
-        header=header,
-    )
-    steps_per_epoch = len(epoch_batches(spec, 0))
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    warmup = int(round(config.warmup * total))
-    loop = LoopState()
-    best: dict[str, Any] = {"model": None}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best["model"] = state.get("best_model")
-        loop = LoopState.from_dict(state["loop"])
-        restore_rng(state)
-        if ctx.is_main:
-            log.info("resuming pretrain from %s at epoch %d, batch %d", sfile, loop.epoch + 1, loop.batch)
-    elif ctx.is_main:
+    def limits(self) -> tuple[int | None, int | None]:
+        return self.config.max_steps, self.config.patience if self.val is not None else None
+
+    def log_start(self) -> None:
         log.info(
             "pretraining on %d frames from %d trajectories (%d steps per epoch); val: %d frames",
-            len(train),
-            len(train.traj_ids),
-            steps_per_epoch,
-            0 if val is None else len(val),
+            len(self.train),
+            len(self.train.trajectories),
+            self.steps_per_epoch,
+            0 if self.val is None else len(self.val),
         )
-    eval_index = torch.randperm(len(train), generator=seed_generator(config.seed, 13))
-    if config.eval_frames is not None:
-        eval_index = eval_index[: config.eval_frames]
-    running = {"loss": 0.0, "n": 0}
 
-    def train_batch(epoch: int, b: int, index: torch.Tensor) -> dict | None:
-        position = loop.step
+    def _lr(self) -> float:
+        config, position = self.config, self.loop.step
         if config.time_budget:
             # With a time budget the run may end long before ``total`` steps: follow
             # whichever is further along, the steps or the clock, so warmup and decay
             # fit in the budget.
-            position = max(position, int(total * min(loop.elapsed / config.time_budget, 1.0)))
-        lr = config.lr * lr_factor(
-            position, total, schedule=config.schedule, warmup=warmup, min_factor=config.min_lr_factor
+            position = max(position, int(self.total * min(self.loop.elapsed / config.time_budget, 1.0)))
+        factor = lr_factor(
+            position, self.total, schedule=config.schedule, warmup=self.warmup, min_factor=config.min_lr_factor
         )
-        for g in optimizer.param_groups:
+        return config.lr * factor
+
+    def train_batch(self, epoch: int, b: int, index: torch.Tensor) -> dict | None:
+        config, ctx, device = self.config, self.ctx, self.device
+        lr = self._lr()
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
         gen = seed_generator(config.seed, epoch, b, 17)
         rotations = random_rotations(len(index), gen) if config.augment_rotation else None
@@ -366,7 +309,7 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
         if config.augment_translation:
             shifts = torch.rand(len(index), 3, generator=gen, dtype=torch.float64)
         local, weight = local_share(torch.arange(len(index)), ctx)
-        batch, forces, energy = train.take(index[local])
+        batch, forces, energy = self.train.take(index[local])
         if rotations is not None or shifts is not None:
             if shifts is not None:  # fractional shift for periodic directions, 1 A scale otherwise
                 eye = torch.eye(3, dtype=batch.cell.dtype, device=device).expand_as(batch.cell)
@@ -380,85 +323,50 @@ def _pretrain(db, out: Path, config: PretrainConfig, init, progress: bool, overw
                 [3.0 * float(batch.mask.sum()) * weight, float(len(local)) * weight], dtype=torch.float64, device=device
             )
         )
-        model.train()
-        out = model(batch)
+        self.model.train()
+        out = self.model(batch)
         diff = (out.forces - forces) * batch.mask.unsqueeze(-1)
-        loss = weight * diff.pow(2).sum() / (float(counts[0]) * force_var)
-        if use_energy and out.energy is not None:
+        loss = weight * diff.pow(2).sum() / (float(counts[0]) * self.force_var)
+        if self.use_energy and out.energy is not None:
             err = (out.energy - energy) / batch.mask.sum(1)
-            loss = loss + weight * config.energy_weight * err.pow(2).sum() / (float(counts[1]) * energy_var)
+            loss = loss + weight * config.energy_weight * err.pow(2).sum() / (float(counts[1]) * self.energy_var)
         loss.backward()
-        ctx.sync_gradients(params)
+        ctx.sync_gradients(self.params)
         total_loss = float(ctx.all_reduce_sum(loss.detach().double().reshape(1)))
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip if config.grad_clip else float("inf"))
         if not (math.isfinite(total_loss) and bool(torch.isfinite(norm))):
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             return None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running["loss"] += total_loss
-        running["n"] += 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.running["loss"] += total_loss
+        self.running["n"] += 1
         return {"loss": total_loss, "lr": lr}
 
-    def evaluate(epoch: int) -> tuple[float, dict]:
-        entry: dict[str, Any] = {"lr": optimizer.param_groups[0]["lr"]}
-        if running["n"]:
-            entry["train_loss"] = running["loss"] / running["n"]
-        running.update(loss=0.0, n=0)
-        for name, value in force_metrics(model, train, eval_index, batch_size=config.eval_batch_size, ctx=ctx).items():
-            entry[f"train_{name}"] = value
-        if val is not None:
-            for name, value in force_metrics(
-                model, val, torch.arange(len(val)), batch_size=config.eval_batch_size, ctx=ctx
-            ).items():
-                entry[f"val_{name}"] = value
-        entry["elapsed_s"] = round(loop.elapsed, 2)
-        metric = entry["val_force_mae"] if val is not None else entry["train_force_mae"]
+    def validate(self, epoch: int) -> tuple[float, dict]:
+        entry: dict[str, Any] = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if self.running["n"]:
+            entry["train_loss"] = self.running["loss"] / self.running["n"]
+        self.running.update(loss=0.0, n=0)
+        scored = {"train": (self.train, self.eval_index), "val": (self.val, None)}
+        for split, (frames, index) in scored.items():
+            if frames is None:
+                continue
+            index = torch.arange(len(frames)) if index is None else index
+            result = force_metrics(self.model, frames, index, batch_size=self.config.eval_batch_size, ctx=self.ctx)
+            entry.update({f"{split}_{name}": value for name, value in result.items()})
+        entry["elapsed_s"] = round(self.loop.elapsed, 2)
+        metric = entry["val_force_mae"] if self.val is not None else entry["train_force_mae"]
         return metric, entry
 
-    def on_best() -> None:
-        best["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    def export_settings(self) -> tuple[dict, dict]:
+        from ase_bptt.relax.steps import FixedStep, relax_settings
 
-    def payload() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best["model"]}
-
-    if not loop.finished:
-        run_epochs(
-            spec,
-            loop,
-            ctx,
-            train_batch=train_batch,
-            evaluate=evaluate,
-            on_best=on_best,
-            payload=payload,
-            progress=progress,
-        )
-
-    if ctx.is_main:
-        final = copy.deepcopy(model)
-        if best["model"] is not None:
-            final.load_state_dict(best["model"])
+        config = self.config
         relax = relax_settings(FixedStep(config.relax_eta), tol=config.relax_tol, max_steps=config.relax_max_steps)
-        metadata = {
-            "kind": "pretrain",
-            "database": str(db.name),
-            "data_fingerprint": header["data_fingerprint"],
-            "train_trajectories": len(train.traj_ids),
-            "train_frames": len(train),
-            "val_frames": 0 if val is None else len(val),
-            "config": header["config"],
-            "config_hash": header["config_hash"],
-            "init": None if init is None else str(init),
-            "init_digest": header["init"],
-            "history": loop.history,
-            "best_epoch": loop.best_epoch,
-            "best_metric": loop.best_metric,
-            "stop_reason": loop.stop_reason,
-            "skipped_batches": loop.skipped,
-            "steps": loop.step,
-            "world_size": ctx.world_size,
+        sizes = {
+            "train_trajectories": len(self.train.trajectories),
+            "train_frames": len(self.train),
+            "val_frames": 0 if self.val is None else len(self.val),
         }
-        save_checkpoint(out, final.eval(), relax=relax, metadata=metadata)
-        log.info("wrote %s (best epoch %s, %s)", out, loop.best_epoch, loop.stop_reason)
-    ctx.barrier()
-    return out
+        return relax, sizes
