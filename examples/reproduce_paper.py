@@ -1,6 +1,6 @@
 """Reproduce the paper's tables on built-in data and write one report (Markdown + plots).
 
-    python examples/reproduce_paper.py --seed 2 --out paper-repro  # full run (~30 min; README "Results")
+    python examples/reproduce_paper.py --seed 2 --out paper-repro  # full run (~30 min; docs/results.md)
     python examples/reproduce_paper.py --out /tmp/q --quick        # a 1-minute smoke run of every stage
 
 Stages (each leaves its product in ``--out`` and is skipped when it is there):
@@ -80,7 +80,7 @@ class Settings:
     si_counts: dict[str, int]
     site: str = "fixed"
     # Not "hexagonal" by default: under Stillinger-Weber that site is unstable and the
-    # reference relaxation ends in one of several basins chosen by the rattle (README "Results").
+    # reference relaxation ends in one of several basins chosen by the rattle (docs/results.md).
     kinds: tuple[str, ...] = ("vacancy", "divacancy", "tetrahedral", "split110")
     repeat: int = 2
     rattle: float = 0.1

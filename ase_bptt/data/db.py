@@ -1,32 +1,8 @@
 """TrajectoryDB: relaxation trajectories stored in an ``ase.db`` database.
 
-Layout (schema 1). One row per frame; the row's atoms carry a
-``SinglePointCalculator`` with the frame's forces (and energy when known).
-Key-value pairs on every row:
-
-``traj_id`` (str)
-    the trajectory the frame belongs to.
-``frame`` (int)
-    index of the frame in its trajectory, from 0.
-``n_frames`` (int)
-    number of frames in the trajectory.
-``is_final`` (bool)
-    True on the last frame only (one such row per trajectory).
-``converged`` (bool)
-    the max force on movable atoms of the last frame is below the database's
-    ``converged_fmax`` (eV/A, in ``metadata``).
-``frame_fmax`` (float)
-    the max force on movable atoms of this frame (eV/A).
-``content_hash`` (str)
-    sha256 of positions, numbers, cell and forces of all frames: importing
-    the same data twice adds nothing.
-``split`` (str, optional)
-    "train", "val" or "test", assigned per trajectory by :meth:`assign_splits`.
-``source``, ``label`` (str, optional)
-    where the trajectory came from (a file, a generator recipe) and a free
-    label (e.g. the defect type).
-
-``metadata`` holds ``{"ase_bptt_schema": 1, "converged_fmax": 0.05, ...}``.
+One row per frame; the row's atoms carry a ``SinglePointCalculator`` with the
+frame's forces (and energy when known). The key-value pairs and metadata
+(schema 1) are described once, in ``docs/data.md`` ("Database layout").
 Writes happen in one transaction per call; :meth:`TrajectoryDB.transaction`
 groups several calls into one.
 """

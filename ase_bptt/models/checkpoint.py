@@ -3,16 +3,8 @@
 A checkpoint is a single ``torch.save`` of a dict that holds only tensors and
 JSON-like values (dict, list, tuple, str, int, float, bool, None), so it loads
 with ``torch.load(..., weights_only=True)``: ase-bptt never unpickles Python
-objects from a user's file. Layout (``FORMAT_VERSION`` 1)::
-
-    {
-      "format": "ase-bptt",
-      "format_version": 1,
-      "package_version": "0.1.0",          # ase-bptt that wrote it
-      "model": {"name": "ADAPT", "config": {...}, "state_dict": {...}},
-      "relax": {"step": {...}, "tol": 1e-3, "max_steps": 75} | None,
-      "metadata": {"created": "2026-...Z", "package_version": ..., ...},
-    }
+objects from a user's file. The layout (``FORMAT_VERSION`` 1) is described
+once, in ``docs/checkpoint.md``.
 
 Files are written atomically (a temporary file in the same directory, flushed
 and fsync'ed, then ``os.replace``), so a crash never leaves half a checkpoint
