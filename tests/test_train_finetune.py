@@ -239,3 +239,12 @@ def test_finetune_without_init_pretrains_first(emt_db, tmp_path):
     pretrained = tmp_path / "auto-pretrained.pt"
     assert load_checkpoint(pretrained)["metadata"]["kind"] == "pretrain"
     assert load_checkpoint(out)["metadata"]["init"] == str(pretrained)
+    # Both checkpoints carry the training domain (models/domain.py): Cu only, the cells' atom count, periodic.
+    from ase_bptt.data.db import TrajectoryDB
+
+    n_atoms = {len(t.initial) for t in TrajectoryDB(emt_db, create=False).trajectories("train")}
+    for path in (pretrained, out):
+        domain = load_checkpoint(path)["metadata"]["training_domain"]
+        assert domain["species"] == [29]
+        assert domain["n_atoms"] == [min(n_atoms), max(n_atoms)]
+        assert domain["pbc"] == [[True, True, True]]

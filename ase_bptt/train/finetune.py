@@ -24,6 +24,8 @@ import torch
 
 from ase_bptt import metrics
 from ase_bptt.data.datasets import load_relaxations
+from ase_bptt.models.checkpoint import load_checkpoint
+from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.relax.registry import step_rule_names
 from ase_bptt.train.common import EmptySplitError
@@ -437,6 +439,10 @@ class FinetuneRun(TrainingRun):
             "eta_grid": self.grid,
             "improved": improved,
             "note": None if improved else "no epoch beat epoch 0: this is the initial model, unchanged",
+            # The pretrained model's domain widened by the structures tuned on (models/domain.py).
+            DOMAIN_KEY: merge_training_domains(
+                read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
+            ),
         }
         # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
         relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}

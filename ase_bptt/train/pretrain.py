@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from ase_bptt.data.datasets import FrameDataset, load_frames
+from ase_bptt.models.domain import DOMAIN_KEY, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
@@ -364,9 +365,11 @@ class PretrainRun(TrainingRun):
 
         config = self.config
         relax = relax_settings(FixedStep(config.relax_eta), tol=config.relax_tol, max_steps=config.relax_max_steps)
-        sizes = {
+        extra = {
             "train_trajectories": len(self.train.trajectories),
             "train_frames": len(self.train),
             "val_frames": 0 if self.val is None else len(self.val),
+            # What the model was trained on, so calculators can warn outside it (models/domain.py).
+            DOMAIN_KEY: training_domain(self.train.batch),
         }
-        return relax, sizes
+        return relax, extra
