@@ -193,7 +193,7 @@ class FrameDataset(_PaddedSet):
         device: torch.device | str | None = None,
     ) -> None:
         # Raw arrays, not Atoms: building 10^4 Atoms costs more than the query.
-        loaded = open_db(db)._load(split, converged_only)
+        loaded = open_db(db).read_records(split, converged_only)
         frames = [f for _, records in loaded for f in records]
         self.traj_ids = [meta["traj_id"] for meta, records in loaded for _ in records]
         self.frame_index = [i for _, records in loaded for i in range(len(records))]
@@ -281,7 +281,7 @@ class RelaxationDataset(_PaddedSet):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        loaded = open_db(db)._load(split, converged_only)
+        loaded = open_db(db).read_records(split, converged_only)
         self.traj_ids = [meta["traj_id"] for meta, _ in loaded]
         self.labels = [meta["label"] or "" for meta, _ in loaded]
         initial = [records[0] for _, records in loaded]

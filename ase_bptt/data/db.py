@@ -457,7 +457,6 @@ class TrajectoryDB:
             out.append((meta, [r[2] for r in rows]))
         return out
 
-    _load = read_records  # the old private name, until data/datasets.py calls read_records
 
     def summary(self) -> str:
         """A printable table: trajectories and frames per split, label and convergence."""
