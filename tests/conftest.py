@@ -179,3 +179,39 @@ def tiny_adapt(seed: int = 0, force_scale: float | None = None):
     if force_scale is not None:
         model.force_scale.fill_(force_scale)
     return model
+
+
+# ------------------------------------------------- EMT copper relaxations
+#: The smallest ADAPT the training tests use (fast, still every code path).
+TINY_MODEL = {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2}
+
+
+def emt_cu_relaxation(
+    seed: int, *, repeat=(2, 1, 1), vacancy: bool = True, rattle: float = 0.12, fmax: float = 0.05, steps: int = 60
+) -> list:
+    """Every frame of an ASE FIRE relaxation of a rattled cubic Cu cell under EMT (the package's relax_frames).
+
+    Default: a 2x1x1 cell with a vacancy (7 atoms), Gaussian rattle from ``default_rng(seed)``.
+    """
+    from ase.calculators.emt import EMT
+
+    from ase_bptt.data.generate import relax_frames
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * repeat
+    if vacancy:
+        del atoms[0]
+    atoms.positions += np.random.default_rng(seed).normal(scale=rattle, size=atoms.positions.shape)
+    return relax_frames(atoms, EMT(), fmax=fmax, max_steps=steps)
+
+
+def make_cu_db(path: Path, *, n_train: int = 6, n_val: int = 2, n_test: int = 1, seed: int = 0):
+    """A TrajectoryDB of EMT Cu vacancy relaxations (:func:`emt_cu_relaxation`), splits assigned by hand."""
+    from ase_bptt.data.db import TrajectoryDB
+
+    db = TrajectoryDB(path)
+    k = seed * 1000
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for _ in range(n):
+            db.add_trajectory(emt_cu_relaxation(k), label="vacancy", source="test", split=split)
+            k += 1
+    return db

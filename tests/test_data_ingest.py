@@ -12,10 +12,10 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.io.trajectory import Trajectory as AseTrajectory
-from ase.optimize import FIRE
 
 from ase_bptt.data import ingest
 from ase_bptt.data.db import TrajectoryDB
+from ase_bptt.data.generate import relax_frames
 from ase_bptt.data.ingest import import_paths
 
 # extxyz writes floats as text with enough digits for float64 round trips.
@@ -36,20 +36,10 @@ def db(tmp_path):
 
 
 def emt_relaxation(seed=0, steps=6):
+    """A short EMT relaxation of a rattled 4-atom Cu cell (frames with energy and forces)."""
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.rattle(0.1, seed=seed)
-    atoms.calc = EMT()
-    frames = []
-
-    def snap():
-        a = atoms.copy()
-        a.calc = SinglePointCalculator(a, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        frames.append(a)
-
-    opt = FIRE(atoms, logfile=None)
-    opt.attach(snap)
-    opt.run(fmax=1e-3, steps=steps)
-    return frames
+    return relax_frames(atoms, EMT(), fmax=1e-3, max_steps=steps)
 
 
 def test_real_vasp_outputs(vasp_data, db):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from test_train_pretrain import TINY_MODEL, make_db
+from conftest import TINY_MODEL
+from conftest import make_cu_db as make_db
 
 DRIVER = r"""
 import json, sys, torch

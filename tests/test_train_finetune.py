@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from ase.geometry import find_mic
-from test_train_pretrain import TINY_MODEL, make_db
+from conftest import TINY_MODEL
+from conftest import make_cu_db as make_db
 
 
 @pytest.fixture(scope="module")

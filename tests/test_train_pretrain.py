@@ -4,50 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
-from ase.optimize import FIRE
-
-TINY_MODEL = {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2}
-
-
-def emt_trajectory(seed: int, *, rattle: float = 0.12, fmax: float = 0.05, steps: int = 60):
-    """FIRE relaxation of a rattled 7-atom Cu cell with a vacancy (EMT), every frame with energy/forces."""
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1)
-    del atoms[0]
-    rng = np.random.default_rng(seed)
-    atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
-    atoms.calc = EMT()
-    frames = []
-
-    def record():
-        a = atoms.copy()
-        a.calc = SinglePointCalculator(a, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        frames.append(a)
-
-    opt = FIRE(atoms, logfile=None)
-    opt.attach(record, interval=1)
-    opt.run(fmax=fmax, steps=steps)
-    return frames
-
-
-def make_db(path: Path, *, n_train: int = 6, n_val: int = 2, n_test: int = 1, seed: int = 0):
-    """A TrajectoryDB with EMT Cu relaxations, splits assigned by hand."""
-    from ase_bptt.data.db import TrajectoryDB
-
-    db = TrajectoryDB(path)
-    k = seed * 1000
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for _ in range(n):
-            db.add_trajectory(emt_trajectory(k), label="vacancy", source="test", split=split)
-            k += 1
-    return db
+from conftest import TINY_MODEL, emt_cu_relaxation
+from conftest import make_cu_db as make_db
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +135,7 @@ def test_rotation_and_translation_augmentation_match_emt(tmp_path):
     from ase_bptt.train.config import seed_generator
     from ase_bptt.train.pretrain import augment, random_rotations
 
-    frames = [emt_trajectory(s, steps=1)[0] for s in (1, 2)]
+    frames = [emt_cu_relaxation(s, steps=1)[0] for s in (1, 2)]
     rotations = random_rotations(2, seed_generator(0))
     eye = torch.eye(3, dtype=torch.float64)
     assert torch.allclose(rotations @ rotations.transpose(1, 2), eye.expand(2, 3, 3), atol=1e-12)
@@ -227,7 +190,7 @@ def test_missing_database_and_empty_split_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.db"):
         pretrain(tmp_path / "nope.db", tmp_path / "x.pt", config=small_config(), progress=False)
     db = TrajectoryDB(tmp_path / "val-only.db")
-    db.add_trajectory(emt_trajectory(3, steps=3), split="val")
+    db.add_trajectory(emt_cu_relaxation(3, steps=3), split="val")
     with pytest.raises(EmptySplitError, match="val-only.db has no frames in the train split"):
         pretrain(db, tmp_path / "x.pt", config=small_config(), progress=False)
     with pytest.raises(ValueError, match="schedule"):

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_train_pretrain import TINY_MODEL, make_db
+from conftest import TINY_MODEL
+from conftest import make_cu_db as make_db
 
 # Runs one training in a fresh process with one thread, as the in-process reference does.
 DRIVER = r"""
