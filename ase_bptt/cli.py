@@ -219,7 +219,7 @@ def cli(quiet: bool) -> None:
     example="ase-bptt generate si-defects si.db -n 300 --workers 2",
     short_help="Make reference relaxations with a built-in recipe (no DFT code needed).",
 )
-@click.argument("recipe", type=click.Choice(["si-defects", "alloys"]))
+@click.argument("recipe", type=click.Choice(["si-defects", "alloys", "fcc-defects"]))
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option(
     "-n",
