@@ -155,7 +155,7 @@ def resolve_reference(reference: Any) -> tuple[Callable[[], BaseCalculator], str
                 "or 'module:Class' for any ASE calculator"
             )
         try:
-            obj = importlib.import_module(module_name)
+            obj: Any = importlib.import_module(module_name)
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as exc:
@@ -266,13 +266,12 @@ def build_si_defect(
     fixed_site = site == "fixed"
     if fixed_site:
         index, origin = 0, np.zeros(3)
-    site = index
     label = defect
     if defect == "vacancy":
-        del atoms[site]
+        del atoms[index]
     elif defect == "divacancy":
-        j = _nearest_neighbour(atoms, site)
-        del atoms[[site, j]]
+        j = _nearest_neighbour(atoms, index)
+        del atoms[[index, j]]
     elif defect == "interstitial-tetrahedral":
         atoms.append("Si")
         atoms.positions[-1] = origin + a * np.array([0.5, 0.5, 0.5])
@@ -287,17 +286,21 @@ def build_si_defect(
         if fixed_site:
             u = np.array([1.0, 1.0, 0.0])
         u /= np.linalg.norm(u)
-        centre = atoms.positions[site].copy()
-        atoms.positions[site] = centre - 0.5 * SPLIT110_SEPARATION * u
+        centre = atoms.positions[index].copy()
+        atoms.positions[index] = centre - 0.5 * SPLIT110_SEPARATION * u
         atoms.append("Si")
         atoms.positions[-1] = centre + 0.5 * SPLIT110_SEPARATION * u
     elif defect == "substitution":
         element = subs[rng.integers(len(subs))]
-        atoms.numbers[site] = atomic_numbers[element]
+        atoms.numbers[index] = atomic_numbers[element]
         label = f"substitution-{element}"
     atoms.positions += rng.normal(scale=sigma, size=atoms.positions.shape)
     atoms.wrap()
     return atoms, label
+
+
+def _experimental_lattice_constant(symbol: str) -> float:
+    return float(reference_states[atomic_numbers[symbol]]["a"])  # type: ignore[index, arg-type]
 
 
 def build_alloy(
@@ -331,8 +334,7 @@ def build_alloy(
     numbers[rng.choice(n, size=n_b, replace=False)] = atomic_numbers[el_b]
     atoms.numbers = numbers
     # Vegard's law from the experimental lattice constants.
-    a_a = reference_states[atomic_numbers[el_a]]["a"]
-    a_b = reference_states[atomic_numbers[el_b]]["a"]
+    a_a, a_b = _experimental_lattice_constant(el_a), _experimental_lattice_constant(el_b)
     a = (1 - n_b / n) * a_a + (n_b / n) * a_b
     eps = rng.uniform(-strain, strain, size=(3, 3))
     eps = 0.5 * (eps + eps.T)
@@ -375,7 +377,7 @@ def build_fcc_defect(
     others = tuple(e for e in elements if e != host)
     if not others and set(defects) - {"vacancy", "divacancy"}:
         raise ValueError(f"substitutions and interstitials need elements besides the host {host}, got {elements}")
-    a = lattice_constant or reference_states[atomic_numbers[host]]["a"]
+    a = lattice_constant or _experimental_lattice_constant(host)
     defect = defects[rng.integers(len(defects))]
     atoms = bulk(host, "fcc", a=a, cubic=True) * (size, size, size)
     site = int(rng.integers(len(atoms)))
