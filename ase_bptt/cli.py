@@ -289,7 +289,7 @@ def cli(quiet: bool) -> None:
     example="ase-bptt generate si-defects si.db -n 300 --workers 2",
     short_help="Make reference relaxations with a built-in recipe (no DFT code needed).",
 )
-@click.argument("recipe", type=click.Choice(["si-defects", "alloys"]))
+@click.argument("recipe", type=click.Choice(["si-defects", "alloys", "fcc-defects"]))
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option(
     "-n",
@@ -794,7 +794,7 @@ def relax_cmd(ctx, input_path, model, output, optimizer, fmax, steps, input_form
     example="ase-bptt demo --quick --out demo-out",
     short_help="The whole pipeline on built-in silicon defects, ending with the Dq table.",
 )
-@click.option("--quick", is_flag=True, help="A small run (under 3 minutes) instead of the full one (under 15).")
+@click.option("--quick", is_flag=True, help="A smoke run of every stage instead of the full demo (docs/demo.md).")
 @click.option(
     "--out",
     "out_dir",

@@ -8,13 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 from ase_bptt.cli import cli
+from ase_bptt.data.db import TrajectoryDB
 
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     # Speed is a benchmark's business, not a unit test's: the quick demo's time
-    # (under 3 minutes on an idle 2-core CPU) is reported in the README.
+    # (about a minute on an idle 2-core CPU) is reported in docs/demo.md.
     result = CliRunner().invoke(cli, ["--quiet", "demo", "--quick", "--out", str(out), "--workers", "2"])
     assert result.exit_code == 0, result.output
 
@@ -28,6 +29,10 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     ):
         assert row in text, row
     assert f"report: {out / 'report' / 'report.md'}" in text
+    # Every stage reports its wall and CPU time; the headline ratios and a per-kind table follow the Dq table.
+    for stage in ("generate", "pretrain", "finetune", "evaluate"):
+        assert f"    {stage}: wall " in text, stage
+    assert "BPTT / best fixed step: " in text and "Dq mean per defect kind:" in text
     for name in (
         "si-defects.db",
         "pretrained.pt",
@@ -50,6 +55,11 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     line = next(l for l in text.splitlines() if l.startswith("BPTT fine-tuned"))
     assert f"{bptt:.3f}" in line
     assert report["selection_split"] == "val" and report["split"] == "test"
+    fixed = report["checkpoints"][0]["fixed_step_selected"]["dq"]["mean"]
+    assert f"BPTT / best fixed step: {bptt / fixed:.3f}" in text
+    # Mixed kinds at random sites (the recipe's options are recorded in the database).
+    options = TrajectoryDB(out / "si-defects.db", create=False).metadata["generated"]["si-defects-s0"]["options"]
+    assert options["site"] == "random" and len(options["defects"]) == 4
 
     # A re-run in the same directory reuses the database, checkpoints and report.
     mtimes = {p: (out / p).stat().st_mtime for p in ("pretrained.pt", "bptt.pt", "report/report.json")}
