@@ -58,12 +58,15 @@ MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 #: The estimate is >= the measured peak and <= ESTIMATE_FACTOR times it (measured on CPU).
 ESTIMATE_FACTOR = 4.0
 
-# Floats per atom per frame that a forward keeps for backward (per encoder
-# layer and outside the layers), counted from ADAPT's forward and rounded up:
-# per layer qkv, q/k/v, attention out, projections, three LayerNorms, residuals (~16 x d_model),
-# the feed-forward hidden before and after GELU (2 x d_ff), attention scores and
-# probabilities (3 x heads x N, the math kernel's); tokens and embedding MLP outside.
-_LAYER_D, _LAYER_FF, _LAYER_ATTN = 16, 2, 3
+# Floats per atom per frame that a forward keeps for backward, counted from
+# ADAPT's forward and checked against measured peaks (bench_memory_estimate.py):
+# per encoder layer ~12 x d_model (qkv, attention output, projection, three
+# LayerNorms, residuals) and 2 x d_ff (the feed-forward hidden before and after
+# GELU), plus heads x N for attention probabilities where the math kernel keeps
+# them (float64 on CUDA, double backward; the fused kernels keep none, so this
+# term over-counts there); tokens and embedding MLP outside the layers.
+# Without gradients one layer's tensors and the embedding's are alive at once.
+_LAYER_D, _LAYER_FF, _LAYER_ATTN = 12, 2, 1
 _OUTER_INPUTS, _OUTER_D, _OUTER_FIXED = 4, 8, 64
 # Floats per atom a recomputed segment keeps between segments (positions, forces, step-rule state).
 _SEGMENT_INPUTS = 24
@@ -110,10 +113,14 @@ class ModelSize:
         width = max((max(m.in_features, m.out_features) for m in linears), default=64)
         return cls(width, width, max(1, len(linears) // 4), 1, width, n_parameters, itemsize)
 
-    def floats_per_atom_frame(self, n_atoms: int) -> int:
-        """Floats one atom's frame keeps for backward (the attention term grows with the padded atom count)."""
+    def floats_per_atom_frame(self, n_atoms: int, *, grad: bool = True) -> int:
+        """Floats per atom one frame keeps for backward (``grad``) or holds at once (without).
+
+        The attention term grows with the padded atom count ``n_atoms``.
+        """
         layer = _LAYER_D * self.d_model + _LAYER_FF * self.d_ff + _LAYER_ATTN * self.n_heads * n_atoms
-        return self.n_layers * layer + _OUTER_INPUTS * self.n_inputs + _OUTER_D * self.d_model + _OUTER_FIXED
+        outer = _OUTER_INPUTS * self.n_inputs + _OUTER_D * self.d_model + _OUTER_FIXED
+        return (self.n_layers if grad else 1) * layer + outer
 
 
 def estimate_structure_bytes(
@@ -134,10 +141,10 @@ def estimate_structure_bytes(
         checkpoint_frames: as in :func:`ase_bptt.relax.relaxer.rollout`.
     """
     size = model if isinstance(model, ModelSize) else ModelSize.from_model(model)
-    per_frame = n_atoms * size.floats_per_atom_frame(n_atoms)
     if not grad:
-        kept = per_frame  # one frame's working set
+        kept = n_atoms * size.floats_per_atom_frame(n_atoms, grad=False)
     else:
+        per_frame = n_atoms * size.floats_per_atom_frame(n_atoms)
         segment = segment_length(checkpoint_frames, frames)
         graph_frames = min(segment, frames) if segment else frames
         n_segments = -(-frames // segment) if segment else 0
