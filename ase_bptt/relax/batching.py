@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 #: fragmentation and (on CPU) other processes; a GPU is usually ours alone.
 MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 #: The estimate is >= the measured peak and <= ESTIMATE_FACTOR times it (measured on CPU).
-ESTIMATE_FACTOR = 4.0
+ESTIMATE_FACTOR = 5.0
 
 # Floats per atom per frame that a forward keeps for backward, counted from
 # ADAPT's forward and checked against measured peaks (bench_memory_estimate.py):
