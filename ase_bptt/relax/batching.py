@@ -238,6 +238,11 @@ def auto_batch_size(
     """
     budget = memory_budget(model, device=device, grad=grad) if budget is None else budget
     per = estimate_structure_bytes(n_atoms, model, grad=grad, frames=frames, checkpoint_frames=checkpoint_frames)
+    _check_fits(per, budget, n_atoms, grad, frames)
+    return budget // per
+
+
+def _check_fits(per: int, budget: int, n_atoms: int, grad: bool, frames: int) -> None:
     if per > budget:
         what = f"{frames} frames with gradients" if grad else "a relaxation"
         raise BatchMemoryError(
@@ -245,7 +250,6 @@ def auto_batch_size(
             f"{_describe(max(budget, 0))}; use checkpoint_frames, fewer steps, a smaller model, "
             f"or force batch_size=1."
         )
-    return budget // per
 
 
 def plan_batches(
@@ -291,10 +295,7 @@ def plan_batches(
     for i in order:
         # Sorted ascending, so structure i is the widest in the batch and sets its padding.
         per = estimate_structure_bytes(n_atoms[i], size, grad=grad, frames=frames, checkpoint_frames=checkpoint_frames)
-        if per > budget:
-            auto_batch_size(
-                n_atoms[i], model, grad=grad, frames=frames, checkpoint_frames=checkpoint_frames, budget=budget
-            )
+        _check_fits(per, budget, n_atoms[i], grad, frames)
         if current and (len(current) + 1) * per > budget:
             batches.append(current)
             current = []
