@@ -5,7 +5,8 @@ of the default size, ``torch.no_grad()``. Batch sizes 1, 4, 16, 64, 256, ...
 up to ``--max-batch``, growing until the automatic batch size
 (``ase_bptt.relax.batching``) says the next size does not fit in memory or a
 batched run (ase-bptt or TorchSim) of the previous size took longer than ``--time-limit`` s.
-Rows per batch size (each timing covers Atoms in to positions out):
+Rows per batch size (each timing covers Atoms in to positions out; the rows of
+one size are timed round-robin, median of ``--repeats``):
 
 * ``fixed``: ase-bptt's batched ``rollout`` with ``FixedStep(0.05)`` and
   ``tol=None``: every structure takes exactly ``--max-steps`` frames (the
@@ -107,31 +108,40 @@ class _CountEvaluations(torch.nn.Module):
         return self.model(batch, positions=positions)
 
 
-def _time_mode(mode: str, model, cells, args, dtype) -> dict:
+def _time_modes(modes: list[str], model, cells, args, dtype) -> dict[str, dict]:
+    """Time every mode on ``cells``, round-robin over repeats (a busy spell of a shared machine hits all alike)."""
     counter = _CountEvaluations(model)
-    samples, positions, frames = [], None, None
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    outputs: dict[str, tuple] = {}
     for _ in range(args.repeats):
-        counter.count = 0
-        C.synchronize(args.device)
-        t0 = time.perf_counter()
-        positions, frames = MODES[mode](counter, cells, args.max_steps, args.device, dtype)
-        C.synchronize(args.device)
-        samples.append(time.perf_counter() - t0)
-        if samples[-1] > args.time_limit:
-            break  # one sample is enough for a size this slow
-    updates = sum(frames) if min(frames) >= 0 else counter.count - len(cells)  # TorchSim: evaluations less inits
+        for mode in modes:
+            counter.count = 0
+            C.synchronize(args.device)
+            t0 = time.perf_counter()
+            positions, frames = MODES[mode](counter, cells, args.max_steps, args.device, dtype)
+            C.synchronize(args.device)
+            samples[mode].append(time.perf_counter() - t0)
+            outputs[mode] = (positions, frames, counter.count)
+        if max(s[-1] for s in samples.values()) > args.time_limit:
+            break  # one round is enough for a size this slow
     mean_atoms = sum(len(a) for a in cells) / len(cells)
-    atom_steps = sum(len(a) * f for a, f in zip(cells, frames)) if min(frames) >= 0 else updates * mean_atoms
-    t = C.summarize(samples)
-    return {
-        "time": t,
-        "structures_per_s": len(cells) / t["median_s"],
-        "updates": updates,
-        "model_evaluations": counter.count,
-        "ms_per_structure_frame": t["median_s"] / max(updates, 1) * 1e3,
-        "us_per_atom_step": t["median_s"] / max(atom_steps, 1) * 1e6,
-        "_positions": positions,
-    }
+    out = {}
+    for mode in modes:
+        positions, frames, evaluations = outputs[mode]
+        known = min(frames) >= 0  # TorchSim does not report frames: its evaluations less one initial per structure
+        updates = sum(frames) if known else evaluations - len(cells)
+        atom_steps = sum(len(a) * f for a, f in zip(cells, frames)) if known else updates * mean_atoms
+        t = C.summarize(samples[mode])
+        out[mode] = {
+            "time": t,
+            "structures_per_s": len(cells) / t["median_s"],
+            "updates": updates,
+            "model_evaluations": evaluations,
+            "ms_per_structure_frame": t["median_s"] / max(updates, 1) * 1e3,
+            "us_per_atom_step": t["median_s"] / max(atom_steps, 1) * 1e6,
+            "_positions": positions,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,8 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         modes = [
             m for m in MODES if (m != "torchsim_fire" or torchsim) and (m not in BASELINES or size <= args.baseline_max)
         ]
-        for mode in modes:
-            r = _time_mode(mode, model, cells, args, dtype)
+        for mode, r in _time_modes(modes, model, cells, args, dtype).items():
             rows.append({"batch": size, "mode": mode, **r})
         fire = {r["mode"]: r for r in rows if r["batch"] == size}
         if "torchsim_fire" in fire:
