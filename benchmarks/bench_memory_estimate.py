@@ -3,7 +3,7 @@
 For batches of rattled silicon cells (every other one with a vacancy, so the
 batch is padded and attention runs masked, as for mixed defect sets), each
 configuration in a fresh subprocess (``--quick``: its three one after the
-other in one subprocess, the high-water mark reset before each; CPU:
+other in the script's own process, the high-water mark reset before each; CPU:
 resident-set high-water mark; CUDA: max_memory_allocated; see
 ``_common.py``), this measures the peak of
 
@@ -90,14 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = C.make_parser("bench_memory_estimate", __doc__.splitlines()[0])
     args = C.finish_args(parser.parse_args(argv))
     if args.worker:
-        C.worker_entry(
-            args.worker, lambda spec: {"rows": [_measure(s) for s in spec["all"]]} if "all" in spec else _measure(spec)
-        )
+        C.worker_entry(args.worker, _measure)
         return {}
     common = {"device": args.device, "dtype": args.dtype, "threads": args.threads}
     specs = [{**cfg, **common} for cfg in _configs(args.quick)]
-    if args.quick:  # one fresh process for all (the high-water mark is reset before each): CI-sized
-        rows = C.run_worker(__file__, {"all": specs})["rows"]
+    if args.quick:  # in this process, the high-water mark reset before each: CI-sized
+        rows = [_measure(spec) for spec in specs]
     else:
         rows = C.run_workers(__file__, specs)
     for r in rows:
