@@ -12,6 +12,7 @@ from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.relax.batching import (
     BatchMemoryError,
     ModelSize,
+    RelaxationDivergedError,
     auto_batch_size,
     available_memory,
     estimate_structure_bytes,
@@ -132,3 +133,17 @@ def test_relax_in_batches_reports_an_explicit_batch_size(model64):
     out = relax_in_batches(_cells(5), model64, steps=2, batch_size=2, report=lines.append)
     assert [len(b) for b in out.batches] == [2, 2, 1]
     assert "of up to 2 (as given)" in lines[0]
+
+
+def test_non_finite_relaxation_is_an_error_naming_the_structure(model64):
+    class Diverging(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model64
+
+        def forward(self, batch, positions=None):
+            out = self.inner(batch, positions=positions)
+            return out._replace(forces=out.forces * float("nan"))
+
+    with pytest.raises(RelaxationDivergedError, match=r"structure \d+ \(Si\d*\) reached non-finite positions"):
+        relax_in_batches(_cells(3), Diverging(), steps=2, batch_size=3)

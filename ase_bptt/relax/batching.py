@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from ase import Atoms
 
@@ -40,6 +41,7 @@ __all__ = [
     "ESTIMATE_FACTOR",
     "MEMORY_FRACTION",
     "BatchMemoryError",
+    "RelaxationDivergedError",
     "ModelSize",
     "BatchedRelaxation",
     "available_memory",
@@ -74,6 +76,10 @@ _SEGMENT_INPUTS = 24
 
 class BatchMemoryError(AseBpttError, MemoryError):
     """One structure alone needs more memory than the budget allows."""
+
+
+class RelaxationDivergedError(AseBpttError, FloatingPointError):
+    """A relaxation reached non-finite positions (never handed back as a result)."""
 
 
 @dataclass(frozen=True)
@@ -367,5 +373,10 @@ def relax_in_batches(
         for i, atoms, frames, done in zip(
             batch, relaxer.get_atoms(), relaxer.n_frames.tolist(), relaxer.structure_converged.tolist()
         ):
+            if not np.isfinite(atoms.positions).all():
+                raise RelaxationDivergedError(
+                    f"structure {i} ({atoms.get_chemical_formula()}) reached non-finite positions after "
+                    f"{int(frames)} frames; check the model on it or relax with a smaller step."
+                )
             relaxed[i], n_frames[i], converged[i] = atoms, int(frames), bool(done)
     return BatchedRelaxation([a for a in relaxed if a is not None], n_frames, converged, batches)
