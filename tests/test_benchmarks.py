@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,13 @@ import _common as C  # noqa: E402
 QUICK_TIMEOUT_S = 120
 
 
-def _run_quick(script: str, tmp_path: Path) -> dict:
+def _run_quick(script: str, tmp_path: Path, timeout: float = QUICK_TIMEOUT_S) -> dict:
     out = tmp_path / f"{script}.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--threads", "1", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=QUICK_TIMEOUT_S,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,3 +172,79 @@ def test_device_cuda_is_accepted(tmp_path):
         assert proc.returncode != 0
         assert "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+def test_bench_memory_estimate_quick(tmp_path):
+    """The automatic batch size's estimate is an upper bound on the measured peak, within its stated factor."""
+    from ase_bptt.relax.batching import ESTIMATE_FACTOR
+
+    p = _run_quick("bench_memory_estimate", tmp_path, timeout=4 * QUICK_TIMEOUT_S)  # 3 measured rollouts
+    assert {r["variant"] for r in p["results"]} == {"no_grad", "naive", "checkpoint_frames"}
+    for r in p["results"]:
+        assert r["ratio"] == pytest.approx(r["peak_mib"] / r["estimate_mib"])
+        assert 1 / ESTIMATE_FACTOR <= r["ratio"] <= 1.0, r
+    assert p["goal_met"] is True
+
+
+def test_bench_throughput_quick(tmp_path):
+    p = _run_quick("bench_throughput", tmp_path)
+    rows = p["results"]
+    assert sorted({r["batch"] for r in rows}) == [1, 4] and p["stop_reason"] == "max_batch"
+    modes = {r["mode"] for r in rows}
+    assert {"fixed", "fire", "ase_fire", "learned_step_optimizer"} <= modes
+    assert ("torchsim_fire" in modes) == p["torchsim_available"]
+    if not p["torchsim_available"]:
+        assert "torch_sim not installed" in p["notes"][0] and "skipped" in p["table"]
+    for r in rows:
+        t = _positive_time(r["time"])
+        assert r["structures_per_s"] == pytest.approx(r["batch"] / t)
+        assert r["ms_per_structure_frame"] == pytest.approx(t / r["updates"] * 1e3)
+        if r["mode"] == "fixed":  # tol=None: every structure takes every frame
+            assert r["updates"] == r["batch"] * p["settings"]["max_steps"]
+        if r["mode"] == "torchsim_fire":
+            # Same FIRE as ASE's for the first Nmin + 1 steps (quick: 5), then a different alpha order.
+            assert r["max_position_difference_vs_fire_A"] < 1e-5
+            assert r["model_evaluations"] == r["updates"] + r["batch"]
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/run_gpu_checks.sh --device cpu --quick: JSON, log and status per check, machine notes.
+
+    Two checks (``--only``): each benchmark's quick run is tested above, and all six in a row take
+    ten minutes on a loaded 2-core machine.
+    """
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "run_gpu_checks.sh"), "--device", "cpu", "--quick", "--out", str(out)]
+        + ["--only", "bench_calculator,bench_scaling"],
+        capture_output=True,
+        text=True,
+        timeout=3 * QUICK_TIMEOUT_S,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.glob("*.json")} == {"bench_calculator.json", "bench_scaling.json"}
+    for path in out.glob("*.json"):
+        assert json.loads(path.read_text())["environment"]["device"] == "cpu"
+        assert path.with_suffix(".log").exists()
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in summary] == [["bench_calculator", "ok"], ["bench_scaling", "ok"]]
+    assert "device cpu --quick" in (out / "machine.txt").read_text()
+
+
+def test_gpu_check_script_reports_a_failing_check(tmp_path):
+    """A check that fails is marked FAILED, the others still run, and the exit status says so."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "run_gpu_checks.sh"), "--device", "cuda:99", "--quick", "--out", str(out)]
+        + ["--only", "bench_calculator,bench_scaling"],
+        capture_output=True,
+        text=True,
+        timeout=3 * QUICK_TIMEOUT_S,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert summary.count("FAILED") == 2, summary
