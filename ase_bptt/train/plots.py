@@ -50,6 +50,34 @@ def _best_fixed_key(ck: Mapping[str, Any]) -> str:
     return "fixed_step_selected" if ck.get("fixed_step_selected") else "fixed_step_perfect_information"
 
 
+def _describe(key: str, entry: Mapping[str, Any]) -> str:
+    if key == "own_rule":
+        return f"own step rule ({entry.get('rule', '?')})"
+    info = " (perfect information)" if key == "fixed_step_perfect_information" else ""
+    return f"best fixed step, eta {entry['eta']:.3g} chosen on {entry['chosen_on']}{info}"
+
+
+def _log_axes(ax, *, x: bool = True, y: bool = True) -> None:
+    """Log scale with plain numbers (1, 2, 5, 10, ...) instead of 2x10^0 labels."""
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(v: float, _pos: Any) -> str:
+        return f"{v:g}"
+
+    def some(v: float, _pos: Any) -> str:
+        # Minor ticks: label only 2 and 5 of each decade, so labels never overlap.
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""
+
+    if x:
+        ax.set_xscale("log")
+    if y:
+        ax.set_yscale("log")
+    for on, axis in ((x, ax.xaxis), (y, ax.yaxis)):
+        if on:
+            axis.set_major_formatter(FuncFormatter(plain))
+            axis.set_minor_formatter(FuncFormatter(some))
+
+
 def paired_data(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-structure pairs (pretrained model's best fixed step, tuned model) for the paired plot.
 
@@ -58,8 +86,9 @@ def paired_data(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     With a single checkpoint, its own rule is compared with its fixed step.
 
     Returns:
-        One series per tuned checkpoint: ``x_model``, ``x_method``,
-        ``y_model``, ``y_method``, ``traj_id``, ``label``, ``x``, ``y``.
+        One series per tuned checkpoint: ``x_model``, ``x_method`` (the key
+        of the method in the checkpoint's entry), ``x_description``, the same
+        for y, ``traj_id``, ``label``, ``x``, ``y``.
     """
     cks = result["checkpoints"]
     if not cks:
@@ -74,8 +103,10 @@ def paired_data(result: Mapping[str, Any]) -> list[dict[str, Any]]:
             {
                 "x_model": pre["name"],
                 "x_method": x_key,
+                "x_description": _describe(x_key, pre[x_key]),
                 "y_model": ck["name"],
                 "y_method": y_key,
+                "y_description": _describe(y_key, ck[y_key]),
                 "traj_id": [s["traj_id"] for s in result["structures"]],
                 "label": [s["label"] for s in result["structures"]],
                 "x": list(pre[x_key]["per_structure"]),
@@ -113,11 +144,10 @@ def plot_paired(result: Mapping[str, Any], path: Path) -> list[dict[str, list]]:
             ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="no change")
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            _log_axes(ax)
         better = sum(y < x for x, y in zip(s["x"], s["y"]))
-        ax.set_xlabel(f"{s['x_model']}: {s['x_method'].replace('_', ' ')} ({what})")
-        ax.set_ylabel(f"{s['y_model']}: {s['y_method'].replace('_', ' ')} ({what})")
+        ax.set_xlabel(f"{s['x_model']}: {s['x_description']}\n{what} per structure")
+        ax.set_ylabel(f"{s['y_model']}: {s['y_description']}\n{what} per structure")
         ax.set_title(f"below the diagonal: {s['y_model']} better ({better} of {len(s['x'])})")
         ax.set_aspect("equal", adjustable="box")
         ax.legend(loc="upper left", fontsize=8)
@@ -187,8 +217,7 @@ def plot_eta_curve(result: Mapping[str, Any], path: Path) -> None:
         if own and own.get("eta") is not None:
             ax.scatter([own["eta"]], [own["dq"]["mean"]], marker="*", s=160, color=colour, zorder=5)
     ax.axhline(result["do_nothing"]["dq"]["mean"], color="grey", ls="--", lw=1, label="do nothing")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax)
     ax.set_xlabel("fixed step size eta (Å$^2$/eV)")
     ax.set_ylabel(f"mean {'Dq' if result['metric'] == 'dq' else 'MSE'} on {result['split']}")
     ax.set_title("Fixed-step relaxation (star: the model's own rule)")

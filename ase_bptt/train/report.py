@@ -271,7 +271,7 @@ def _markdown(result: Mapping[str, Any]) -> str:
     if labels:
         for title, key in (
             ("Mean Dq per label", "per_label"),
-            (f"Fraction in the basin per label ({basin})", "per_label_basin"),
+            (f"Fraction in the reference's basin per label (<= {s['basin_rms']:g} A RMS)", "per_label_basin"),
         ):
             lines += ["", f"## {title}", ""]
             lines.append(
