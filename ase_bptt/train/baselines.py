@@ -115,9 +115,19 @@ def parse_baseline(spec: str | Baseline) -> Baseline:
 
 
 def fire_relax_all(
-    calculator, initial: Sequence, *, fmax: float, steps: int, progress: Callable = iter
+    calculator,
+    initial: Sequence,
+    *,
+    fmax: float,
+    steps: int,
+    progress: Callable = iter,
+    renew: Callable[[], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
     """ASE FIRE with ``calculator`` on each structure of ``initial``, one at a time, as a user would relax.
+
+    ``renew()`` replaces the calculator after it raised: a calculator can be
+    left half-initialised by a failure (ASE's EMT is), and must not spoil the
+    next structure.
 
     Returns:
         ``(final, n_steps, converged, failures)``: final positions ``(S,
@@ -140,6 +150,8 @@ def fire_relax_all(
             converged[i] = bool(opt.run(fmax=fmax, steps=steps))
         except Exception as exc:  # any calculator's failure on one structure is reported, not fatal
             failures[i] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            if renew is not None:
+                calculator = renew()
             continue
         positions = atoms.get_positions()
         if not np.isfinite(positions).all():
@@ -161,7 +173,9 @@ def run_baseline(
     split with None where it could not (listed under ``failed``).
     """
     calc = baseline.calculator()
-    final, n_steps, conv, failures = fire_relax_all(calc, split.initial, fmax=fmax, steps=steps, progress=progress)
+    final, n_steps, conv, failures = fire_relax_all(
+        calc, split.initial, fmax=fmax, steps=steps, progress=progress, renew=baseline.calculator
+    )
     ok = [i for i, f in enumerate(failures) if f is None]
     info = {
         "name": baseline.name,
