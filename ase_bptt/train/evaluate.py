@@ -281,7 +281,7 @@ def evaluate(
     baseline_specs = [parse_baseline(b) for b in baselines]
 
     ckpts = {name: load_checkpoint(path) for name, path in zip(names, paths)}
-    models = {name: load_model(ck, device=dev, dtype=dt).eval() for name, ck in ckpts.items()}
+    models: dict[str, Any] = {name: load_model(ck, device=dev, dtype=dt).eval() for name, ck in ckpts.items()}
     database = open_db(db)
     data, skipped = evaluable(load_split(database, split), models)
     if len(skipped) == len(data):
@@ -349,7 +349,7 @@ def evaluate(
 
     for path, name in zip(paths, names):
         ckpt, model = ckpts[name], models[name]
-        kw = dict(batch_size=batch_size, device=dev, dtype=dt)
+        kw: dict[str, Any] = dict(batch_size=batch_size, device=dev, dtype=dt)
         entry = {
             "name": name,
             "path": str(path),

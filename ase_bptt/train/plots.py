@@ -123,12 +123,12 @@ def _label_colours(labels: list[str]) -> dict[str, Any]:
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
-def plot_paired(result: Mapping[str, Any], path: Path) -> list[dict[str, list]]:
+def plot_paired(result: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
     """Draw ``dq_paired.png``; returns the points drawn, per label, as ``{"label", "x", "y"}`` (for tests)."""
     plt = _pyplot()
     series = result.get("paired") or paired_data(result)
     fig, axes = plt.subplots(1, max(len(series), 1), figsize=(5.5 * max(len(series), 1), 5), squeeze=False)
-    drawn: list[dict[str, list]] = []
+    drawn: list[dict[str, Any]] = []
     colours = _label_colours(sorted(result["label_counts"]))
     what = "Dq" if result["metric"] == "dq" else "MSE"
     for ax, s in zip(axes.flat, series):
