@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from ase.build import bulk
 from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
@@ -24,13 +23,9 @@ from ase.optimize import FIRE
 from click.testing import CliRunner
 from test_train_evaluate import independent_dq, make_checkpoint, make_db
 
-from ase_bptt.batch import Batch
 from ase_bptt.cli import cli
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.recipes import MissingDependencyError, stillinger_weber
-from ase_bptt.models.adapt import ADAPT, ADAPTConfig
-from ase_bptt.models.checkpoint import save_checkpoint
-from ase_bptt.relax.steps import FixedStep, relax_settings
 from ase_bptt.train.baselines import BaselineError, parse_baseline
 from ase_bptt.train.evaluate import evaluate
 
@@ -112,27 +107,13 @@ def silicon_relaxation(seed: int, calc) -> list:
     return frames
 
 
-def silicon_checkpoint(path, db, *, step_rule: bool, seed: int):
-    torch.manual_seed(seed)
-    model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, species=(14,)))
-    frames = [a for t in db.trajectories(converged_only=False) for a in t.frames][:48]
-    batch = Batch.from_atoms(frames)
-    forces = torch.zeros_like(batch.positions)
-    for i, a in enumerate(frames):
-        forces[i, : len(a)] = torch.from_numpy(a.get_forces())
-    energy = torch.tensor([a.get_potential_energy() for a in frames], dtype=torch.float64)
-    model.fit_standardisation(batch, forces, energy)
-    relax = relax_settings(FixedStep(0.02, maxstep=0.2), tol=1e-3, max_steps=10) if step_rule else None
-    return save_checkpoint(path, model, relax=relax)
-
-
 def test_cli_sw_and_emt_baselines_on_silicon(tmp_path):
     calc = stillinger_weber()
     db = TrajectoryDB(tmp_path / "si.db", create=True)
     for seed, split in enumerate(["train", "val", "test", "test"]):
         db.add_trajectory(silicon_relaxation(seed, calc), label="vacancy", source="test", split=split)
-    pre = silicon_checkpoint(tmp_path / "pretrained.pt", db, step_rule=False, seed=0)
-    tuned = silicon_checkpoint(tmp_path / "tuned.pt", db, step_rule=True, seed=1)
+    pre = make_checkpoint(tmp_path / "pretrained.pt", db, step_rule=False, species=(14,))
+    tuned = make_checkpoint(tmp_path / "tuned.pt", db, max_steps=10, seed=1, species=(14,))
     args = [str(pre), str(tuned), "--db", str(tmp_path / "si.db"), "-o", str(tmp_path / "report")]
     args += ["--baseline", "sw", "--baseline", "emt", "--eta-grid", "0.01", "--max-steps", "10"]
     args += ["--fire-fmax", str(FMAX), "--fire-steps", str(STEPS), "--dtype", "float64", "--device", "cpu"]
