@@ -600,6 +600,16 @@ def finetune_cmd(
     click.echo(f"wrote {path}")
 
 
+def _baselines(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
+    """Each --baseline as a calculator factory, so a wrong one fails before anything runs."""
+    from ase_bptt.train.baselines import BaselineError, parse_baseline
+
+    try:
+        return [parse_baseline(v) for v in value]
+    except BaselineError as exc:
+        raise click.BadParameter(_one_line(exc)) from None
+
+
 def _config(cls: type, **values: Any) -> Any:
     """Build a training config from the given options; its own checks become usage errors."""
     try:
@@ -672,6 +682,22 @@ def _given(**values: Any) -> dict[str, Any]:
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Structures per rollout batch."
 )
+@click.option(
+    "--baseline",
+    "baselines",
+    multiple=True,
+    callback=_baselines,
+    metavar="NAME|MODULE:CLASS[,KEY=VALUE...]",
+    help="Also relax with ASE FIRE and this ASE calculator (repeatable): sw, tersoff, emt, chgnet "
+    "(pip install ase-bptt[chgnet]) or module:Class, e.g. --baseline chgnet --baseline emt.",
+)
+@click.option(
+    "--basin-rms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="RMS per-atom distance to the reference (A) within which a structure counts as in the right basin.",
+)
 @runtime_options()
 @click.pass_context
 def evaluate_cmd(
@@ -688,10 +714,13 @@ def evaluate_cmd(
     max_steps,
     metric,
     batch_size,
+    baselines,
+    basin_rms,
     device,
     dtype,
 ):
-    """Evaluate CHECKPOINTS on a split of --db and write report.md, report.json and PNG plots."""
+    """Evaluate CHECKPOINTS on a split of --db and write report.md, report.json and PNG plots.
+    Structures with an element a checkpoint never saw are listed in the report, not scored."""
     from ase_bptt.train.evaluate import evaluate
     from ase_bptt.train.report import summary_text
 
@@ -708,6 +737,8 @@ def evaluate_cmd(
         max_steps=max_steps,
         metric=metric,
         batch_size=batch_size,
+        baselines=baselines,
+        basin_rms=basin_rms,
         device=device,
         dtype=dtype,
         progress=_progress(ctx),

@@ -18,6 +18,9 @@ __all__ = [
     "dq",
     "mse",
     "rms_displacement",
+    "rms_distance",
+    "correct_basin",
+    "CORRECT_BASIN_RMS",
     "force_errors",
     "max_force",
 ]
@@ -89,6 +92,25 @@ def mse(final: torch.Tensor, reference: torch.Tensor, batch: Batch) -> torch.Ten
     """Mean squared per-atom displacement (A^2), ``(B,)``: the pure-crystal loss."""
     d = displacement(final, reference, batch)
     return (d * d).sum(-1).sum(-1) / batch.n_atoms.clamp(min=1).to(d.dtype)
+
+
+#: RMS per-atom distance (A) below which a relaxation counts as ending in the reference's basin.
+#: Why 0.1 A: it is well under the ~0.17 A RMS of a 0.1 A-per-component rattle (the built-in
+#: recipes' sigma), and one atom of a 64-atom cell that ends in a neighbouring site (a hop of
+#: 0.8 A or more) already exceeds it, so a point defect in the wrong minimum never counts.
+CORRECT_BASIN_RMS = 0.1
+
+
+def rms_distance(final: torch.Tensor, reference: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """RMS per-atom minimum-image distance between ``final`` and ``reference`` (A), ``(B,)``."""
+    return torch.sqrt(mse(final, reference, batch))
+
+
+def correct_basin(
+    final: torch.Tensor, reference: torch.Tensor, batch: Batch, threshold: float = CORRECT_BASIN_RMS
+) -> torch.Tensor:
+    """Whether each structure ended within ``threshold`` A RMS per atom of its reference, ``(B,)`` bool."""
+    return rms_distance(final, reference, batch) <= threshold
 
 
 def rms_displacement(step: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -273,7 +273,8 @@ def test_evaluate_writes_the_report(files, tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["settings"]["eta_grid"] == [0.01, 0.04]
     assert [p.name for p in sorted((tmp_path / "rep").glob("*.png"))] == [
-        "dq_before_after.png",
+        "dq_paired.png",
+        "dq_per_label.png",
         "eta_curve.png",
         "training_curves.png",
     ]

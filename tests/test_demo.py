@@ -39,7 +39,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         "bptt.pt",
         "report/report.md",
         "report/report.json",
-        "report/dq_before_after.png",
+        "report/dq_paired.png",
+        "report/dq_per_label.png",
         "report/eta_curve.png",
         "report/training_curves.png",
     ):

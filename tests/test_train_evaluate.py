@@ -92,10 +92,11 @@ def make_checkpoint(
     history: bool = True,
     step_rule: bool = True,
     seed: int = 0,
+    species: tuple[int, ...] = (29,),
 ):
-    """A small ADAPT (species Cu) with standardisation fitted on the db's frames, saved with a fixed-step rule."""
+    """A small ADAPT (species Cu unless given) with standardisation fitted on the db's frames, saved with a fixed-step rule."""
     torch.manual_seed(seed)
-    model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, species=(29,)))
+    model = ADAPT(ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, species=species))
     frames = [a for t in db.trajectories(converged_only=False) for a in t.frames][:64]
     batch = Batch.from_atoms(frames)
     forces = torch.zeros_like(batch.positions)

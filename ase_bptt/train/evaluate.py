@@ -1,4 +1,4 @@
-"""Evaluate checkpoints on a split: Dq for ASE FIRE, fixed steps and the model's own rule.
+"""Evaluate checkpoints on a split: Dq for ASE FIRE, fixed steps, the model's own rule and baselines.
 
 For each checkpoint, on the split's converged trajectories (initial frame ->
 reference relaxed frame):
@@ -12,12 +12,13 @@ reference relaxed frame):
     on another split (val by default) is the honest baseline;
 (c) the checkpoint's own step rule with its ``tol`` / ``max_steps``;
 
-plus force errors on every frame of the split, frames taken, and the
-do-nothing baseline (Dq of the initial structure). :func:`evaluate` returns
+plus force errors on every frame of the split, frames taken, the
+do-nothing baseline (Dq of the initial structure), ASE FIRE with any
+baseline calculator (:mod:`ase_bptt.train.baselines`) and, for every method,
+the fraction of structures ending in the reference's basin. Structures with
+an element a checkpoint never saw are listed with the reason and left out of
+every row, so all rows score the same structures. :func:`evaluate` returns
 the result dict and writes it with :func:`ase_bptt.train.report.write_report`.
-
-:func:`relax_file` (used by ``ase-bptt relax``) lives here too, because it is
-the same "relax structures one by one through ASE" path as (a).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -37,10 +36,14 @@ import torch
 
 from ase_bptt import __version__, metrics
 from ase_bptt.batch import Batch
+from ase_bptt.calculator import BPTTCalculator
 from ase_bptt.errors import AseBpttError
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.train.baselines import Baseline, fire_relax_all, parse_baseline, run_baseline
 from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
 from ase_bptt.train.distributed import resolve_device
+from ase_bptt.train.eval_data import EvalSplit, evaluable, force_errors, load_split, method_entry
+from ase_bptt.train.plots import paired_data
 
 __all__ = [
     "DEFAULT_ETA_GRID",
@@ -59,70 +62,6 @@ def _progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-def _summary(values: Sequence[float], labels: Sequence[str]) -> dict[str, Any]:
-    """mean / median / per-label {mean, median, n} of per-structure values."""
-    per_label: dict[str, list[float]] = {}
-    for v, lab in zip(values, labels):
-        per_label.setdefault(lab, []).append(v)
-    return {
-        "mean": float(np.mean(values)),
-        "median": float(median(values)),
-        "per_label": {
-            lab: {"mean": float(np.mean(v)), "median": float(median(v)), "n": len(v)}
-            for lab, v in sorted(per_label.items())
-        },
-    }
-
-
-@dataclass
-class _Split:
-    """The evaluated structures: ASE frames plus a float64 Batch for metrics."""
-
-    name: str
-    traj_ids: list[str]
-    labels: list[str]
-    initial: list  # list[Atoms]
-    batch64: Batch  # initial structures, float64, CPU
-    relaxed64: torch.Tensor  # (B, N, 3) reference relaxed positions
-
-    def __len__(self) -> int:
-        return len(self.initial)
-
-
-def _load_split(db, split: str) -> _Split:
-    trajs = db.trajectories(split=split, converged_only=True)
-    if not trajs:
-        raise EmptySplitError(
-            f"split {split!r} of {getattr(db, 'name', db)} has no converged trajectories: "
-            "assign splits (ase-bptt import/generate do) or evaluate another --split"
-        )
-    initial = [t.frames[0].copy() for t in trajs]
-    relaxed = [t.frames[-1] for t in trajs]
-    batch64 = Batch.from_atoms(initial, dtype=torch.float64)
-    ref = Batch.from_atoms(relaxed, dtype=torch.float64, constraints=False).positions
-    return _Split(
-        name=split,
-        traj_ids=[str(t.traj_id) for t in trajs],
-        labels=[str(t.label) if t.label is not None else "unlabelled" for t in trajs],
-        initial=initial,
-        batch64=batch64,
-        relaxed64=ref,
-    )
-
-
-def _metric(name: str):
-    if name == "dq":
-        return metrics.dq
-    if name == "mse":
-        return metrics.mse
-    raise ValueError(f"unknown metric {name!r}: use dq or mse")
-
-
-def _errors(split: _Split, final: torch.Tensor, metric: str) -> list[float]:
-    """Per-structure error of final positions ``(B, N, 3)`` (any dtype/device) against the references."""
-    return _metric(metric)(final.detach().to("cpu", torch.float64), split.relaxed64, split.batch64).tolist()
 
 
 def _rollout_all(
@@ -161,21 +100,9 @@ def _rollout_all(
     return positions, n_frames, converged
 
 
-def _method_entry(
-    split: _Split, values: list[float], *, frames: torch.Tensor, converged: torch.Tensor, **extra: Any
-) -> dict[str, Any]:
-    return {
-        **extra,
-        "dq": _summary(values, split.labels),
-        "per_structure": values,
-        "frames_mean": float(frames.double().mean()),
-        "converged_fraction": float(converged.double().mean()),
-    }
-
-
 def _eta_curves(
     model,
-    splits: Sequence[_Split],
+    splits: Sequence[EvalSplit],
     grid: Sequence[float],
     *,
     tol,
@@ -185,6 +112,7 @@ def _eta_curves(
     device,
     dtype,
     metric,
+    basin_rms,
     progress: bool,
     desc: str,
 ) -> list[list[dict[str, Any]]]:
@@ -215,8 +143,14 @@ def _eta_curves(
             sl = slice(start, start + len(sp))
             n = sp.batch64.positions.shape[1]
             curve.append(
-                _method_entry(
-                    sp, _errors(sp, pos[sl, :n], metric), frames=frames[sl], converged=conv[sl], eta=float(eta)
+                method_entry(
+                    sp,
+                    pos[sl, :n],
+                    metric=metric,
+                    basin_rms=basin_rms,
+                    frames=frames[sl],
+                    converged=conv[sl],
+                    eta=float(eta),
                 )
             )
             start += len(sp)
@@ -226,66 +160,6 @@ def _eta_curves(
 def _best(curve: list[dict[str, Any]]) -> dict[str, Any]:
     # A diverged rollout gives inf/nan; treat it as worse than anything finite.
     return min(curve, key=lambda p: p["dq"]["mean"] if math.isfinite(p["dq"]["mean"]) else math.inf)
-
-
-def _fire_all(model, split: _Split, *, fmax: float, steps: int, device, dtype, metric, progress: bool, desc: str):
-    from ase.optimize import FIRE
-
-    from ase_bptt.calculator import BPTTCalculator
-
-    calc = BPTTCalculator(model, device=device, dtype=dtype)
-    final = torch.zeros_like(split.batch64.positions)
-    n_steps = torch.zeros(len(split), dtype=torch.long)
-    converged = torch.zeros(len(split), dtype=torch.bool)
-    for i, atoms0 in enumerate(_progress(split.initial, enabled=progress, desc=desc)):
-        atoms = atoms0.copy()
-        atoms.calc = calc
-        opt = FIRE(atoms, logfile=None)
-        converged[i] = bool(opt.run(fmax=fmax, steps=steps))
-        n_steps[i] = int(opt.nsteps)
-        final[i, : len(atoms)] = torch.from_numpy(atoms.get_positions())
-    return final, n_steps, converged
-
-
-def _force_errors(
-    model, db, split: str, *, batch_size: int, device, dtype, progress: bool = False, desc: str = "force errors"
-) -> dict[str, Any]:
-    """Force (and energy) errors of ``model`` on every frame of the split's trajectories.
-
-    All trajectories count here, converged or not: every frame carries
-    reference forces even when its relaxation did not finish.
-    """
-    frames = [a for t in db.trajectories(split=split, converged_only=False) for a in t.frames]
-    sums = {"abs": 0.0, "sq": 0.0, "components": 0, "l2": 0.0, "e_abs_per_atom": 0.0, "e_frames": 0}
-    with torch.no_grad():
-        for start in _progress(range(0, len(frames), batch_size), enabled=progress, desc=desc):
-            chunk = frames[start : start + batch_size]
-            batch = Batch.from_atoms(chunk, device=device, dtype=dtype, constraints=False)
-            out = model(batch)
-            b64 = batch.to(device="cpu", dtype=torch.float64)
-            ref = torch.zeros_like(b64.positions)
-            for i, a in enumerate(chunk):
-                ref[i, : len(a)] = torch.from_numpy(np.asarray(a.calc.results["forces"], dtype=np.float64))
-            err = metrics.force_errors(out.forces.detach().to("cpu", torch.float64), ref, b64)
-            n_comp = (3 * b64.n_atoms).to(torch.float64)
-            sums["abs"] += float((err["mae"] * n_comp).sum())
-            sums["sq"] += float((err["rmse"] ** 2 * n_comp).sum())
-            sums["components"] += int(n_comp.sum())
-            sums["l2"] += float(err["l2"].sum())
-            if out.energy is not None:
-                for i, a in enumerate(chunk):
-                    e_ref = a.calc.results.get("energy")
-                    if e_ref is not None:
-                        sums["e_abs_per_atom"] += abs(float(out.energy[i]) - float(e_ref)) / len(a)
-                        sums["e_frames"] += 1
-    n = max(sums["components"], 1)
-    return {
-        "n_frames": len(frames),
-        "mae": sums["abs"] / n,
-        "rmse": math.sqrt(sums["sq"] / n),
-        "l2": sums["l2"] / max(len(frames), 1),
-        "energy_mae_mev_per_atom": 1000 * sums["e_abs_per_atom"] / sums["e_frames"] if sums["e_frames"] else None,
-    }
 
 
 def _own_rule(checkpoint: Mapping[str, Any]):
@@ -339,11 +213,13 @@ def evaluate(
     metric: str = "dq",
     batch_size: int = 16,
     names: Sequence[str] | None = None,
+    baselines: Sequence[str | Baseline] = (),
+    basin_rms: float = metrics.CORRECT_BASIN_RMS,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "float32",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate checkpoints on one split and write the report.
+    """Evaluate checkpoints (and baseline calculators) on one split and write the report.
 
     Args:
         checkpoints: checkpoint files (``.pt``) to compare.
@@ -354,27 +230,34 @@ def evaluate(
         select_eta_on: a second split on which the honest fixed-step eta is
             chosen (falls back to "train" when it is empty; None to skip).
         eta_grid: fixed step sizes in A^2/eV (default :data:`DEFAULT_ETA_GRID`).
-        fire_fmax: ASE FIRE's force criterion (eV/A).
-        fire_steps: ASE FIRE's step limit.
+        fire_fmax: ASE FIRE's force criterion (eV/A), for models and baselines.
+        fire_steps: ASE FIRE's step limit, for models and baselines.
         tol: RMS per-atom displacement that stops a fixed-step rollout (A).
         max_steps: frame limit of a fixed-step rollout.
         maxstep: largest per-frame displacement of the fixed-step rule (A).
         metric: "dq" (mass-weighted, the default) or "mse" (pure crystals).
         batch_size: structures per batched rollout.
         names: display names for the checkpoints (default: file stems).
+        baselines: ASE calculators relaxed with ASE FIRE as extra rows,
+            ``NAME|module:Class[,key=value...]`` (see
+            :func:`~ase_bptt.train.baselines.parse_baseline`).
+        basin_rms: RMS per-atom distance (A) within which a final structure
+            counts as in the reference's basin.
         device: torch device (None: CUDA if available, else CPU).
         dtype: "float32" or "float64".
         progress: show tqdm progress bars on stderr.
 
     Returns:
-        The result dict written to ``report.json`` (described in the README's
-        "What `evaluate` reports").
+        The result dict written to ``report.json``. Structures holding an
+        element some checkpoint was never trained on are left out of every
+        row and listed under ``skipped`` with the reason.
 
     Raises:
         FileNotFoundError: a checkpoint or database path does not exist.
-        EmptySplitError: ``split`` has no converged trajectories.
+        EmptySplitError: ``split`` has no converged trajectories, or none the
+            checkpoints can evaluate.
         CheckpointError: a checkpoint cannot be read.
-        UnknownElementError: the split holds an element a model does not know.
+        BaselineError: a baseline specification is wrong.
     """
     from ase_bptt.models.checkpoint import load_checkpoint, load_model
 
@@ -388,28 +271,44 @@ def evaluate(
     grid = [float(e) for e in (eta_grid if eta_grid is not None else DEFAULT_ETA_GRID)]
     if not grid or any(not (e > 0 and math.isfinite(e)) for e in grid):
         raise ValueError(f"eta grid must be positive finite step sizes, got {grid}")
-    _metric(metric)
+    if metric not in ("dq", "mse"):
+        raise ValueError(f"unknown metric {metric!r}: use dq or mse")
+    if not (basin_rms > 0 and math.isfinite(basin_rms)):
+        raise ValueError(f"basin_rms must be a positive distance in A, got {basin_rms}")
     if names is not None and len(names) != len(paths):
         raise ValueError("give one name per checkpoint")
     names = list(names) if names is not None else _unique_stems(paths)
+    baseline_specs = [parse_baseline(b) for b in baselines]
 
+    ckpts = {name: load_checkpoint(path) for name, path in zip(names, paths)}
+    files = dict(zip(names, map(str, paths)))  # so a weight/config mismatch names the file
+    models: dict[str, Any] = {
+        name: load_model(ck, device=dev, dtype=dt, name=files[name]).eval() for name, ck in ckpts.items()
+    }
     database = open_db(db)
-    data = _load_split(database, split)
+    data, skipped = evaluable(load_split(database, split), models)
+    if len(skipped) == len(data):
+        raise EmptySplitError(
+            f"no structure of split {split!r} of {getattr(database, 'name', db)} can be evaluated: "
+            f"{skipped[0]['reason']}"
+        )
     selection = None
     if select_eta_on is not None:
         for candidate in dict.fromkeys([select_eta_on, "train"]):
             if candidate == split:
                 continue
             try:
-                selection = _load_split(database, candidate)
-                break
+                selection, sel_skipped = evaluable(load_split(database, candidate), models)
             except EmptySplitError:
                 continue
+            if len(sel_skipped) < len(selection):
+                break
+            selection = None
 
-    baseline = _errors(data, data.batch64.positions, metric)
+    entry_kw: dict[str, Any] = {"metric": metric, "basin_rms": basin_rms}
     result: dict[str, Any] = {
         "format": "ase-bptt-report",
-        "format_version": 1,
+        "format_version": 2,
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "database": str(getattr(database, "name", db)),
@@ -424,6 +323,7 @@ def evaluate(
             "max_steps": max_steps,
             "maxstep": maxstep,
             "batch_size": batch_size,
+            "basin_rms": basin_rms,
             "device": str(dev),
             "dtype": str(dt).replace("torch.", ""),
         },
@@ -433,47 +333,51 @@ def evaluate(
             {"traj_id": t, "label": lab, "n_atoms": len(a)}
             for t, lab, a in zip(data.traj_ids, data.labels, data.initial)
         ],
-        "do_nothing": {"dq": _summary(baseline, data.labels), "per_structure": baseline},
+        "skipped": skipped,
+        "do_nothing": method_entry(data, data.batch64.positions, **entry_kw),
         "checkpoints": [],
+        "baselines": [],
     }
 
+    for baseline in baseline_specs:
+        entry = run_baseline(
+            baseline,
+            data,
+            fmax=fire_fmax,
+            steps=fire_steps,
+            entry=lambda sp, final, **kw: method_entry(sp, final, **entry_kw, **kw),
+            progress=lambda it, b=baseline: _progress(it, enabled=progress, desc=f"ASE FIRE with {b.name}"),
+        )
+        result["baselines"].append(entry)
+
     for path, name in zip(paths, names):
-        ckpt = load_checkpoint(path)
-        model = load_model(ckpt, device=dev, dtype=dt, name=str(path))
-        model.eval()
-        for a, tid in zip(data.initial, data.traj_ids):
-            model.check_species(a.numbers, where=f"trajectory {tid} of {result['database']}")
-        kw = dict(batch_size=batch_size, device=dev, dtype=dt)
-        entry: dict[str, Any] = {
+        ckpt, model = ckpts[name], models[name]
+        kw: dict[str, Any] = dict(batch_size=batch_size, device=dev, dtype=dt)
+        entry = {
             "name": name,
             "path": str(path),
             "model": {"name": ckpt["model"].get("name"), "n_parameters": sum(p.numel() for p in model.parameters())},
             "relax": _jsonable(ckpt.get("relax")),
-            "forces": _force_errors(
+            "forces": force_errors(
                 model,
                 database,
                 split,
                 batch_size=max(batch_size, 16),
                 device=dev,
                 dtype=dt,
-                progress=progress,
-                desc=f"{name}: force errors",
+                progress=lambda it, n=name: _progress(it, enabled=progress, desc=f"{n}: force errors"),
             ),
         }
 
-        final, steps, conv = _fire_all(
-            model,
-            data,
+        final, steps, conv, _ = fire_relax_all(
+            BPTTCalculator(model, device=dev, dtype=dt),
+            data.initial,
             fmax=fire_fmax,
             steps=fire_steps,
-            device=dev,
-            dtype=dt,
-            metric=metric,
-            progress=progress,
-            desc=f"{name}: ASE FIRE",
+            progress=lambda it, n=name: _progress(it, enabled=progress, desc=f"{n}: ASE FIRE"),
         )
-        entry["fire"] = _method_entry(
-            data, _errors(data, final, metric), frames=steps, converged=conv, fmax=fire_fmax, max_steps=fire_steps
+        entry["fire"] = method_entry(
+            data, final, frames=steps, converged=conv, fmax=fire_fmax, max_steps=fire_steps, **entry_kw
         )
         entry["fire"]["steps_mean"] = entry["fire"]["frames_mean"]
 
@@ -485,13 +389,13 @@ def evaluate(
             tol=tol,
             max_steps=max_steps,
             maxstep=maxstep,
-            metric=metric,
             progress=progress,
             desc=f"{name}: eta curve",
+            **entry_kw,
             **kw,
         )
         curve = curves[0]
-        entry["eta_curve"] = [{k: v for k, v in p.items() if k != "per_structure"} for p in curve]
+        entry["eta_curve"] = [_point(p) for p in curve]
         best = _best(curve)
         entry["fixed_step_perfect_information"] = {**best, "chosen_on": split}
         entry["fixed_step_selected"] = None
@@ -505,7 +409,7 @@ def evaluate(
                 "chosen_on": selection.name,
                 "selection_dq_mean": chosen["dq"]["mean"],
             }
-            entry["selection_eta_curve"] = [{k: v for k, v in p.items() if k != "per_structure"} for p in sel_curve]
+            entry["selection_eta_curve"] = [_point(p) for p in sel_curve]
 
         own = _own_rule(ckpt)
         entry["own_rule"] = None
@@ -518,9 +422,9 @@ def evaluate(
                 model, data.initial, rule, tol=own_tol, max_steps=own_max, fmax=own_fmax, **kw
             )
             eta = getattr(rule, "eta", None)
-            entry["own_rule"] = _method_entry(
+            entry["own_rule"] = method_entry(
                 data,
-                _errors(data, pos, metric),
+                pos[:, : data.batch64.positions.shape[1]],
                 frames=frames,
                 converged=conv,
                 rule=_rule_name(rule),
@@ -529,10 +433,12 @@ def evaluate(
                 else None,
                 tol=own_tol,
                 max_steps=own_max,
+                **entry_kw,
             )
         entry["history"] = _jsonable((ckpt.get("metadata") or {}).get("history"))
         result["checkpoints"].append(entry)
 
+    result["paired"] = paired_data(result)
     if out_dir is not None:
         from ase_bptt.train.report import write_report
 
@@ -540,6 +446,11 @@ def evaluate(
         # Rewrite so report.json also lists its sibling files.
         write_report(result, out_dir)
     return result
+
+
+def _point(p: Mapping[str, Any]) -> dict[str, Any]:
+    """An eta-curve point without its per-structure lists (the curve would repeat them per eta)."""
+    return {k: v for k, v in p.items() if k not in ("per_structure", "rms_distance")}
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:

@@ -3,7 +3,7 @@
 The result dict (see :func:`ase_bptt.train.evaluate.evaluate`) is the single
 source of truth: ``report.json`` is that dict, ``report.md`` and the plots are
 views of it, so every number a reader sees can be traced back to the JSON.
-Plots use matplotlib's Agg backend, so no display is needed.
+The plots are drawn by :mod:`ase_bptt.train.plots`.
 """
 
 from __future__ import annotations
@@ -26,65 +26,71 @@ __all__ = [
 ]
 
 #: The PNG files every report writes, by role.
+#: Drawn by :mod:`ase_bptt.train.plots`.
 PLOT_FILES = {
-    "before_after": "dq_before_after.png",
+    "paired": "dq_paired.png",
+    "per_label": "dq_per_label.png",
     "eta_curve": "eta_curve.png",
     "training": "training_curves.png",
 }
 
 # Methods a checkpoint entry may carry, in the order tables show them, with
-# the label a reader sees.
+# the label a reader sees and a short one for plots.
 _METHODS = (
-    ("fire", "ASE FIRE"),
-    ("fixed_step_selected", "fixed step, eta chosen on {chosen_on}"),
-    ("fixed_step_perfect_information", "fixed step, eta chosen on {chosen_on} (perfect information)"),
-    ("own_rule", "own step rule ({rule})"),
+    ("fire", "ASE FIRE", "FIRE"),
+    ("fixed_step_selected", "fixed step, eta chosen on {chosen_on}", "fixed step ({chosen_on})"),
+    (
+        "fixed_step_perfect_information",
+        "fixed step, eta chosen on {chosen_on} (perfect information)",
+        "fixed step ({chosen_on}, perfect inf.)",
+    ),
+    ("own_rule", "own step rule ({rule})", "own rule"),
 )
 
 
 # --------------------------------------------------------------------- rows
-def _method_label(key: str, entry: Mapping[str, Any]) -> str:
-    template = dict(_METHODS)[key]
+def _method_label(key: str, entry: Mapping[str, Any], *, short: bool = False) -> str:
+    template = {k: (long, brief) for k, long, brief in _METHODS}[key][int(short)]
     return template.format(chosen_on=entry.get("chosen_on", "?"), rule=entry.get("rule", "?"))
 
 
-def method_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per (checkpoint, method), plus the do-nothing baseline first.
+def _row(key: str, method: str, short: str, model: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    dq, basin = entry.get("dq"), entry.get("correct_basin") or {}
+    return {
+        "key": key,
+        "method": method,
+        "short": short,
+        "model": model,
+        "eta": entry.get("eta"),
+        "n": entry.get("n_evaluated", len(entry.get("per_structure") or [])),
+        "dq_mean": dq["mean"] if dq else None,
+        "dq_median": dq["median"] if dq else None,
+        "basin": basin.get("fraction"),
+        "frames_mean": entry.get("frames_mean"),
+        "per_label": {k: v["mean"] for k, v in dq["per_label"].items()} if dq else {},
+        "per_label_basin": dict(basin.get("per_label", {})),
+    }
 
-    Each row: ``method``, ``model``, ``eta`` (or None), ``dq_mean``,
-    ``dq_median``, ``frames_mean`` (or None), ``key`` (the method's key in
-    the result), ``per_label`` (label -> mean Dq).
+
+def method_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: do nothing, ASE FIRE with each baseline calculator, then each (checkpoint, method).
+
+    Each row: ``key`` (the method's key in the result), ``method``, ``short``
+    (for plots), ``model``, ``eta`` (or None), ``n`` (structures scored),
+    ``dq_mean``, ``dq_median`` (None when a baseline relaxed none),
+    ``basin`` (fraction in the reference's basin), ``frames_mean`` (or
+    None), ``per_label`` (label -> mean Dq), ``per_label_basin``.
     """
-    base = result["do_nothing"]
-    rows = [
-        {
-            "key": "do_nothing",
-            "method": "do nothing (initial structure)",
-            "model": "-",
-            "eta": None,
-            "dq_mean": base["dq"]["mean"],
-            "dq_median": base["dq"]["median"],
-            "frames_mean": 0.0,
-            "per_label": {k: v["mean"] for k, v in base["dq"]["per_label"].items()},
-        }
-    ]
+    rows = [_row("do_nothing", "do nothing (initial structure)", "do nothing", "-", result["do_nothing"])]
+    rows[0]["frames_mean"] = 0.0
+    for b in result.get("baselines", []):
+        rows.append(_row("baseline", f"ASE FIRE with {b['name']}", f"FIRE with {b['name']}", b["calculator"], b))
     for ck in result["checkpoints"]:
-        for key, _ in _METHODS:
+        for key, _, _ in _METHODS:
             entry = ck.get(key)
-            if not entry:
-                continue
-            rows.append(
-                {
-                    "key": key,
-                    "method": _method_label(key, entry),
-                    "model": ck["name"],
-                    "eta": entry.get("eta"),
-                    "dq_mean": entry["dq"]["mean"],
-                    "dq_median": entry["dq"]["median"],
-                    "frames_mean": entry.get("frames_mean"),
-                    "per_label": {k: v["mean"] for k, v in entry["dq"]["per_label"].items()},
-                }
-            )
+            if entry:
+                label, short = _method_label(key, entry), _method_label(key, entry, short=True)
+                rows.append(_row(key, label, f"{ck['name']}: {short}", ck["name"], entry))
     return rows
 
 
@@ -217,134 +223,6 @@ def history_series(history: Any) -> dict[str, dict[str, list[tuple[float, float]
     return {}
 
 
-# -------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_before_after(result: Mapping[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    initial = result["do_nothing"]["per_structure"]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    markers = "osD^v<>px*"
-    i = 0
-    for ck in result["checkpoints"]:
-        for key, _ in _METHODS:
-            entry = ck.get(key)
-            # The honest fixed step is enough here; the perfect-information one is in the tables.
-            if not entry or (key == "fixed_step_perfect_information" and ck.get("fixed_step_selected")):
-                continue
-            label = f"{ck['name']}: {_method_label(key, entry)}"
-            ax.scatter(initial, entry["per_structure"], s=18, alpha=0.75, marker=markers[i % len(markers)], label=label)
-            i += 1
-    finite = [v for v in initial if math.isfinite(v) and v > 0]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="no change (y = x)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("initial Dq (amu$^{1/2}$ Å)")
-    ax.set_ylabel("final Dq (amu$^{1/2}$ Å)")
-    ax.set_title(f"Dq before and after relaxation ({result['split']} split, {result['n_structures']} structures)")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_eta_curve(result: Mapping[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for ck in result["checkpoints"]:
-        curve = ck["eta_curve"]
-        etas = [p["eta"] for p in curve]
-        ax.plot(etas, [p["dq"]["mean"] for p in curve], "o-", label=f"{ck['name']} (mean, {result['split']})")
-        sel = ck.get("selection_eta_curve")
-        if sel:
-            ax.plot(
-                [p["eta"] for p in sel],
-                [p["dq"]["mean"] for p in sel],
-                "x:",
-                label=f"{ck['name']} (mean, {ck['fixed_step_selected']['chosen_on']})",
-            )
-        own = ck.get("own_rule")
-        if own and own.get("eta") is not None:
-            ax.scatter([own["eta"]], [own["dq"]["mean"]], marker="*", s=120, zorder=5, label=f"{ck['name']} own rule")
-    ax.axhline(result["do_nothing"]["dq"]["mean"], color="grey", ls="--", lw=1, label="do nothing")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("fixed step size eta (Å$^2$/eV)")
-    ax.set_ylabel("mean Dq (amu$^{1/2}$ Å)")
-    ax.set_title("Fixed-step relaxation: Dq against step size")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-#: History entries that are bookkeeping, not learning curves.
-_NOT_CURVES = ("elapsed", "lr", "partial_epoch", "skipped", "frames", "converged", "eta", "step")
-#: Panels of the training plot: (title, substrings selecting the metrics).
-_CURVE_KINDS = (
-    ("loss", ("loss",)),
-    ("force error (eV/A)", ("force",)),
-    ("energy error (meV/atom)", ("energy",)),
-    ("structure error (Dq or MSE)", ("dq", "mse")),
-)
-
-
-def _curve_panels(result: Mapping[str, Any]) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
-    panels = []
-    for ck in result["checkpoints"]:
-        for phase, series in history_series(ck.get("history")).items():
-            kept = {
-                m: pts
-                for m, pts in series.items()
-                if not any(m == k or m.endswith("_" + k) or m.startswith(k) for k in _NOT_CURVES)
-            }
-            for title, keys in _CURVE_KINDS:
-                chosen = {m: pts for m, pts in kept.items() if any(k in m for k in keys)}
-                for m in chosen:
-                    kept.pop(m)
-                if chosen:
-                    panels.append((f"{ck['name']} ({phase}): {title}", chosen))
-            if kept:
-                panels.append((f"{ck['name']} ({phase}): other", kept))
-    return panels
-
-
-def _plot_training(result: Mapping[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    panels = _curve_panels(result)
-    if not panels:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no training history in these checkpoints", ha="center", va="center")
-    else:
-        cols = 2 if len(panels) > 1 else 1
-        rows = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat[len(panels) :]:
-            ax.axis("off")
-        for ax, (title, series) in zip(axes.flat, panels):
-            positive = all(y > 0 for pts in series.values() for _, y in pts)
-            for metric, pts in sorted(series.items()):
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, label=metric)
-            if positive:
-                ax.set_yscale("log")
-            ax.set_xlabel("epoch")
-            ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------- markdown
 def _markdown(result: Mapping[str, Any]) -> str:
     s = result["settings"]
@@ -374,19 +252,35 @@ def _markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     rows = method_rows(result)
+    basin = f"in basin (<= {s['basin_rms']:g} A)"
     lines.append(
         format_table(
-            ["method", "model", "eta", "Dq mean", "Dq median", "frames (mean)"],
-            [[r["method"], r["model"], r["eta"], r["dq_mean"], r["dq_median"], r["frames_mean"]] for r in rows],
+            ["method", "model", "eta", "n", "Dq mean", "Dq median", basin, "frames (mean)"],
+            [
+                [r["method"], r["model"], r["eta"], r["n"], r["dq_mean"], r["dq_median"], r["basin"], r["frames_mean"]]
+                for r in rows
+            ],
         )
     )
+    lines += [
+        "",
+        f"*In basin*: the fraction of structures whose final positions lie within {s['basin_rms']:g} A RMS per atom "
+        "(minimum image) of the reference relaxed structure, i.e. that ended in the reference's minimum.",
+    ]
     labels = sorted(result["label_counts"])
     if labels:
-        lines += ["", "## Mean Dq per label", ""]
-        header = ["method", "model", *labels]
-        lines.append(
-            format_table(header, [[r["method"], r["model"], *(r["per_label"].get(l) for l in labels)] for r in rows])
-        )
+        for title, key in (
+            ("Mean Dq per label", "per_label"),
+            (f"Fraction in the reference's basin per label (<= {s['basin_rms']:g} A RMS)", "per_label_basin"),
+        ):
+            lines += ["", f"## {title}", ""]
+            lines.append(
+                format_table(
+                    ["method", "model", *labels],
+                    [[r["method"], r["model"], *(r[key].get(l) for l in labels)] for r in rows],
+                )
+            )
+    lines += _not_evaluated(result)
     lines += ["", "## Force errors on the split's frames", ""]
     lines.append(
         format_table(
@@ -424,9 +318,46 @@ def _markdown(result: Mapping[str, Any]) -> str:
                 f"ASE FIRE: {f['steps_mean']:.1f} steps on average, {100 * f['converged_fraction']:.0f}% reached fmax.",
             ]
     lines += ["", "## Plots", ""]
-    lines += [f"![{role}]({name})" for role, name in PLOT_FILES.items()]
-    lines.append("")
+    lines += [f"### {_PLOT_CAPTIONS[role]}\n\n![{role}]({name})\n" for role, name in PLOT_FILES.items()]
     return "\n".join(lines)
+
+
+_PLOT_CAPTIONS = {
+    "paired": "Per structure: the pretrained model's best fixed step (x) against the tuned model (y); "
+    "below the diagonal = the tuning helped",
+    "per_label": "Mean Dq of every method, per label",
+    "eta_curve": "Fixed-step Dq against eta; the circled point is the eta chosen on the selection split",
+    "training": "Training curves",
+}
+
+
+def _not_evaluated(result: Mapping[str, Any]) -> list[str]:
+    """Markdown listing the structures left out of every row, and those a baseline could not relax."""
+    lines: list[str] = []
+    if result.get("skipped"):
+        lines += ["", "## Structures not evaluated", ""]
+        lines.append(
+            f"{len(result['skipped'])} structure(s) of the split are left out of every row: a checkpoint was never "
+            "trained on one of their elements."
+        )
+        lines += [
+            "",
+            format_table(
+                ["trajectory", "label", "why"], [[k["traj_id"], k["label"], k["reason"]] for k in result["skipped"]]
+            ),
+        ]
+    failed = [(b["name"], f) for b in result.get("baselines", []) for f in b["failed"]]
+    if failed:
+        lines += ["", "## Structures a baseline could not relax", ""]
+        lines.append("These count only in that baseline's row (its column *n*); every other row scores them.")
+        lines += [
+            "",
+            format_table(
+                ["baseline", "trajectory", "label", "why"],
+                [[n, f["traj_id"], f["label"], f["reason"]] for n, f in failed],
+            ),
+        ]
+    return lines
 
 
 def _json_default(obj: Any) -> Any:
@@ -457,17 +388,15 @@ def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     """Write ``report.md``, ``report.json`` and the PNG plots into ``out_dir``.
 
     Returns:
-        ``{"markdown", "json", "before_after", "eta_curve", "training"}`` -> path.
+        ``{"markdown", "json", *PLOT_FILES}`` -> path.
     """
+    from ase_bptt.train.plots import write_plots
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "json": out / "report.json"}
     _write_atomic(paths["json"], json.dumps(result, indent=1, default=_json_default, allow_nan=True) + "\n")
-    for role, name in PLOT_FILES.items():
-        paths[role] = out / name
-    _plot_before_after(result, paths["before_after"])
-    _plot_eta_curve(result, paths["eta_curve"])
-    _plot_training(result, paths["training"])
+    paths.update(write_plots(result, out))
     _write_atomic(paths["markdown"], _markdown(result))
     return paths
 
@@ -480,8 +409,11 @@ def summary_text(result: Mapping[str, Any]) -> str:
         "amu^1/2 A" if result["metric"] == "dq" else "A^2 per atom"
     )
     table = format_table(
-        ["method", "model", "eta", "mean", "median", "frames"],
-        [[r["method"], r["model"], r["eta"], r["dq_mean"], r["dq_median"], r["frames_mean"]] for r in rows],
+        ["method", "model", "eta", "n", "mean", "median", "in basin", "frames"],
+        [
+            [r["method"], r["model"], r["eta"], r["n"], r["dq_mean"], r["dq_median"], r["basin"], r["frames_mean"]]
+            for r in rows
+        ],
         markdown=False,
     )
     forces = "\n".join(
@@ -489,4 +421,9 @@ def summary_text(result: Mapping[str, Any]) -> str:
         f"RMSE {_fmt(ck['forces']['rmse'])} eV/A"
         for ck in result["checkpoints"]
     )
-    return f"{head}\n{table}\n{forces}"
+    notes = [f"in basin: final structure within {result['settings']['basin_rms']:g} A RMS per atom of the reference"]
+    if result.get("skipped"):
+        notes.append(
+            f"{len(result['skipped'])} structure(s) not evaluated (see report.md): {result['skipped'][0]['reason']}"
+        )
+    return "\n".join([head, table, *notes, forces])
