@@ -15,13 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # One BLAS thread: ASE's BFGS on small cells is 5x slower with OpenBLAS threads fighting torch's.
-test: $(STAMP)
+test: lint
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-# Linter and formatter (ruff) on everything; later also the type checker on ase_bptt/.
+# Linter and formatter (ruff) on everything, the type checker (mypy) on ase_bptt/.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/ase-bptt demo

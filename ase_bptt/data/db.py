@@ -457,7 +457,6 @@ class TrajectoryDB:
             out.append((meta, [r[2] for r in rows]))
         return out
 
-
     def summary(self) -> str:
         """A printable table: trajectories and frames per split, label and convergence."""
         groups: Counter = Counter()

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from ase_bptt.errors import AseBpttError
@@ -49,17 +50,29 @@ class ConfigError(AseBpttError, ValueError):
     """A training option is out of range; the message names the option and its value."""
 
 
-def to_jsonable(value: Any) -> Any:
-    """``value`` as JSON-like data: dataclasses and ``to_dict`` objects become dicts,
-    tuples lists, torch dtypes ``"float32"``, devices and paths strings."""
+def to_jsonable(value: Any, *, max_tensor: int | None = None) -> Any:
+    """``value`` as JSON-like data, the one converter of configs, checkpoints' relax dicts and reports.
+
+    Dataclasses and ``to_dict`` objects become dicts, tuples lists, torch dtypes
+    ``"float32"``, devices and paths strings, tensors and arrays lists, numpy
+    scalars Python numbers. A tensor with more than ``max_tensor`` elements
+    becomes a short ``"<tensor (shape)>"`` placeholder (e.g. a decoder's weights
+    in a report).
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name), max_tensor=max_tensor) for f in dataclasses.fields(value)}
     if hasattr(value, "to_dict") and callable(value.to_dict):
-        return to_jsonable(value.to_dict())
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return to_jsonable(value.to_dict(), max_tensor=max_tensor)
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, max_tensor=max_tensor) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, max_tensor=max_tensor) for v in value]
+    if isinstance(value, torch.Tensor):
+        if max_tensor is not None and value.numel() > max_tensor:
+            return f"<tensor {tuple(value.shape)}>"
+        return value.detach().cpu().tolist()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     if isinstance(value, (torch.device, Path)):

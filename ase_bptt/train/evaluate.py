@@ -31,7 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ase_bptt import __version__, metrics
@@ -41,6 +40,7 @@ from ase_bptt.errors import AseBpttError
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.baselines import Baseline, fire_relax_all, parse_baseline, run_baseline
 from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
+from ase_bptt.train.config import to_jsonable
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.eval_data import EvalSplit, evaluable, force_errors, load_split, method_entry
 from ase_bptt.train.plots import paired_data
@@ -182,18 +182,6 @@ def _rule_name(rule) -> str:
         except (TypeError, ValueError):
             pass
     return name
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist() if obj.numel() <= 16 else f"<tensor {tuple(obj.shape)}>"
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    return obj
 
 
 # --------------------------------------------------------------------- main
@@ -357,7 +345,7 @@ def evaluate(
             "name": name,
             "path": str(path),
             "model": {"name": ckpt["model"].get("name"), "n_parameters": sum(p.numel() for p in model.parameters())},
-            "relax": _jsonable(ckpt.get("relax")),
+            "relax": to_jsonable(ckpt.get("relax"), max_tensor=16),
             "forces": force_errors(
                 model,
                 database,
@@ -435,7 +423,7 @@ def evaluate(
                 max_steps=own_max,
                 **entry_kw,
             )
-        entry["history"] = _jsonable((ckpt.get("metadata") or {}).get("history"))
+        entry["history"] = to_jsonable((ckpt.get("metadata") or {}).get("history"), max_tensor=16)
         result["checkpoints"].append(entry)
 
     result["paired"] = paired_data(result)

@@ -360,24 +360,6 @@ def _not_evaluated(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _json_default(obj: Any) -> Any:
-    try:
-        import numpy as np
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            return obj.detach().cpu().tolist()
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -393,9 +375,11 @@ def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     from ase_bptt.train.plots import write_plots
 
     out = Path(out_dir)
+    from ase_bptt.train.config import to_jsonable
+
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "json": out / "report.json"}
-    _write_atomic(paths["json"], json.dumps(result, indent=1, default=_json_default, allow_nan=True) + "\n")
+    _write_atomic(paths["json"], json.dumps(to_jsonable(result), indent=1, default=repr, allow_nan=True) + "\n")
     paths.update(write_plots(result, out))
     _write_atomic(paths["markdown"], _markdown(result))
     return paths
