@@ -1,0 +1,145 @@
+"""``ase-bptt generate``, ``import`` and ``info``: getting relaxations into a database and looking at files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ase_bptt.cli._group import cli, command, one_line
+from ase_bptt.cli.options import (
+    RegistryChoice,
+    key_values,
+    progress_enabled,
+    recipe_names,
+    runtime_options,
+    split_fractions,
+    split_options,
+)
+
+
+# ------------------------------------------------------------------- data
+@command(
+    cli,
+    "generate",
+    example="ase-bptt generate si-defects si.db -n 300 --workers 2",
+    short_help="Make reference relaxations with a built-in recipe (no DFT code needed).",
+)
+@click.argument("recipe", type=RegistryChoice(recipe_names))
+@click.argument("db", type=click.Path(dir_okay=False))
+@click.option(
+    "-n",
+    "n",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Trajectories the database should hold for this recipe and seed (a re-run tops up).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    callback=key_values,
+    metavar="KEY=VALUE",
+    help="Recipe option (repeatable), e.g. --option size=3 --option sigma=0.05.",
+)
+@click.option(
+    "--reference",
+    default=None,
+    metavar="NAME|MODULE:CLASS",
+    help="Reference calculator: sw, tersoff, emt or module:Class  [default: the recipe's]",
+)
+@split_options
+@runtime_options(device=False, dtype=False, seed=True, workers=True)
+@click.pass_context
+def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, workers):
+    """Generate relaxation trajectories into DB with RECIPE and assign train/val/test
+    splits. si-defects: 64-site diamond silicon with one point defect, relaxed with
+    Stillinger-Weber (needs matscipy); alloys: binary fcc alloys with ASE's EMT."""
+    from ase_bptt.data.db import TrajectoryDB
+    from ase_bptt.data.generate import generate
+    from ase_bptt.data.recipes import RECIPES
+
+    try:
+        RECIPES[recipe].options(options)
+    except ValueError as exc:
+        raise click.BadParameter(one_line(exc), param_hint="--option") from None
+    splits = split_fractions(val, test, seed)
+    database = TrajectoryDB(db, create=True)
+    added = generate(
+        recipe,
+        database,
+        n=n,
+        seed=seed,
+        workers=workers,
+        progress=progress_enabled(ctx),
+        reference=reference,
+        splits=splits,
+        **options,
+    )
+    click.echo(f"added {added} trajectories to {db}")
+    click.echo(database.summary())
+
+
+@command(
+    cli,
+    "import",
+    example="ase-bptt import vasp_runs/ OUTCAR_* --db traj.db",
+    short_help="Import DFT relaxations (vasprun.xml, OUTCAR, .traj, extxyz, MPtrj JSON, ...).",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--db", "db", required=True, type=click.Path(dir_okay=False), help="Database to add to (created if new).")
+@click.option(
+    "--label",
+    default=None,
+    help="Label stored with every imported trajectory (e.g. the defect type)  [default: each file's --label-key]",
+)
+@click.option(
+    "--label-key",
+    default="label",
+    show_default=True,
+    help="atoms.info key (extxyz, .traj) whose value labels a trajectory when --label is not given.",
+)
+@click.option(
+    "--group-key",
+    default=None,
+    metavar="KEY",
+    help="For an ase.db file: the key whose value tells its relaxations apart (one trajectory per value).",
+)
+@split_options
+@runtime_options(device=False, dtype=False, seed=True)
+@click.pass_context
+def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, seed):
+    """Import every relaxation found in PATHS (files or directories, one relaxation per
+    file) into --db, skipping (and listing) the invalid ones, and assign splits in the
+    same transaction. Exits with status 1 when nothing was added and something was skipped."""
+    from ase_bptt.data.db import TrajectoryDB
+    from ase_bptt.data.ingest import import_paths
+
+    splits = split_fractions(val, test, seed)
+    new = "://" not in db and not Path(db).exists()
+    database = TrajectoryDB(db, create=True)
+    report = import_paths(list(paths), database, label=label, label_key=label_key, group_key=group_key, splits=splits)
+    click.echo(str(report))
+    if not report.added and report.skipped:
+        if new:  # leave no empty database behind
+            Path(db).unlink(missing_ok=True)
+        raise click.ClickException(
+            f"nothing imported into {db}: every input was skipped ({len(report.skipped)}, reasons above)"
+        )
+    click.echo(database.summary())
+
+
+@command(
+    cli,
+    "info",
+    example="ase-bptt info si.pt",
+    short_help="Describe a database (splits, labels) or a checkpoint (model, step rule, history).",
+)
+@click.argument("path")
+def info_cmd(path):
+    """Describe PATH: an ase-bptt trajectory database or an ase-bptt checkpoint
+    (detected from the file's content)."""
+    from ase_bptt.train.info import describe
+
+    click.echo(describe(path))

@@ -1,0 +1,210 @@
+"""Options and option callbacks shared by several ``ase-bptt`` commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from ase_bptt.cli._group import one_line
+
+
+class RegistryChoice(click.Choice):
+    """The names of a registry (step rules, recipes), read when first needed: importing a
+    registry loads torch or ase, and ``--help`` should not."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns; the registry is the source
+        pass
+
+
+def step_rule_names() -> tuple[str, ...]:
+    from ase_bptt.relax.registry import step_rule_names as names
+
+    return names()
+
+
+def recipe_names() -> tuple[str, ...]:
+    from ase_bptt.data.recipes import RECIPES
+
+    return tuple(RECIPES)
+
+
+# ----------------------------------------------------------- shared options
+def check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from ase_bptt.train.distributed import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def runtime_options(*, device: bool = True, dtype: bool = True, seed: bool = False, workers: bool = False) -> Callable:
+    """The shared ``--device``, ``--dtype``, ``--seed`` and ``--workers`` options, where they apply."""
+
+    def deco(f: Callable) -> Callable:
+        opts = []
+        if device:
+            opts.append(
+                click.option(
+                    "--device",
+                    default=None,
+                    callback=check_device,
+                    metavar="DEVICE",
+                    help="cpu, cuda or cuda:N  [default: cuda when available, else cpu]",
+                )
+            )
+        if dtype:
+            opts.append(
+                click.option(
+                    "--dtype",
+                    type=click.Choice(["float32", "float64"]),
+                    default="float32",
+                    show_default=True,
+                    help="Floating point precision of the model.",
+                )
+            )
+        if seed:
+            opts.append(
+                click.option(
+                    "--seed",
+                    type=int,
+                    default=0,
+                    show_default=True,
+                    help="Random seed (same seed and settings: same result).",
+                )
+            )
+        if workers:
+            opts.append(
+                click.option(
+                    "--workers",
+                    type=click.IntRange(min=1),
+                    default=1,
+                    show_default=True,
+                    help="Parallel worker processes.",
+                )
+            )
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def training_options(*, init_help: str, epochs_help: str, batch_help: str, lr_help: str) -> Callable:
+    """The options ``pretrain`` and ``finetune`` share: DB, --out, --init, --epochs, --time-budget,
+    --batch-size, --lr, --overwrite and the runtime options (the command's context comes first)."""
+    shared = [
+        click.argument("db", type=click.Path()),
+        click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write."),
+        click.option("--init", type=click.Path(dir_okay=False), default=None, help=init_help),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help=epochs_help),
+        click.option(
+            "--time-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="SECONDS",
+            help="Stop (keeping the best model) after this many seconds of training.",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help=batch_help),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help=lr_help),
+        click.option("--overwrite", is_flag=True, help="Replace an --out made with other settings or data."),
+        runtime_options(seed=True),
+    ]
+
+    def deco(f: Callable) -> Callable:
+        for opt in reversed(shared):
+            f = opt(f)
+        return click.pass_context(f)
+
+    return deco
+
+
+def progress_enabled(ctx: click.Context) -> bool:
+    return not ctx.find_root().params.get("quiet", False)
+
+
+def float_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.01,0.02,0.05") from None
+    if not values or any(not v > 0 for v in values):
+        raise click.BadParameter(f"{value!r}: give positive numbers, e.g. 0.01,0.02,0.05")
+    return values
+
+
+def key_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE, e.g. --option repeat=3")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def split_options(f: Callable) -> Callable:
+    """``--val`` and ``--test``: fractions of trajectories for validation and testing."""
+    for name, purpose in (("--test", "testing"), ("--val", "validation")):
+        help_text = f"Fraction of trajectories for {purpose} (--val + --test < 1)."
+        f = click.option(
+            name, type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help=help_text
+        )(f)
+    return f
+
+
+def split_fractions(val: float, test: float, seed: int) -> Any:
+    # Checked before the database is opened, so a bad pair writes nothing.
+    from ase_bptt.data.splits import SplitFractionError, SplitFractions
+
+    try:
+        return SplitFractions(val=val, test=test, seed=seed)
+    except SplitFractionError:
+        raise click.BadParameter(
+            f"--val {val} and --test {test} add up to {val + test:g}; they must leave some for training "
+            "(val + test < 1), e.g. --val 0.1 --test 0.1",
+            param_hint="'--val' / '--test'",
+        ) from None
+
+
+def baseline_specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
+    """Each --baseline as a calculator factory, so a wrong one fails before anything runs."""
+    from ase_bptt.train.baselines import BaselineError, parse_baseline
+
+    try:
+        return [parse_baseline(v) for v in value]
+    except BaselineError as exc:
+        raise click.BadParameter(one_line(exc)) from None
+
+
+def config_from(cls: type, **values: Any) -> Any:
+    """Build a training config from the given options; its own checks become usage errors."""
+    try:
+        return cls(**given_options(**values))
+    except (ValueError, TypeError) as exc:
+        raise click.UsageError(one_line(exc)) from None
+
+
+def given_options(**values: Any) -> dict[str, Any]:
+    """Only the options the user gave, so the config's own defaults apply otherwise."""
+    return {k: v for k, v in values.items() if v is not None}
