@@ -18,13 +18,13 @@ import pytest
 from ase.build import bulk
 from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.optimize import FIRE
 from click.testing import CliRunner
 from test_train_evaluate import independent_dq, make_checkpoint, make_db
 
 from ase_bptt.cli import cli
 from ase_bptt.data.db import TrajectoryDB
+from ase_bptt.data.generate import relax_frames
 from ase_bptt.data.recipes import MissingDependencyError, stillinger_weber
 from ase_bptt.train.baselines import BaselineError, parse_baseline
 from ase_bptt.train.evaluate import evaluate
@@ -93,18 +93,7 @@ def silicon_relaxation(seed: int, calc) -> list:
     atoms = bulk("Si", "diamond", a=5.431, cubic=True)
     del atoms[seed % 8]
     atoms.positions += np.random.default_rng(seed).normal(scale=0.08, size=atoms.positions.shape)
-    atoms.calc = calc
-    frames = []
-
-    def record():
-        snap = atoms.copy()
-        snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        frames.append(snap)
-
-    opt = FIRE(atoms, logfile=None)
-    opt.attach(record, interval=1)
-    opt.run(fmax=0.01, steps=300)
-    return frames
+    return relax_frames(atoms, calc, fmax=0.01, max_steps=300)
 
 
 def test_cli_sw_and_emt_baselines_on_silicon(tmp_path):

@@ -16,12 +16,12 @@ import pytest
 import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.geometry import find_mic
 from ase.optimize import FIRE
 
 from ase_bptt.batch import Batch
 from ase_bptt.data.db import TrajectoryDB
+from ase_bptt.data.generate import relax_frames
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.checkpoint import save_checkpoint
 from ase_bptt.relax.steps import FixedStep, relax_settings
@@ -51,18 +51,7 @@ def emt_relaxation(seed: int, *, vacancy: bool) -> list:
         del atoms[0]
     rng = np.random.default_rng(seed)
     atoms.positions += rng.normal(scale=0.06, size=atoms.positions.shape)
-    atoms.calc = EMT()
-    frames = []
-
-    def record():
-        snap = atoms.copy()
-        snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        frames.append(snap)
-
-    opt = FIRE(atoms, logfile=None)
-    opt.attach(record, interval=1)
-    opt.run(fmax=0.03, steps=400)
-    return frames
+    return relax_frames(atoms, EMT(), fmax=0.03, max_steps=400)
 
 
 def make_db(path, splits: dict[str, int] = SPLITS) -> TrajectoryDB:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from ase_bptt.relax.base import StepRule, StepRuleError
-from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
+from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_TOL
 
 __all__ = [
     "register_step_rule",
@@ -91,21 +91,15 @@ def step_rule_from_dict(d: dict[str, Any]) -> StepRule:
     return step_rule_class(d.get("step")).from_dict(d)
 
 
-def make_step_rule(
-    spec: str | StepRule | dict[str, Any],
-    *,
-    eta: float | None = None,
-    maxstep: float | None = DEFAULT_MAXSTEP,
-    momentum: float = 0.0,
-    anneal: float = 1.0,
-    noise: float = 0.0,
-) -> StepRule:
+def make_step_rule(spec: str | StepRule | dict[str, Any], **options: Any) -> StepRule:
     """Build a step rule from a registered name (``"fixed"``, ``"learned"``, ``"decoder"``, ``"fire"``, ...).
 
     A ``StepRule`` is returned unchanged; a dict goes to :func:`step_rule_from_dict`.
-    ``eta`` (A^2/eV) is the fixed step, or the initial value of a learned or
-    decoder step; None means :data:`~ase_bptt.relax.defaults.DEFAULT_ETA`. FIRE
-    has its own time step and takes no ``eta``, momentum or annealing.
+    A name builds the registered class with :meth:`StepRule.from_options`
+    (keyword options ``eta``, ``maxstep``, ``momentum``, ``anneal``, ``noise``;
+    see there). ``eta`` (A^2/eV) is the fixed step, or the initial value of a
+    learned or decoder step; None means :data:`~ase_bptt.relax.defaults.DEFAULT_ETA`.
+    FIRE has its own time step and takes no ``eta``, momentum or annealing.
 
     Raises:
         StepRuleError: an unknown name, or options the rule does not take.
@@ -115,7 +109,7 @@ def make_step_rule(
     if isinstance(spec, dict):
         return step_rule_from_dict(spec)
     cls = step_rule_class(spec)
-    return cls.from_options(eta=eta, maxstep=maxstep, momentum=momentum, anneal=anneal, noise=noise)
+    return cls.from_options(**options)
 
 
 def relax_settings(rule: StepRule, *, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
