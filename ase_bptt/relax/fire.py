@@ -142,24 +142,24 @@ class FIREStep(StepRule):
         return cls(**{k: d[k] for k in _FIRE_KEYS if k in d})
 
     @classmethod
-    def from_options(
-        cls,
-        *,
-        eta: float | None = None,
-        maxstep: float | None = DEFAULT_MAXSTEP,
-        momentum: float = 0.0,
-        anneal: float = 1.0,
-        noise: float = 0.0,
-    ) -> FIREStep:
-        """ASE's FIRE with ``maxstep`` (None: 0.2 A) and ``noise``; it takes no eta, momentum or annealing."""
-        if eta is not None:
+    def from_options(cls, **options: Any) -> FIREStep:
+        """ASE's FIRE with ``maxstep`` (None: 0.2 A) and ``noise``; it takes no eta, momentum or annealing.
+
+        Takes :meth:`StepRule.from_options`'s keywords (``eta``, ``maxstep``,
+        ``momentum``, ``anneal``, ``noise``) and refuses those FIRE has no use for.
+        """
+        unknown = set(options) - {"eta", "maxstep", "momentum", "anneal", "noise"}
+        if unknown:
+            raise StepRuleError(f"unknown step-rule options {sorted(unknown)}; FIRE takes maxstep and noise.")
+        if options.get("eta") is not None:
             raise StepRuleError("FIRE takes no eta (it adapts its own time step); build FIREStep(dt=...) to change it.")
-        if momentum != 0.0 or anneal != 1.0:
+        if options.get("momentum", 0.0) != 0.0 or options.get("anneal", 1.0) != 1.0:
             raise StepRuleError(
                 "FIRE has its own velocity mixing; momentum and anneal apply only to "
                 "'fixed', 'learned' and 'decoder' steps."
             )
-        return cls(maxstep=DEFAULT_MAXSTEP if maxstep is None else maxstep, noise=noise)
+        maxstep = options.get("maxstep", DEFAULT_MAXSTEP)
+        return cls(maxstep=DEFAULT_MAXSTEP if maxstep is None else maxstep, noise=options.get("noise", 0.0))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._fire_options().items())
