@@ -207,15 +207,10 @@ def test_bench_throughput_quick(tmp_path):
             assert r["model_evaluations"] == r["updates"] + r["batch"]
 
 
-def test_gpu_check_script_runs_on_cpu(tmp_path):
-    """benchmarks/run_gpu_checks.sh --device cpu --quick: JSON, log and status per check, machine notes.
-
-    Two checks (``--only``): each benchmark's quick run is tested above, and all six in a row take
-    ten minutes on a loaded 2-core machine.
-    """
-    out = tmp_path / "gpu"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "run_gpu_checks.sh"), "--device", "cpu", "--quick", "--out", str(out)]
+def run_gpu_checks(device: str, out: Path) -> subprocess.CompletedProcess:
+    """benchmarks/run_gpu_checks.sh --quick on two checks (each benchmark's quick run is tested above)."""
+    return subprocess.run(
+        ["bash", str(BENCH / "run_gpu_checks.sh"), "--device", device, "--quick", "--out", str(out)]
         + ["--only", "bench_calculator,bench_scaling"],
         capture_output=True,
         text=True,
@@ -223,6 +218,16 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
         cwd=ROOT,
         env={**os.environ, "PYTHON": sys.executable},
     )
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/run_gpu_checks.sh --device cpu --quick: JSON, log and status per check, machine notes.
+
+    Two checks (``--only``): each benchmark's quick run is tested above, and all six in a row take
+    ten minutes on a loaded 2-core machine.
+    """
+    out = tmp_path / "gpu"
+    proc = run_gpu_checks("cpu", out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert {p.name for p in out.glob("*.json")} == {"bench_calculator.json", "bench_scaling.json"}
     for path in out.glob("*.json"):
@@ -236,15 +241,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 def test_gpu_check_script_reports_a_failing_check(tmp_path):
     """A check that fails is marked FAILED, the others still run, and the exit status says so."""
     out = tmp_path / "gpu"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "run_gpu_checks.sh"), "--device", "cuda:99", "--quick", "--out", str(out)]
-        + ["--only", "bench_calculator,bench_scaling"],
-        capture_output=True,
-        text=True,
-        timeout=3 * QUICK_TIMEOUT_S,
-        cwd=ROOT,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    proc = run_gpu_checks("cuda:99", out)
     assert proc.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert summary.count("FAILED") == 2, summary
