@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ase_bptt.batch import Batch
 from ase_bptt.relax.base import State, StepRule, StepRuleError, safe_norm
@@ -93,14 +94,8 @@ class FIREStep(StepRule):
         }
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        forces: torch.Tensor,
-        batch: Batch,
-        state: State,
-        frame: int,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, State]:
+        self, positions: Tensor, forces: Tensor, batch: Batch, state: State, frame: int, noise: Tensor | None = None
+    ) -> tuple[Tensor, State]:
         movable = batch.movable[..., None]
         g = torch.where(movable, forces, torch.zeros_like(forces))
         v, dt, a, n, started = state["velocity"], state["dt"], state["a"], state["nsteps"], state["started"]
