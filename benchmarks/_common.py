@@ -367,10 +367,11 @@ def _cpu_name() -> str:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON, creating the folder."""
+    """Write ``payload`` as indented JSON, creating the folder, and say where (every benchmark's last line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    print(f"wrote {path}")
     return path
 
 

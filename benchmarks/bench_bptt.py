@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": goals,
         "table": table,
     }
-    path = C.write_json(args.out, payload)
-    print(f"wrote {path}")
+    C.write_json(args.out, payload)
     return payload
 
 

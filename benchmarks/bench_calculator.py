@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal_met": all(r["ratio"] <= GOAL_RATIO for r in rows),
         "table": table,
     }
-    path = C.write_json(args.out, payload)
-    print(f"wrote {path}")
+    C.write_json(args.out, payload)
     return payload
 
 

@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal_met": met,
         "table": table + "\n" + line,
     }
-    path = C.write_json(args.out, payload)
-    print(f"wrote {path}")
+    C.write_json(args.out, payload)
     return payload
 
 

@@ -237,8 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         "components": components,
         "table": table + "\n" + line,
     }
-    path = C.write_json(args.out, payload)
-    print(f"wrote {path}")
+    C.write_json(args.out, payload)
     return payload
 
 

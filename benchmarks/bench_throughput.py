@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": rows,
         "table": table + "\n" + line,
     }
-    path = C.write_json(args.out, payload)
-    print(f"wrote {path}")
+    C.write_json(args.out, payload)
     return payload
 
 
