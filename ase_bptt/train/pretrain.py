@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +22,7 @@ import torch
 from ase_bptt.data.datasets import FrameDataset, load_frames
 from ase_bptt.models.domain import DOMAIN_KEY, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
+from ase_bptt.train.augment import augment, random_rotations
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
 from ase_bptt.train.distributed import DistContext, shard
@@ -116,27 +117,6 @@ class PretrainConfig(TrainConfig):
 
 
 # ----------------------------------------------------------------- helpers
-def random_rotations(n: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
-    """``n`` uniformly random proper rotation matrices ``(n, 3, 3)`` (QR of Gaussians)."""
-    a = torch.randn(n, 3, 3, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    det = torch.linalg.det(q)
-    q[:, :, 0] = q[:, :, 0] * det.unsqueeze(-1)  # reflections -> rotations
-    return q.to(dtype)
-
-
-def augment(batch, forces: torch.Tensor, *, rotations: torch.Tensor | None, shifts: torch.Tensor | None):
-    """Rotate (cell, positions and forces together) and/or translate frames."""
-    positions, cell = batch.positions, batch.cell
-    if rotations is not None:
-        rt = rotations.to(positions).transpose(1, 2)
-        positions, cell, forces = positions @ rt, cell @ rt, forces @ rt
-    if shifts is not None:
-        positions = positions + shifts.to(positions).unsqueeze(1) * batch.mask.unsqueeze(-1)
-    return replace(batch, positions=positions, cell=cell), forces
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
