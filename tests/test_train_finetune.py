@@ -249,3 +249,127 @@ def test_finetune_without_init_pretrains_first(emt_db, tmp_path):
         assert domain["species"] == [29]
         assert domain["n_atoms"] == [min(n_atoms), max(n_atoms)]
         assert domain["pbc"] == [[True, True, True]]
+
+
+# ------------------------------------------------ evaluation cadence, patience, schedule, augmentation
+def test_eval_every_evaluates_between_epochs_and_keeps_the_best(emt_db, init_model, tmp_path):
+    from ase_bptt.models.checkpoint import load_checkpoint, load_model
+    from ase_bptt.train.finetune import finetune
+
+    # 4 train trajectories, one per batch: 4 steps per epoch, 8 in all. eval_every=3 counts over the
+    # whole run: steps 3 and 6 (a quarter before the end of epoch 1, half-way through epoch 2), then the end.
+    options = dict(eta=0.05, batch_size=1, eval_every=3)
+    out = finetune(emt_db, tmp_path / "e3.pt", init=init_model, config=config(**options), progress=False)
+    meta = load_checkpoint(out)["metadata"]
+    history = meta["history"]
+    assert [h["step"] for h in history] == [0, 3, 6, 8]
+    assert [h["epoch"] for h in history] == [0, 0.75, 1.5, 2]
+    best = min(history, key=lambda h: h["val_dq"])
+    assert meta["best_epoch"] == best["epoch"]
+    assert meta["best_metric"] == best["val_dq"]
+    # The export is the best evaluation's model: re-scored independently.
+    from ase_bptt.data.db import TrajectoryDB
+
+    trajectories = TrajectoryDB(emt_db, create=False).trajectories("val")
+    assert best["val_dq"] == pytest.approx(reference_mean_dq(load_model(out), trajectories, 0.05), rel=1e-4)
+
+    # eval_every=2 with 4 steps per epoch: every other step; the epoch's end is one of them (not evaluated twice).
+    options = dict(eta=0.05, batch_size=1, eval_every=2, epochs=1)
+    out = finetune(emt_db, tmp_path / "e2.pt", init=init_model, config=config(**options), progress=False)
+    assert [h["epoch"] for h in load_checkpoint(out)["metadata"]["history"]] == [0, 0.5, 1]
+
+
+def test_patience_stops_after_evaluations_without_improvement(emt_db, init_model, tmp_path):
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+
+    # lr 1e4 wrecks the model at the first step, so no evaluation beats epoch 0.
+    wreck = dict(lr=1e4, grad_clip=None, eta=0.05, batch_size=1, eval_every=1)
+    out = finetune(emt_db, tmp_path / "p.pt", init=init_model, config=config(patience=2, **wreck), progress=False)
+    meta = load_checkpoint(out)["metadata"]
+    assert [h["step"] for h in meta["history"]] == [0, 1, 2]
+    assert meta["stop_reason"] == "early stopping: no improvement for 2 evaluations"
+    assert meta["steps"] == 2 and meta["best_epoch"] == 0  # of 8 steps (2 epochs x 4 batches)
+
+
+@pytest.fixture
+def recorded_lrs():
+    """The learning rate of every param group at every optimiser step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    lrs: list[list[float]] = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups]))
+    yield lrs
+    handle.remove()
+
+
+def test_cosine_schedule_over_the_run_applies_to_model_and_step_rule(emt_db, init_model, tmp_path, recorded_lrs):
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.loop import lr_factor
+
+    # 2 epochs x 2 batches = 4 steps, no warmup: cosine from lr to min_lr_factor * lr, written out here.
+    options = dict(step="learned", eta=0.05, lr=1e-3, step_lr=1e-2, lr_schedule="cosine", min_lr_factor=0.1)
+    finetune(emt_db, tmp_path / "cos.pt", init=init_model, config=config(**options), progress=False)
+    expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(4)]
+    assert [lr for lr, _ in recorded_lrs] == pytest.approx([1e-3 * f for f in expected], rel=1e-12)
+    assert [slr for _, slr in recorded_lrs] == pytest.approx([1e-2 * f for f in expected], rel=1e-12)
+
+    # max_batches shortens the schedule; warmup and onecycle through lr_factor.
+    recorded_lrs.clear()
+    options = dict(eta=0.05, lr=1e-3, lr_schedule="onecycle", warmup=2, max_batches=5, epochs=5)
+    finetune(emt_db, tmp_path / "one.pt", init=init_model, config=config(**options), progress=False)
+    factors = [lr_factor(k, 5, schedule="onecycle", warmup=2, min_factor=0.01) for k in range(5)]
+    assert [g[0] for g in recorded_lrs] == pytest.approx([1e-3 * f for f in factors], rel=1e-12)
+    assert len(set(factors)) >= 4 and factors[-1] == pytest.approx(0.01)
+
+    # The default (constant) keeps today's learning rate exactly.
+    recorded_lrs.clear()
+    finetune(emt_db, tmp_path / "const.pt", init=init_model, config=config(eta=0.05), progress=False)
+    assert [g[0] for g in recorded_lrs] == [1e-3] * 4
+
+
+@pytest.fixture(scope="module")
+def cubic_db(tmp_path_factory):
+    """Cubic EMT Cu cells (1x1x1, one vacancy): augment_cubic moves them."""
+    from conftest import emt_cu_relaxation
+
+    from ase_bptt.data.db import TrajectoryDB
+
+    path = tmp_path_factory.mktemp("cubic") / "cubic.db"
+    db = TrajectoryDB(path)
+    for k, split in enumerate(["train"] * 4 + ["val"] * 2):
+        db.add_trajectory(emt_cu_relaxation(50 + k, repeat=(1, 1, 1)), label="vacancy", source="test", split=split)
+    return path
+
+
+def test_augmented_rollouts_are_seeded_and_change_training(cubic_db, init_model, tmp_path):
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    def weights(name, **options):
+        out = tmp_path / f"{name}.pt"
+        finetune(cubic_db, out, init=init_model, config=config(eta=0.05, epochs=1, **options), progress=False)
+        return load_state(state_path(out))["model"]
+
+    plain = weights("plain")
+    for kind in ("augment_translation", "augment_cubic"):
+        first, again = weights(f"{kind}-1", **{kind: True}), weights(f"{kind}-2", **{kind: True})
+        assert all(torch.equal(first[k], again[k]) for k in first), kind  # seeded: reproducible
+        assert any(not torch.allclose(first[k], plain[k]) for k in first), kind  # and it did something
+
+
+@pytest.mark.parametrize(
+    "changes, name",
+    [
+        ({"eval_every": 0}, "eval_every"),
+        ({"patience": 0}, "patience"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"warmup": -1}, "warmup"),
+        ({"min_lr_factor": 1.5}, "min_lr_factor"),
+    ],
+)
+def test_bad_control_values_name_the_option(changes, name):
+    from ase_bptt.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"FinetuneConfig.{name} must be"):
+        config(**changes)

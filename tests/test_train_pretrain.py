@@ -132,8 +132,8 @@ def test_rerun_returns_and_other_runs_are_refused(emt_db, pretrained, tmp_path):
 
 def test_rotation_and_translation_augmentation_match_emt(tmp_path):
     from ase_bptt.batch import Batch
-    from ase_bptt.train.config import seed_generator
     from ase_bptt.train.augment import augment, random_rotations
+    from ase_bptt.train.config import seed_generator
 
     frames = [emt_cu_relaxation(s, steps=1)[0] for s in (1, 2)]
     rotations = random_rotations(2, seed_generator(0))

@@ -159,6 +159,58 @@ def test_finetune_killed_and_resumed_ends_at_the_same_weights(emt_db, tmp_path, 
     assert [h["val_dq"] for h in state["loop"]["history"]] == [h["val_dq"] for h in ref_state["loop"]["history"]]
 
 
+@pytest.fixture(scope="module")
+def cubic_db(tmp_path_factory):
+    """Cubic EMT Cu cells (1x1x1, one vacancy), so augment_cubic moves them."""
+    from conftest import emt_cu_relaxation
+
+    from ase_bptt.data.db import TrajectoryDB
+
+    path = tmp_path_factory.mktemp("resume-cubic") / "cubic.db"
+    db = TrajectoryDB(path)
+    for k, split in enumerate(["train"] * 4 + ["val"]):
+        db.add_trajectory(emt_cu_relaxation(70 + k, repeat=(1, 1, 1)), label="vacancy", source="test", split=split)
+    return path
+
+
+def test_finetune_with_controls_killed_after_a_mid_epoch_evaluation_resumes_exactly(cubic_db, tmp_path, one_thread):
+    from ase_bptt.train.finetune import FinetuneConfig, finetune
+    from ase_bptt.train.loop import KILL_ENV
+    from ase_bptt.train.pretrain import PretrainConfig, pretrain
+    from ase_bptt.train.state import load_state, state_path
+
+    options = dict(
+        FINETUNE,
+        eval_every=3,
+        patience=5,
+        lr_schedule="cosine",
+        warmup=1,
+        augment_translation=True,
+        augment_cubic=True,
+    )
+    init = pretrain(cubic_db, tmp_path / "init.pt", config=PretrainConfig(**dict(PRETRAIN, epochs=1)), progress=False)
+    reference = finetune(cubic_db, tmp_path / "ref.pt", init=init, config=FinetuneConfig(**options), progress=False)
+    ref_state = load_state(state_path(reference))
+    # 2 steps per epoch: evaluations at step 3 (half-way through epoch 2) and at the end.
+    assert [h["epoch"] for h in ref_state["loop"]["history"]] == [0, 1.5, 2]
+
+    out = tmp_path / "killed.pt"
+    # The last state is the one written right after the evaluation at step 3.
+    proc = run_driver("finetune", cubic_db, out, init, options, env={KILL_ENV: "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    saved = load_state(state_path(out))["loop"]
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 1, 3)
+    assert [h["epoch"] for h in saved["history"]] == [0, 1.5]
+
+    finetune(cubic_db, out, init=init, config=FinetuneConfig(**options), progress=False)
+    state = load_state(state_path(out))
+    assert_same_weights(state["model"], ref_state["model"])
+    assert_same_weights(state["optimizer"]["state"][0], ref_state["optimizer"]["state"][0])
+    assert state["optimizer"]["param_groups"][0]["lr"] == ref_state["optimizer"]["param_groups"][0]["lr"]
+    assert [h["val_dq"] for h in state["loop"]["history"]] == [h["val_dq"] for h in ref_state["loop"]["history"]]
+    assert state["loop"]["best_epoch"] == ref_state["loop"]["best_epoch"]
+
+
 def test_sigint_saves_the_state_and_says_how_to_resume(emt_db, tmp_path):
     from ase_bptt.train.common import ConfigMismatchError
     from ase_bptt.train.pretrain import PretrainConfig, pretrain

@@ -8,8 +8,10 @@ updates the model (and a learned step rule). The controls are the paper's:
 fixed / learned / decoder / FIRE step rule, momentum, annealing, exploration
 noise, fixed or variable stopping, gradient clipping or a proximal term to the
 pretrained weights. The mean val Dq is measured before training (epoch 0) and
-after every epoch; the best model is exported, with the step rule it was
-tuned with, as an ordinary checkpoint for :class:`~ase_bptt.calculator.BPTTCalculator`.
+after every epoch (or every ``eval_every`` steps); the best model is exported,
+with the step rule it was tuned with, as an ordinary checkpoint for
+:class:`~ase_bptt.calculator.BPTTCalculator`. Patience, the LR schedule and
+augmentation reuse pretraining's (:mod:`~ase_bptt.train.loop`, :mod:`~ase_bptt.train.augment`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from ase_bptt.models.checkpoint import load_checkpoint
 from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.relax.registry import step_rule_names
+from ase_bptt.train.augment import augment_rollouts, is_cubic, rollout_draws
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
-from ase_bptt.train.loop import local_share
+from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.pretrain import PretrainConfig, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
@@ -70,6 +73,18 @@ class FinetuneConfig(TrainConfig):
         loss: "dq" (mass-weighted, amu^1/2 A) or "mse" (A^2 per atom, pure crystals).
         epochs: passes over the train trajectories.
         max_batches: stop after this many optimiser steps (None: no limit).
+        eval_every: optimiser steps between val evaluations, counted over the
+            whole run (None: after every epoch); the run's end is evaluated too.
+        patience: stop after this many evaluations without a better val loss
+            (None: never; off without a val split).
+        lr_schedule: "constant", "cosine" or "onecycle" (``loop.lr_factor`` over
+            epochs x batches per epoch, or ``max_batches``); scales lr and step_lr.
+        warmup: optimiser steps of warmup.
+        min_lr_factor: final learning rate of cosine/onecycle as a fraction of ``lr``.
+        augment_translation: random rigid shift per training structure (initial
+            and relaxed together; fully periodic cells).
+        augment_cubic: random one of the cube's 48 symmetries per training
+            structure (fractional coordinates, initial and relaxed; cubic cells).
         time_budget: stop after this many seconds (None: no limit).
         batch_size: trajectories per optimiser step (global under torchrun).
         lr: learning rate of the model (Adam).
@@ -106,6 +121,13 @@ class FinetuneConfig(TrainConfig):
     loss: str = "dq"
     epochs: int = 5
     max_batches: int | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    min_lr_factor: float = 0.01
+    augment_translation: bool = False
+    augment_cubic: bool = False
     time_budget: float | None = None
     batch_size: int = 4
     lr: float = 1e-3
@@ -146,6 +168,14 @@ class FinetuneConfig(TrainConfig):
         if not (1 <= self.max_steps_range[0] <= self.max_steps_range[1]):
             raise self._fail("max_steps_range", "(low, high) with 1 <= low <= high")
         self._positive(("lr", "step_lr"))
+        self._one_of("lr_schedule", ("constant", "cosine", "onecycle"))
+        self._at_least_one(
+            name for name in ("max_batches", "eval_every", "patience") if getattr(self, name) is not None
+        )
+        if self.warmup < 0:
+            raise self._fail("warmup", ">= 0 optimiser steps")
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            raise self._fail("min_lr_factor", "in [0, 1]")
         if self.proximal < 0:
             raise self._fail("proximal", ">= 0")
 
@@ -293,6 +323,12 @@ class FinetuneRun(TrainingRun):
         self.anchor = [p.detach().clone() for p in self.model_params] if config.proximal > 0 else None
         self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
         self.loss_fn = _loss_fn(config.loss)
+        self.total = config.epochs * math.ceil(len(self.train) / config.batch_size)
+        self.total = min(self.total, config.max_batches or self.total)
+        if config.augment_cubic and self.ctx.is_main and (odd := int((~is_cubic(self.train.initial.cell)).sum())):
+            log.info(
+                "augment_cubic: %d of %d train structures have no cubic cell; they are not moved", odd, len(self.train)
+            )
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
@@ -324,7 +360,14 @@ class FinetuneRun(TrainingRun):
         return eta
 
     def limits(self) -> tuple[int | None, int | None]:
-        return self.config.max_batches, None
+        return self.config.max_batches, self.config.patience if self.val is not None else None
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier of optimiser step ``step`` (0-based)."""
+        config = self.config
+        return lr_factor(
+            step, self.total, schedule=config.lr_schedule, warmup=config.warmup, min_factor=config.min_lr_factor
+        )
 
     def log_start(self) -> None:
         log.info(
@@ -340,8 +383,14 @@ class FinetuneRun(TrainingRun):
         config, ctx, device, model = self.config, self.ctx, self.device, self.model
         tol, max_steps = draw_stopping(config, epoch, b)
         noise_gen = seed_generator(config.seed, epoch, b, 29, ctx.rank, device=device)
-        local, weight = local_share(index, ctx)
-        batch, relaxed = self.train.take(local)
+        factor = self.lr_factor(self.loop.step)
+        for group, base in zip(self.optimizer.param_groups, (config.lr, config.step_lr)):
+            group["lr"] = base * factor
+        shares, weight = local_share(torch.arange(len(index)), ctx)  # positions in the global batch
+        batch, relaxed = self.train.take(index[shares])
+        if config.augment_translation or config.augment_cubic:
+            draws = rollout_draws(config.seed, epoch, b, len(index), config.augment_translation, config.augment_cubic)
+            batch, relaxed = augment_rollouts(batch, relaxed, *(None if d is None else d[shares] for d in draws))
         model.train(config.rollout_dropout)
         self.rule.train()
         res = rollout(

@@ -89,7 +89,8 @@ class LoopState:
         elapsed: seconds of training so far, summed over resumed runs.
         skipped: batches skipped because the loss or a gradient was non-finite.
         history: one dict per evaluation (epoch 0 = before training, when done).
-        best_epoch: epoch of the best evaluation so far (None before any).
+        best_epoch: epoch of the best evaluation so far (None before any; fractional
+            for an evaluation inside an epoch, see ``LoopSpec.eval_every``).
         best_metric: its metric (lower is better).
         since_best: evaluations since the best one (early stopping).
         finished: the run ended (epochs done, early stop, budget or step limit).
@@ -102,7 +103,7 @@ class LoopState:
     elapsed: float = 0.0
     skipped: int = 0
     history: list = field(default_factory=list)
-    best_epoch: int | None = None
+    best_epoch: float | None = None
     best_metric: float | None = None
     since_best: int = 0
     finished: bool = False
@@ -119,7 +120,12 @@ class LoopState:
 
 @dataclass
 class LoopSpec:
-    """What :func:`run_epochs` needs to know about a run."""
+    """What :func:`run_epochs` needs to know about a run.
+
+    ``eval_every``: evaluate after every this many batches (counted over the
+    whole run, so resuming keeps the cadence) instead of after every epoch; the
+    run's last batch is always followed by an evaluation. None: once per epoch.
+    """
 
     kind: str
     state_file: Path
@@ -131,6 +137,7 @@ class LoopSpec:
     time_budget: float | None = None
     checkpoint_every: int | None = None
     patience: int | None = None
+    eval_every: int | None = None
     header: dict = field(default_factory=dict)  # config, hashes: stored with every state
 
 
@@ -241,7 +248,7 @@ def run_epochs(
     """
     from tqdm.auto import tqdm
 
-    def record(epoch: int, metric: float, entry: dict) -> None:
+    def record(epoch: float, metric: float, entry: dict) -> None:
         entry = {"epoch": epoch, **entry, "step": loop.step, "skipped": loop.skipped}
         loop.history.append(entry)
         if loop.best_metric is None or (math.isfinite(metric) and metric < loop.best_metric):
@@ -274,6 +281,14 @@ def run_epochs(
         record(0, metric, entry)
         loop.elapsed = clock()
         write_state(spec, loop, hooks.state_payload(), ctx)
+
+    def evaluated_now() -> bool:
+        return bool(loop.history) and loop.history[-1].get("step") == loop.step
+
+    def patience_spent() -> str:
+        if spec.patience is not None and loop.since_best >= spec.patience:
+            return f"early stopping: no improvement for {spec.patience} evaluations"
+        return ""
 
     with sigint_flag() as interrupted:
         while loop.epoch < spec.epochs and not loop.finished:
@@ -310,7 +325,17 @@ def run_epochs(
                         )
                     if stop:
                         break
-                    if spec.checkpoint_every and loop.step % spec.checkpoint_every == 0 and b + 1 < len(batches):
+                    if spec.eval_every and loop.step % spec.eval_every == 0 and b + 1 < len(batches):
+                        # An evaluation inside the epoch: its "epoch" is fractional (1.25: a
+                        # quarter into the second epoch); the state is written right after it.
+                        metric, entry = hooks.validate(epoch + 1)
+                        record(round(epoch + loop.batch / len(batches), 4), metric, entry)
+                        stop = patience_spent()
+                        loop.elapsed = clock()
+                        if stop:
+                            break
+                        write_state(spec, loop, hooks.state_payload(), ctx)
+                    elif spec.checkpoint_every and loop.step % spec.checkpoint_every == 0 and b + 1 < len(batches):
                         write_state(spec, loop, hooks.state_payload(), ctx)
                     _maybe_kill_self(loop.step)
             finally:
@@ -323,12 +348,14 @@ def run_epochs(
             partial = loop.batch < len(batches)
             if not partial:
                 loop.epoch, loop.batch = epoch + 1, 0
-            metric, entry = hooks.validate(epoch + 1)
-            if partial:
-                entry["partial_epoch"] = round(loop.batch / len(batches), 4)
-            record(epoch + 1, metric, entry)
-            if spec.patience is not None and loop.since_best >= spec.patience:
-                stop = f"early stopping: no improvement for {spec.patience} evaluations"
+            last = bool(stop) or loop.epoch >= spec.epochs
+            due = spec.eval_every is None or loop.step % spec.eval_every == 0 or last
+            if due and not evaluated_now():
+                metric, entry = hooks.validate(epoch + 1)
+                if partial:
+                    entry["partial_epoch"] = round(loop.batch / len(batches), 4)
+                record(epoch + 1, metric, entry)
+                stop = patience_spent() or stop
             if not stop and loop.epoch >= spec.epochs:
                 stop = f"completed {spec.epochs} epochs"
             if stop:

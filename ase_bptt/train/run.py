@@ -143,6 +143,7 @@ class TrainingRun:
             time_budget=config.time_budget,
             checkpoint_every=config.checkpoint_every,
             patience=patience,
+            eval_every=getattr(config, "eval_every", None),  # pretraining: once per epoch
             header=self.header,
         )
         if state is not None:
