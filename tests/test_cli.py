@@ -106,6 +106,10 @@ def test_missing_file(files, tmp_path):
         (["relax", "in.xyz", "--model", "{model}", "-o", "o.xyz", "--optimizer", "bfgs"], "--optimizer"),
         (["finetune", "{db}", "-o", "x.pt", "--momentum", "1.5"], "--momentum"),
         (["finetune", "{db}", "-o", "x.pt", "--step", "fire", "--eta", "0.1"], "--step"),
+        (["finetune", "{db}", "-o", "x.pt", "--eval-every", "0"], "--eval-every"),
+        (["finetune", "{db}", "-o", "x.pt", "--patience", "0"], "--patience"),
+        (["finetune", "{db}", "-o", "x.pt", "--lr-schedule", "linear"], "--lr-schedule"),
+        (["finetune", "{db}", "-o", "x.pt", "--warmup", "-1"], "--warmup"),
         (["pretrain", "{db}", "-o", "x.pt", "--dtype", "float16"], "--dtype"),
         (["evaluate", "{model}", "--db", "{db}", "-o", "r", "--device", "tpu"], "--device"),
         (["generate", "si-defects", "x.db", "--option", "no-equals-sign"], "--option"),
@@ -115,6 +119,34 @@ def test_bad_option_value(files, args, hint):
     result = run(*(a.format(**files) for a in args))
     assert result.exit_code == 2
     assert hint in error_line(result)
+
+
+def test_finetune_training_controls_reach_the_config(files, tmp_path, monkeypatch):
+    import ase_bptt.train.finetune as ft
+
+    seen = {}
+
+    def fake_finetune(db, out, *, init, config, progress, overwrite):
+        seen["config"] = config
+        return out
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+    args = ["finetune", files["db"], "-o", tmp_path / "x.pt", "--eval-every", "5", "--patience", "3"]
+    result = run(*args, "--lr-schedule", "onecycle", "--warmup", "10", "--augment")
+    assert result.exit_code == 0, result.output
+    c = seen["config"]
+    assert (c.eval_every, c.patience, c.lr_schedule, c.warmup) == (5, 3, "onecycle", 10)
+    assert c.augment_translation is True and c.augment_cubic is True
+    # Not given: the config's defaults (today's behaviour).
+    assert run("finetune", files["db"], "-o", tmp_path / "y.pt").exit_code == 0
+    c = seen["config"]
+    assert (c.eval_every, c.patience, c.lr_schedule, c.warmup) == (None, None, "constant", 0)
+    assert c.augment_translation is False and c.augment_cubic is False
+    assert run("finetune", files["db"], "-o", tmp_path / "z.pt", "--no-augment").exit_code == 0
+    assert seen["config"].augment_cubic is False
+    result = CliRunner().invoke(cli, ["finetune", "--help"], terminal_width=200)
+    for option in ("--eval-every", "--patience", "--lr-schedule", "--warmup", "--augment / --no-augment"):
+        assert option in result.output, option
 
 
 def test_unknown_element_in_relax_input(files, tmp_path):

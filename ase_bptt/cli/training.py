@@ -152,6 +152,34 @@ def pretrain_cmd(
     help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
 )
 @click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="STEPS",
+    help="Optimiser steps between val evaluations  [default: once per epoch]",
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Early stopping after this many evaluations without a better val Dq  [default: off]",
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine", "onecycle"]),
+    default=None,
+    help="Learning-rate schedule over the run's optimiser steps  [default: constant]",
+)
+@click.option(
+    "--warmup", type=click.IntRange(min=0), default=None, metavar="STEPS", help="Warmup optimiser steps  [default: 0]"
+)
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="Random rigid shifts (periodic cells) and cube symmetries (cubic cells) of the train structures, "
+    "initial and relaxed together  [default: no-augment]",
+)
 def finetune_cmd(
     ctx,
     db,
@@ -172,6 +200,11 @@ def finetune_cmd(
     lr,
     proximal,
     checkpoint_frames,
+    eval_every,
+    patience,
+    lr_schedule,
+    warmup,
+    augment,
     overwrite,
     device,
     dtype,
@@ -205,6 +238,12 @@ def finetune_cmd(
         lr=lr,
         proximal=proximal,
         checkpoint_frames=checkpoint_frames,
+        eval_every=eval_every,
+        patience=patience,
+        lr_schedule=lr_schedule,
+        warmup=warmup,
+        augment_translation=augment,
+        augment_cubic=augment,
         device=device,
         dtype=dtype,
         seed=seed,
