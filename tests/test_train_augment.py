@@ -144,6 +144,18 @@ def test_cubic_check_tolerance_and_mixed_batch():
     assert not torch.allclose(moved.positions[2], batch.positions[2])
 
 
+def test_cube_operations_leave_a_slab_in_a_cubic_cell_unchanged():
+    """Swapping a slab's open axis with a periodic one is no symmetry: only fully periodic (or open) cells move."""
+    atoms, relaxed = rattled_pair(seed=9)
+    slab, cluster = atoms.copy(), atoms.copy()
+    slab.pbc = (True, True, False)
+    cluster.pbc = False
+    batch = Batch.from_atoms([slab, cluster], dtype=torch.float64)
+    moved, moved_relaxed = augment_rollouts(batch, torch.cat([relaxed, relaxed]), None, CUBIC_OPS[[9, 9]])
+    assert torch.equal(moved.positions[0], batch.positions[0]) and torch.equal(moved_relaxed[0], relaxed[0])
+    assert not torch.allclose(moved.positions[1], batch.positions[1])  # an isometry of a cluster
+
+
 def test_shift_only_for_fully_periodic_cells():
     atoms, relaxed = rattled_pair(seed=8)
     slab = atoms.copy()

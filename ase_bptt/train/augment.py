@@ -27,6 +27,7 @@ __all__ = [
     "CUBIC_RTOL",
     "augment",
     "augment_rollouts",
+    "cube_applies",
     "is_cubic",
     "random_rotations",
     "rollout_draws",
@@ -83,6 +84,12 @@ def is_cubic(cell: torch.Tensor, rtol: float = CUBIC_RTOL) -> torch.Tensor:
     return ((gram - a2[:, None, None] * eye).abs() <= 2 * rtol * a2[:, None, None]).all(-1).all(-1)
 
 
+def cube_applies(batch) -> torch.Tensor:
+    """``(B,)`` bool: the cube's symmetries apply: a cubic cell, periodic along all three axes or none
+    (a slab's periodic and open axes must not be swapped)."""
+    return is_cubic(batch.cell) & (batch.pbc.all(-1) | ~batch.pbc.any(-1)).to(batch.cell.device)
+
+
 def rollout_draws(
     seed: int, epoch: int, batch: int, n: int, translation: bool, cubic: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -109,7 +116,7 @@ def augment_rollouts(batch, relaxed: torch.Tensor, shifts: torch.Tensor | None, 
         shifts: ``(B, 3)`` fractional shifts (uniform in [0, 1)), applied only to
             fully periodic cells; None: none.
         ops: ``(B, 3, 3)`` signed permutations of the fractional axes (``f' = P f``),
-            applied only to cubic cells (:func:`is_cubic`); None: none.
+            applied only where :func:`cube_applies` (cubic cells); None: none.
 
     Returns:
         ``(batch, relaxed)`` moved; the cell, numbers and the rest are unchanged.
@@ -121,7 +128,7 @@ def augment_rollouts(batch, relaxed: torch.Tensor, shifts: torch.Tensor | None, 
     mask = batch.mask.unsqueeze(-1).to(positions.dtype)
     if ops is not None:
         c64 = cell.double()
-        apply = is_cubic(c64)
+        apply = cube_applies(batch)
         eye = torch.eye(3, dtype=torch.float64, device=cell.device)
         p = torch.where(apply[:, None, None], ops.to(c64), eye)
         m = (torch.linalg.inv(c64) @ p.transpose(-1, -2) @ c64).to(positions)

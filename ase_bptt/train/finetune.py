@@ -30,7 +30,7 @@ from ase_bptt.models.checkpoint import load_checkpoint
 from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.relax.registry import step_rule_names
-from ase_bptt.train.augment import augment_rollouts, is_cubic, rollout_draws
+from ase_bptt.train.augment import augment_rollouts, cube_applies, rollout_draws
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
 from ase_bptt.train.loop import local_share, lr_factor
@@ -325,10 +325,8 @@ class FinetuneRun(TrainingRun):
         self.loss_fn = _loss_fn(config.loss)
         self.total = config.epochs * math.ceil(len(self.train) / config.batch_size)
         self.total = min(self.total, config.max_batches or self.total)
-        if config.augment_cubic and self.ctx.is_main and (odd := int((~is_cubic(self.train.initial.cell)).sum())):
-            log.info(
-                "augment_cubic: %d of %d train structures have no cubic cell; they are not moved", odd, len(self.train)
-            )
+        if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
+            log.info("augment_cubic: %d of %d train structures have no cubic cell, not moved", odd, len(self.train))
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
