@@ -366,6 +366,7 @@ def test_augmented_rollouts_are_seeded_and_change_training(cubic_db, init_model,
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"warmup": -1}, "warmup"),
         ({"min_lr_factor": 1.5}, "min_lr_factor"),
+        ({"max_batches": 0}, "max_batches"),
     ],
 )
 def test_bad_control_values_name_the_option(changes, name):
