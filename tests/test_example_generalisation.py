@@ -69,5 +69,7 @@ def test_quick_run_holds_the_element_out(tmp_path):
     for key in ("bptt_over_fixed", "bptt_over_fire"):
         assert math.isfinite(g[key]) and g[key] > 0
     assert g["bptt_over_fixed"] == g["dq"]["bptt"] / g["dq"]["fixed"]
+    report = json.loads((out / "Pd" / "eval" / "report.json").read_text())
+    assert report["per_element"]["counts"]["Pd"] == g["n"]  # every test structure holds Pd
     summary = (out / "summary.md").read_text()
     assert "| Pd | element Pd |" in summary and "BPTT / ASE FIRE" in summary
