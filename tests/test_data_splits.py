@@ -77,6 +77,8 @@ def test_element_hold_out_never_leaks_into_train_or_val(db):
         "seed": 1,
         "hold_out": [{"kind": "element", "values": ["Ni"]}],
     }
+    # ... and shown by summary() (ase-bptt info)
+    assert "splits: val=0.5, test=0, seed=1; held out in test: element Ni" in db.summary().splitlines()
 
 
 def test_two_elements_and_a_label_together(db):

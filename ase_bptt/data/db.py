@@ -30,6 +30,7 @@ from ase_bptt.data.splits import (
     SplitFractions,
     TrajectoryInfo,
     check_split_fractions,
+    settings_lines,
     split_changes,
     split_table,
     target_splits,
@@ -493,4 +494,4 @@ class TrajectoryDB:
             groups[key] += 1
             frames[key] += row.n_frames
         title = f"{self.name}: {sum(groups.values())} trajectories, converged_fmax={self.converged_fmax} eV/A"
-        return "\n".join([title, *split_table(groups, frames)])
+        return "\n".join([title, *settings_lines(self.metadata.get("splits")), *split_table(groups, frames)])

@@ -244,6 +244,15 @@ def split_changes(key_value_pairs: list[tuple[int, dict]], target: Mapping[str, 
     ]
 
 
+def settings_lines(settings: Mapping | None) -> list[str]:
+    """The metadata entry ``splits`` as a line of :meth:`TrajectoryDB.summary` (none before any assignment)."""
+    if not settings:
+        return []
+    line = f"splits: val={settings['val']:g}, test={settings['test']:g}, seed={settings['seed']}"
+    held = [f"{h['kind']} {', '.join(h['values'])}" for h in settings.get("hold_out") or []]
+    return [line + (f"; held out in test: {'; '.join(held)}" if held else "")]
+
+
 def split_table(trajectories: Counter, frames: Counter) -> list[str]:
     """Lines of a table of trajectory and frame counts per ``(split, label, converged)`` key."""
     header = ("split", "label", "converged", "trajectories", "frames")
