@@ -26,6 +26,8 @@ held-out test group (ASE FIRE and the best fixed step with eta chosen on val, bo
 with the pretrained model, and the BPTT model with its own rule). Budgets are
 optimiser steps (``--pretrain-steps``, ``--bptt-steps``), so a seed gives the same
 numbers on any machine. Writes ``results.json`` and ``summary.md`` to ``--out``.
+``--out`` is reused: the pool, each group's database, checkpoints and evaluation
+are kept, not redone (delete a group's folder to redo it with other settings).
 
 The model is told every element of the recipe (``species``) before training:
 ADAPT describes an atom by its element's descriptors, so a held-out element is
@@ -177,20 +179,25 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
             device="cpu",
         )
         finetune(db, bptt, init=pre, config=cfg, progress=False)
-    log("    test: evaluating (first and only time)")
-    res = evaluate(
-        [pre, bptt],
-        db,
-        gdir / "eval",
-        split="test",
-        select_eta_on="val",
-        eta_grid=s.eta_grid,
-        fire_steps=s.fire_steps,
-        max_steps=max_steps,
-        names=["pretrained", "BPTT"],
-        device="cpu",
-        progress=False,
-    )
+    cached = gdir / "eval" / "report.json"
+    if cached.exists() and cached.stat().st_mtime > bptt.stat().st_mtime:
+        log("    test: reusing the evaluation (the test group is evaluated once)")
+        res = json.loads(cached.read_text())
+    else:
+        log("    test: evaluating (first and only time)")
+        res = evaluate(
+            [pre, bptt],
+            db,
+            gdir / "eval",
+            split="test",
+            select_eta_on="val",
+            eta_grid=s.eta_grid,
+            fire_steps=s.fire_steps,
+            max_steps=max_steps,
+            names=["pretrained", "BPTT"],
+            device="cpu",
+            progress=False,
+        )
     by_name = {ck["name"]: ck for ck in res["checkpoints"]}
     fire = by_name["pretrained"]["fire"]["dq"]["mean"]
     fixed_entry = by_name["pretrained"]["fixed_step_selected"]

@@ -161,6 +161,7 @@ def test_hold_out_checks_itself():
     fr = SplitFractions(val=0.1, test=0.0, hold_out=(HoldOut("element", ("Ni",)),))
     assert fr.split_of("whatever", "vacancy", ["Cu", "Ni"]) == "test"
     assert fr.split_of("whatever", "vacancy", ["Cu"]) == split_of("whatever", 0.1, 0.0, 0)
+    assert SplitFractions(hold_out=HoldOut("element", "Ni")).hold_out == (HoldOut("element", ("Ni",)),)
 
 
 def test_generated_multi_element_set(tmp_path):

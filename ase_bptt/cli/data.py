@@ -165,11 +165,15 @@ def split_cmd(db, val, test, hold_out_label, hold_out_element, reassign, seed):
 
 @contextmanager
 def _removed_if_new_and_failing(db: str) -> Iterator[None]:
-    # A command that fails (e.g. a hold-out that matches nothing) leaves no new, empty database behind.
+    # A hold-out that cannot be kept fails before any trajectory is written (generate checks
+    # first; import rolls back): leave no new, empty database behind. Other errors keep the
+    # file, e.g. an interrupted generate resumes from it.
+    from ase_bptt.data.splits import HoldOutError
+
     new = "://" not in db and not Path(db).exists()
     try:
         yield
-    except BaseException:
+    except HoldOutError:
         if new:
             Path(db).unlink(missing_ok=True)
         raise

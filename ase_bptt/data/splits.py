@@ -189,7 +189,8 @@ class SplitFractions:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.val, self.test)
-        object.__setattr__(self, "hold_out", tuple(self.hold_out))
+        hold = self.hold_out
+        object.__setattr__(self, "hold_out", (hold,) if isinstance(hold, HoldOut) else tuple(hold))
 
     def split_of(self, traj_id: str, label: str | None = None, elements: Iterable[str] = ()) -> str:
         """The split of ``traj_id`` (see :meth:`TrajectoryDB.assign_splits`)."""
