@@ -57,7 +57,7 @@ from reproduce_paper import Log, eta_curve, fmt, stable_eta, table  # noqa: E402
 from ase_bptt.data.db import TrajectoryDB  # noqa: E402
 from ase_bptt.data.generate import generate  # noqa: E402
 from ase_bptt.data.recipes import RECIPES  # noqa: E402
-from ase_bptt.data.splits import HoldOut, HoldOutError  # noqa: E402
+from ase_bptt.data.splits import HoldOut  # noqa: E402
 from ase_bptt.models.checkpoint import load_model  # noqa: E402
 from ase_bptt.train.common import load_relaxations  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
@@ -97,7 +97,8 @@ FULL = Settings()
 QUICK = Settings(
     n_train=8,
     val=0.25,
-    recipe_options={"size": 2},  # 32-site cells
+    random_test=0.3,
+    recipe_options={"size": 2, "fmax": 0.04},  # 32-site cells, looser reference relaxations
     model={"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2},
     pretrain_steps=6,
     bptt_steps=2,
@@ -141,6 +142,10 @@ def group_db(pool: TrajectoryDB, out: Path, name: str, hold: HoldOut | None, s: 
         db = TrajectoryDB(tmp, create=False)
         test = s.random_test if hold is None else 0.0
         db.assign_splits(val=s.val, test=test, seed=s.seed, hold_out=hold, reassign=True)
+        splits = [split for _, split, _ in db.split_info().values()]
+        for needed in ("train", "val", "test"):
+            if needed not in splits:
+                raise ValueError(f"the {needed} split of group {name} is empty ({len(splits)} in the pool)")
         train = sorted(t for t, (_, split, _) in db.split_info().items() if split == "train")
         with db.transaction():
             extra = set(train[s.n_train :])
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {"held_out": str(hold) if hold else "random"}
         try:
             db = group_db(pool, out, name, hold, s)
-        except HoldOutError as exc:
+        except ValueError as exc:  # HoldOutError (e.g. no structure of the group in the pool) or an empty split
             log(f"    skipped: {exc}")
             entry["skipped"] = str(exc)
         else:
