@@ -159,6 +159,8 @@ def generate(
         MissingDependencyError: the reference needs matscipy and it is not
             installed.
         DatabaseAccessError: the database cannot be written (checked first).
+        HoldOutError: ``splits.hold_out`` cannot be kept (checked on the
+            unrelaxed structures, before anything is written).
     """
     from tqdm.auto import tqdm
 
