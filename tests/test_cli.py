@@ -21,7 +21,7 @@ from test_train_evaluate import make_checkpoint, make_db
 
 from ase_bptt.cli import cli
 
-COMMANDS = ("generate", "import", "info", "pretrain", "finetune", "evaluate", "relax", "demo")
+COMMANDS = ("generate", "import", "split", "info", "pretrain", "finetune", "evaluate", "relax", "demo")
 #: Same float64 model, same ASE FIRE: positions agree to round-off.
 POSITION_TOL = 1e-8
 
@@ -77,6 +77,7 @@ def test_each_command_help_has_an_example(name):
 def test_shared_options_where_they_apply():
     expected = {
         "generate": {"--seed", "--workers"},
+        "split": {"--seed"},
         "pretrain": {"--device", "--dtype", "--seed"},
         "finetune": {"--device", "--dtype", "--seed"},
         "evaluate": {"--device", "--dtype"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -52,10 +54,11 @@ from ase_bptt.cli.options import (
 @split_options
 @runtime_options(device=False, dtype=False, seed=True, workers=True)
 @click.pass_context
-def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, workers):
+def generate_cmd(ctx, recipe, db, n, options, reference, val, test, hold_out_label, hold_out_element, seed, workers):
     """Generate relaxation trajectories into DB with RECIPE and assign train/val/test
     splits. si-defects: 64-site diamond silicon with one point defect, relaxed with
-    Stillinger-Weber (needs matscipy); alloys: binary fcc alloys with ASE's EMT."""
+    Stillinger-Weber (needs matscipy); alloys: binary fcc alloys with ASE's EMT;
+    fcc-defects: Cu with vacancies and Ni/Pd/Ag/Pt/Au/Al solutes (EMT), for hold-out splits."""
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.generate import generate
     from ase_bptt.data.recipes import RECIPES
@@ -64,19 +67,20 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, worker
         RECIPES[recipe].options(options)
     except ValueError as exc:
         raise click.BadParameter(one_line(exc), param_hint="--option") from None
-    splits = split_fractions(val, test, seed)
-    database = TrajectoryDB(db, create=True)
-    added = generate(
-        recipe,
-        database,
-        n=n,
-        seed=seed,
-        workers=workers,
-        progress=progress_enabled(ctx),
-        reference=reference,
-        splits=splits,
-        **options,
-    )
+    splits = split_fractions(val, test, seed, hold_out_label, hold_out_element)
+    with _removed_if_new_and_failing(db):
+        database = TrajectoryDB(db, create=True)
+        added = generate(
+            recipe,
+            database,
+            n=n,
+            seed=seed,
+            workers=workers,
+            progress=progress_enabled(ctx),
+            reference=reference,
+            splits=splits,
+            **options,
+        )
     click.echo(f"added {added} trajectories to {db}")
     click.echo(database.summary())
 
@@ -109,17 +113,20 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, seed, worker
 @split_options
 @runtime_options(device=False, dtype=False, seed=True)
 @click.pass_context
-def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, seed):
+def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, hold_out_label, hold_out_element, seed):
     """Import every relaxation found in PATHS (files or directories, one relaxation per
     file) into --db, skipping (and listing) the invalid ones, and assign splits in the
     same transaction. Exits with status 1 when nothing was added and something was skipped."""
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.ingest import import_paths
 
-    splits = split_fractions(val, test, seed)
+    splits = split_fractions(val, test, seed, hold_out_label, hold_out_element)
     new = "://" not in db and not Path(db).exists()
-    database = TrajectoryDB(db, create=True)
-    report = import_paths(list(paths), database, label=label, label_key=label_key, group_key=group_key, splits=splits)
+    with _removed_if_new_and_failing(db):
+        database = TrajectoryDB(db, create=True)
+        report = import_paths(
+            list(paths), database, label=label, label_key=label_key, group_key=group_key, splits=splits
+        )
     click.echo(str(report))
     if not report.added and report.skipped:
         if new:  # leave no empty database behind
@@ -128,6 +135,48 @@ def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, seed):
             f"nothing imported into {db}: every input was skipped ({len(report.skipped)}, reasons above)"
         )
     click.echo(database.summary())
+
+
+@command(
+    cli,
+    "split",
+    example="ase-bptt split fcc.db --hold-out-element Ni --reassign",
+    short_help="(Re)assign train/val/test splits of a database, e.g. holding out an element or a defect kind.",
+)
+@click.argument("db", type=click.Path(dir_okay=False))
+@split_options
+@click.option("--reassign", is_flag=True, help="Recompute every split (default: keep the splits already assigned).")
+@runtime_options(device=False, dtype=False, seed=True)
+def split_cmd(db, val, test, hold_out_label, hold_out_element, reassign, seed):
+    """Assign train/val/test splits to the trajectories of DB that have none (all of
+    them with --reassign). A hold-out puts whole groups in test: every trajectory with
+    a --hold-out-label, every one containing a --hold-out-element (which then occurs
+    in no train or val trajectory). The settings are recorded in the database."""
+    from ase_bptt.data.db import TrajectoryDB
+
+    splits = split_fractions(val, test, seed, hold_out_label, hold_out_element)
+    database = TrajectoryDB(db, create=False)
+    counts = database.assign_splits(
+        val=splits.val, test=splits.test, seed=splits.seed, hold_out=splits.hold_out, reassign=reassign
+    )
+    click.echo("splits: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    click.echo(database.summary())
+
+
+@contextmanager
+def _removed_if_new_and_failing(db: str) -> Iterator[None]:
+    # A hold-out that cannot be kept fails before any trajectory is written (generate checks
+    # first; import rolls back): leave no new, empty database behind. Other errors keep the
+    # file, e.g. an interrupted generate resumes from it.
+    from ase_bptt.data.splits import HoldOutError
+
+    new = "://" not in db and not Path(db).exists()
+    try:
+        yield
+    except HoldOutError:
+        if new:
+            Path(db).unlink(missing_ok=True)
+        raise
 
 
 @command(

@@ -164,21 +164,67 @@ def key_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 
 
 def split_options(f: Callable) -> Callable:
-    """``--val`` and ``--test``: fractions of trajectories for validation and testing."""
-    for name, purpose in (("--test", "testing"), ("--val", "validation")):
-        help_text = f"Fraction of trajectories for {purpose} (--val + --test < 1)."
-        f = click.option(
-            name, type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help=help_text
-        )(f)
+    """``--val``, ``--test``, ``--hold-out-label`` and ``--hold-out-element``: how trajectories are split."""
+    opts = [
+        click.option(
+            "--val",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.1,
+            show_default=True,
+            help="Fraction of trajectories for validation (--val + --test < 1).",
+        ),
+        click.option(
+            "--test",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=None,
+            help="Fraction of trajectories for testing (--val + --test < 1); with a hold-out, the fraction of "
+            "the other trajectories that join the held-out ones in test  [default: 0.1, or 0 with a hold-out]",
+        ),
+        click.option(
+            "--hold-out-label",
+            "hold_out_label",
+            multiple=True,
+            metavar="LABEL",
+            help="Put every trajectory with this label in test (repeatable). Exact label, or a shell pattern: "
+            "'sub:Ni*' (prefix), 'int:*'.",
+        ),
+        click.option(
+            "--hold-out-element",
+            "hold_out_element",
+            multiple=True,
+            metavar="SYMBOL",
+            help="Put every trajectory containing this element in test (repeatable); it never occurs in train or val.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
     return f
 
 
-def split_fractions(val: float, test: float, seed: int) -> Any:
-    # Checked before the database is opened, so a bad pair writes nothing.
-    from ase_bptt.data.splits import SplitFractionError, SplitFractions
+def split_fractions(
+    val: float,
+    test: float | None,
+    seed: int,
+    hold_out_label: Sequence[str] = (),
+    hold_out_element: Sequence[str] = (),
+) -> Any:
+    """The :class:`SplitFractions` of the :func:`split_options`, checked before any database is opened,
+    so a bad value writes nothing."""
+    from ase_bptt.data.splits import HoldOut, HoldOutError, SplitFractionError, SplitFractions
 
+    hold_out = []
+    for kind, values, hint in (
+        ("label", hold_out_label, "--hold-out-label"),
+        ("element", hold_out_element, "--hold-out-element"),
+    ):
+        if values:
+            try:
+                hold_out.append(HoldOut(kind, tuple(values)))
+            except HoldOutError as exc:
+                raise click.BadParameter(one_line(exc), param_hint=f"'{hint}'") from None
+    test = (0.0 if hold_out else 0.1) if test is None else test
     try:
-        return SplitFractions(val=val, test=test, seed=seed)
+        return SplitFractions(val=val, test=test, seed=seed, hold_out=tuple(hold_out))
     except SplitFractionError:
         raise click.BadParameter(
             f"--val {val} and --test {test} add up to {val + test:g}; they must leave some for training "

@@ -24,11 +24,16 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase_bptt.data.db_store import frame_row, open_store
 from ase_bptt.data.splits import (
     SPLITS,
+    HoldOut,
+    HoldOutError,
     SplitFractionError,
     SplitFractions,
+    TrajectoryInfo,
     check_split_fractions,
+    settings_lines,
     split_changes,
     split_table,
+    target_splits,
 )
 from ase_bptt.data.validate import (
     InvalidTrajectoryError,
@@ -53,6 +58,8 @@ __all__ = [
     "DatabasePathError",
     "SplitFractionError",
     "SplitFractions",
+    "HoldOut",
+    "HoldOutError",
     # re-exported from ase_bptt.data.validate
     "validate_frames",
     "content_hash",
@@ -369,9 +376,10 @@ class TrajectoryDB:
     def assign_splits(
         self,
         val: float = 0.1,
-        test: float = 0.1,
+        test: float | None = None,
         seed: int = 0,
         *,
+        hold_out: HoldOut | Sequence[HoldOut] | None = None,
         reassign: bool = False,
     ) -> dict[str, int]:
         """Give every trajectory a split ("train", "val" or "test").
@@ -380,24 +388,42 @@ class TrajectoryDB:
         near-duplicates. The split is a function of ``(seed, traj_id)`` only
         (a hash mapped to [0, 1)), so it is deterministic and does not change
         when more trajectories are imported later. Trajectories that already
-        have a split keep it unless ``reassign``.
+        have a split keep it unless ``reassign``. The settings are recorded in
+        the metadata entry ``splits``.
 
         Args:
             val: expected fraction for validation.
-            test: expected fraction for test.
+            test: expected fraction for test; None: 0.1, or 0 with a ``hold_out``
+                (test is then exactly the held-out group).
             seed: changes the assignment as a whole.
+            hold_out: one :class:`HoldOut` or several (their union): the
+                trajectories they match go to test, the others are split as above.
             reassign: recompute the split of every trajectory.
 
         Returns:
             The number of trajectories per split after the call.
+
+        Raises:
+            HoldOutError: a hold-out value matches no trajectory, takes them
+                all, or names trajectories that already have a train/val split
+                (without ``reassign``); nothing is written then.
         """
+        hold = (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
+        test = (0.0 if hold else 0.1) if test is None else test
         check_split_fractions(val, test, train_left=False)
         with self.transaction():
-            changes = split_changes(self._key_value_pairs(), val, test, seed, reassign=reassign)
-            self._store.set_splits(changes)
-            self.update_metadata(splits={"val": val, "test": test, "seed": seed})
+            target = target_splits(self.split_info(), val, test, seed, reassign=reassign, hold_out=hold)
+            self._store.set_splits(split_changes(self._key_value_pairs(), target))
+            held = [h.to_dict() for h in hold]
+            self.update_metadata(splits={"val": val, "test": test, "seed": seed, "hold_out": held})
         counts = Counter(s for s in (self._final_rows_split()))
         return {s: counts.get(s, 0) for s in SPLITS}
+
+    def split_info(self) -> dict[str, TrajectoryInfo]:
+        """``{traj_id: (label, split, elements)}`` of every trajectory (one query)."""
+        with self._reading():
+            rows = self._db.select(is_final=True, include_data=False)
+            return {r.traj_id: (r.get("label"), r.get("split"), frozenset(r.symbols)) for r in rows}
 
     def _key_value_pairs(self) -> list[tuple[int, dict]]:
         """``(row id, key-value pairs)`` of every frame row."""
@@ -468,4 +494,4 @@ class TrajectoryDB:
             groups[key] += 1
             frames[key] += row.n_frames
         title = f"{self.name}: {sum(groups.values())} trajectories, converged_fmax={self.converged_fmax} eV/A"
-        return "\n".join([title, *split_table(groups, frames)])
+        return "\n".join([title, *settings_lines(self.metadata.get("splits")), *split_table(groups, frames)])

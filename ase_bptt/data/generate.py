@@ -32,7 +32,7 @@ from ase.optimize import FIRE
 
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.recipes import RECIPES, Recipe, resolve_reference
-from ase_bptt.data.splits import SplitFractions
+from ase_bptt.data.splits import SplitFractions, target_splits
 
 __all__ = ["generate", "relax_frames", "make_trajectory", "traj_id_for"]
 
@@ -159,6 +159,8 @@ def generate(
         MissingDependencyError: the reference needs matscipy and it is not
             installed.
         DatabaseAccessError: the database cannot be written (checked first).
+        HoldOutError: ``splits.hold_out`` cannot be kept (checked on the
+            unrelaxed structures, before anything is written).
     """
     from tqdm.auto import tqdm
 
@@ -173,9 +175,11 @@ def generate(
     rec.build(np.random.default_rng([seed, 0]), reference, **opts)
     db.check_writable()
 
-    _check_same_settings(db, recipe, seed, ref_name, opts)
     existing = db.traj_ids()
     missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
+    if splits is not None and splits.hold_out:
+        _check_hold_out(db, rec, seed, reference, opts, missing, splits)
+    _check_same_settings(db, recipe, seed, ref_name, opts)
     source = f"generate:{recipe}:{ref_name}"
     added = 0
     bar = tqdm(total=len(missing), desc=recipe, unit="traj", file=sys.stderr, disable=not progress)
@@ -183,7 +187,7 @@ def generate(
     def store(index: int, frames: list[Atoms], label: str) -> None:
         nonlocal added
         traj_id = traj_id_for(recipe, seed, index)
-        split = None if splits is None else splits.split_of(traj_id)
+        split = None if splits is None else splits.split_of(traj_id, label, frames[0].get_chemical_symbols())
         db.add_trajectory(frames, traj_id=traj_id, label=label, source=source, split=split)
         added += 1
         bar.update(1)
@@ -207,5 +211,17 @@ def generate(
     finally:
         bar.close()
     if splits is not None:
-        db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed)
+        db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed, hold_out=splits.hold_out)
     return added
+
+
+def _check_hold_out(
+    db: TrajectoryDB, rec: Recipe, seed: int, reference: Any, opts: dict, missing: list[int], splits: SplitFractions
+) -> None:
+    # Before anything is written: the unrelaxed structures already have their
+    # labels and elements (building them is cheap; relaxing is not).
+    info = db.split_info()
+    for i in missing:
+        atoms, label = rec.build(np.random.default_rng([seed, i]), reference, **opts)
+        info[traj_id_for(rec.name, seed, i)] = (label, None, frozenset(atoms.get_chemical_symbols()))
+    target_splits(info, splits.val, splits.test, splits.seed, reassign=False, hold_out=splits.hold_out)

@@ -360,7 +360,9 @@ def import_paths(
         recursive: walk directories recursively.
         splits: give every trajectory in the database a split (see
             :meth:`TrajectoryDB.assign_splits`), in the same transaction as
-            the new trajectories; None leaves splits alone.
+            the new trajectories; None leaves splits alone. A hold-out that
+            cannot be kept (:class:`~ase_bptt.data.splits.HoldOutError`)
+            rolls the whole import back.
         group_key: the key whose value tells the relaxations in an ``ase.db``
             file apart (one trajectory per value).
 
@@ -425,7 +427,7 @@ def import_paths(
             src = source if source is not None else c.where
             db.add_trajectory(c.frames, traj_id=traj_id, label=_label_of(c.frames, label, label_key), source=src)
         if splits is not None:
-            db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed)
+            db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed, hold_out=splits.hold_out)
     report.added.extend(traj_id for _, traj_id in to_write)
     return report
 

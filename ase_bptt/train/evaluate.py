@@ -318,7 +318,7 @@ def evaluate(
         "n_structures": len(data),
         "label_counts": {lab: data.labels.count(lab) for lab in sorted(set(data.labels))},
         "structures": [
-            {"traj_id": t, "label": lab, "n_atoms": len(a)}
+            {"traj_id": t, "label": lab, "n_atoms": len(a), "elements": sorted(set(a.get_chemical_symbols()))}
             for t, lab, a in zip(data.traj_ids, data.labels, data.initial)
         ],
         "skipped": skipped,
@@ -427,6 +427,9 @@ def evaluate(
         result["checkpoints"].append(entry)
 
     result["paired"] = paired_data(result)
+    from ase_bptt.train.report import per_element
+
+    result["per_element"] = per_element(result)
     if out_dir is not None:
         from ase_bptt.train.report import write_report
 

@@ -20,6 +20,7 @@ __all__ = [
     "summary_text",
     "write_report",
     "method_rows",
+    "per_element",
     "format_table",
     "demo_rows",
     "history_series",
@@ -92,6 +93,35 @@ def method_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                 label, short = _method_label(key, entry), _method_label(key, entry, short=True)
                 rows.append(_row(key, label, f"{ck['name']}: {short}", ck["name"], entry))
     return rows
+
+
+def per_element(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean Dq of every method over the structures that contain each element (``report.json``'s ``per_element``).
+
+    Returns:
+        ``{"counts": {element: structures}, "methods": [{"method", "model",
+        "dq": {element: mean}}]}`` with the methods of :func:`method_rows`;
+        ``{}`` for a result whose structures do not list their elements.
+    """
+    elements = [s.get("elements") for s in result.get("structures", [])]
+    if not elements or any(e is None for e in elements):
+        return {}
+    counts: dict[str, int] = {}
+    for els in elements:
+        for e in els:
+            counts[e] = counts.get(e, 0) + 1
+    entries = [result["do_nothing"], *result.get("baselines", [])]
+    entries += [ck[key] for ck in result["checkpoints"] for key, _, _ in _METHODS if ck.get(key)]
+    methods = []
+    for row, entry in zip(method_rows(result), entries):
+        values = entry.get("per_structure") or []
+        means = {}
+        for e in sorted(counts):
+            picked = [v for v, els in zip(values, elements) if e in els and v is not None]
+            if picked:
+                means[e] = sum(picked) / len(picked)
+        methods.append({"method": row["method"], "model": row["model"], "dq": means})
+    return {"counts": dict(sorted(counts.items())), "methods": methods}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

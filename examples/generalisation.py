@@ -1,0 +1,303 @@
+"""Does BPTT fine-tuning help on defect kinds and elements the model never saw?
+
+    python examples/generalisation.py --protocol loeo --out gen-loeo             # six groups (lead's run)
+    python examples/generalisation.py --protocol loko --out gen-loko
+    python examples/generalisation.py --protocol random --out gen-random         # the in-distribution control
+    python examples/generalisation.py --protocol loeo --groups Pd --quick --out /tmp/g  # smoke run, ~30 s
+
+Data: the built-in ``fcc-defects`` recipe (a Cu host with vacancies, divacancies,
+and Ni, Pd, Ag, Pt, Au, Al substitutions, interstitials and pairs, EMT reference),
+generated once into ``--out/pool.db``. Each group of the protocol gets a copy of
+it with its own splits (:meth:`TrajectoryDB.assign_splits` with a
+:class:`~ase_bptt.data.splits.HoldOut`):
+
+- ``loeo`` (leave one element out): every structure containing the element is
+  test; the element occurs in no train or val structure.
+- ``loko`` (leave one kind out): every structure of the kind (``vacancy``,
+  ``divacancy``, ``sub``, ``int``, ``sub+vacancy``, ``sub+sub``; a kind is the
+  label with its elements removed) is test.
+- ``random``: one group, a random test fraction (the in-distribution control).
+
+The other structures are split into val (``--val``) and train by the usual hash;
+train is cut to ``--n-train`` (the first by traj_id) so every group trains on the
+same amount. Per group, on that copy: pretraining (force matching; train and val
+only), the BPTT step chosen on val, BPTT fine-tuning, and one evaluation on the
+held-out test group (ASE FIRE and the best fixed step with eta chosen on val, both
+with the pretrained model, and the BPTT model with its own rule). Budgets are
+optimiser steps (``--pretrain-steps``, ``--bptt-steps``), so a seed gives the same
+numbers on any machine. Writes ``results.json`` and ``summary.md`` to ``--out``.
+``--out`` is reused: the pool, each group's database, checkpoints and evaluation
+are kept, not redone (delete a group's folder to redo it with other settings).
+
+The model is told every element of the recipe (``species``) before training:
+ADAPT describes an atom by its element's descriptors, so a held-out element is
+one it can represent but never saw in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from ase.data import atomic_numbers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reproduce_paper import Log, eta_curve, fmt, stable_eta, table  # noqa: E402
+
+from ase_bptt.data.db import TrajectoryDB  # noqa: E402
+from ase_bptt.data.generate import generate  # noqa: E402
+from ase_bptt.data.recipes import RECIPES  # noqa: E402
+from ase_bptt.data.splits import HoldOut  # noqa: E402
+from ase_bptt.models.checkpoint import load_model  # noqa: E402
+from ase_bptt.train.common import load_relaxations  # noqa: E402
+from ase_bptt.train.evaluate import evaluate  # noqa: E402
+from ase_bptt.train.finetune import FinetuneConfig, finetune  # noqa: E402
+from ase_bptt.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+
+ELEMENTS = tuple(RECIPES["fcc-defects"].defaults["elements"])  # Ni, Pd, Ag, Pt, Au, Al
+#: The model may meet every element of the recipe: ADAPT describes an element by its
+#: physical descriptors (ase_bptt.elements), so a held-out element is a new point in a
+#: space it knows, not an unknown token. Without this its species guard refuses it.
+SPECIES = sorted(atomic_numbers[e] for e in (RECIPES["fcc-defects"].defaults["host"], *ELEMENTS))
+KINDS = ("vacancy", "divacancy", "sub", "int", "sub+vacancy", "sub+sub")
+PROTOCOLS = ("loeo", "loko", "random")
+
+
+@dataclass
+class Settings:
+    """Sizes and budgets of one run (``FULL`` or ``QUICK``)."""
+
+    n_train: int = 120
+    val: float = 0.15
+    random_test: float = 1 / 6
+    recipe_options: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 64, "d_ff": 128, "n_layers": 3, "n_heads": 4})
+    pretrain_steps: int = 6000
+    pretrain: dict[str, Any] = field(default_factory=lambda: {"batch_size": 16, "lr": 1e-3, "patience": None})
+    bptt_steps: int = 600
+    finetune: dict[str, Any] = field(default_factory=lambda: {"lr": 5e-4, "batch_size": 4})
+    eta_slack: float = 0.05
+    eta_grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.035, 0.05, 0.065, 0.08, 0.1, 0.15)
+    fire_steps: int = 300
+    workers: int = 2
+    seed: int = 0
+
+
+FULL = Settings()
+QUICK = Settings(
+    n_train=8,
+    val=0.25,
+    random_test=0.3,
+    recipe_options={"size": 2, "fmax": 0.04},  # 32-site cells, looser reference relaxations
+    model={"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2},
+    pretrain_steps=6,
+    bptt_steps=2,
+    finetune={"lr": 1e-4, "batch_size": 4, "max_steps": 10},
+    eta_grid=(0.02, 0.05),
+    fire_steps=20,
+    workers=1,
+)
+
+
+def kind_of(label: str) -> str:
+    """``sub:Ni+vacancy`` -> ``sub+vacancy``: the label without its elements."""
+    return re.sub(r":[A-Z][a-z]?", "", label)
+
+
+def pool_size(s: Settings) -> int:
+    # Enough that a group whose hold-out takes a quarter of the pool still has n_train left after val.
+    return math.ceil(s.n_train / (1 - s.val) / 0.75) + 1
+
+
+def hold_outs(protocol: str, labels: set[str]) -> dict[str, HoldOut | None]:
+    """The groups of a protocol: name -> hold-out (None: the random control)."""
+    if protocol == "loeo":
+        return {e: HoldOut("element", (e,)) for e in ELEMENTS}
+    if protocol == "loko":
+        groups = {}
+        for kind in KINDS:
+            members = tuple(sorted(lab for lab in labels if kind_of(lab) == kind))
+            groups[kind] = HoldOut("label", members) if members else HoldOut("label", (kind,))
+        return groups
+    return {"random": None}
+
+
+def group_db(pool: TrajectoryDB, out: Path, name: str, hold: HoldOut | None, s: Settings) -> TrajectoryDB:
+    """A copy of the pool with this group's splits; train cut to ``n_train`` trajectories."""
+    path = out / name / "fcc.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        shutil.copyfile(pool.name, tmp)
+        db = TrajectoryDB(tmp, create=False)
+        test = s.random_test if hold is None else 0.0
+        db.assign_splits(val=s.val, test=test, seed=s.seed, hold_out=hold, reassign=True)
+        splits = [split for _, split, _ in db.split_info().values()]
+        for needed in ("train", "val", "test"):
+            if needed not in splits:
+                raise ValueError(f"the {needed} split of group {name} is empty ({len(splits)} in the pool)")
+        train = sorted(t for t, (_, split, _) in db.split_info().items() if split == "train")
+        with db.transaction():
+            extra = set(train[s.n_train :])
+            db._db.delete([row.id for row in db._db.select(include_data=False) if row.traj_id in extra])
+        os.replace(tmp, path)
+    db = TrajectoryDB(path, create=False)
+    if hold is not None:  # the package checks this; the example says it too
+        for t, (label, split, elements) in db.split_info().items():
+            assert split == "test" or not hold.matches(label, elements), (name, t)
+    return db
+
+
+def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, Any]:
+    info = db.split_info()
+    counts = {sp: sum(1 for _, x, _ in info.values() if x == sp) for sp in ("train", "val", "test")}
+    log(f"    splits: {counts}")
+    pre = gdir / "pretrained.pt"
+    if not pre.exists():
+        cfg = PretrainConfig(
+            **{"epochs": 100000, **s.pretrain, "max_steps": s.pretrain_steps},
+            model={**s.model, "species": SPECIES},
+            seed=s.seed,
+            device="cpu",
+        )
+        pretrain(db, pre, config=cfg, progress=False)
+    max_steps = s.finetune.get("max_steps", 75)
+    curve = eta_curve(load_model(pre), load_relaxations(db, "val"), s.eta_grid, metric="dq", max_steps=max_steps)
+    eta_bptt = stable_eta(curve, s.eta_slack)
+    bptt = gdir / "bptt.pt"
+    if not bptt.exists():
+        cfg = FinetuneConfig(
+            **{"epochs": 100000, **s.finetune, "max_batches": s.bptt_steps},
+            eta=eta_bptt,
+            step="fixed",
+            seed=s.seed,
+            device="cpu",
+        )
+        finetune(db, bptt, init=pre, config=cfg, progress=False)
+    cached = gdir / "eval" / "report.json"
+    if cached.exists() and cached.stat().st_mtime > bptt.stat().st_mtime:
+        log("    test: reusing the evaluation (the test group is evaluated once)")
+        res = json.loads(cached.read_text())
+    else:
+        log("    test: evaluating (first and only time)")
+        res = evaluate(
+            [pre, bptt],
+            db,
+            gdir / "eval",
+            split="test",
+            select_eta_on="val",
+            eta_grid=s.eta_grid,
+            fire_steps=s.fire_steps,
+            max_steps=max_steps,
+            names=["pretrained", "BPTT"],
+            device="cpu",
+            progress=False,
+        )
+    by_name = {ck["name"]: ck for ck in res["checkpoints"]}
+    fire = by_name["pretrained"]["fire"]["dq"]["mean"]
+    fixed_entry = by_name["pretrained"]["fixed_step_selected"]
+    own = by_name["BPTT"]["own_rule"]["dq"]["mean"]
+    fixed = fixed_entry["dq"]["mean"]
+    return {
+        "splits": counts,
+        "test_labels": res["label_counts"],
+        "n": res["n_structures"],
+        "val_eta_curve": curve,
+        "eta_bptt": eta_bptt,
+        "eta_fixed": fixed_entry["eta"],
+        "dq": {"do_nothing": res["do_nothing"]["dq"]["mean"], "fire": fire, "fixed": fixed, "bptt": own},
+        "bptt_over_fixed": own / fixed,
+        "bptt_over_fire": own / fire,
+        "report": str(gdir / "eval" / "report.md"),
+    }
+
+
+def summary(results: dict[str, Any]) -> str:
+    rows = []
+    for name, g in results["groups"].items():
+        if "skipped" in g:
+            rows.append([name, g["skipped"], None, None, None, None, 0])
+            continue
+        d = g["dq"]
+        rows.append([name, g["held_out"], d["bptt"], d["fixed"], g["bptt_over_fixed"], g["bptt_over_fire"], g["n"]])
+    head = ["group", "held out", "BPTT Dq", "best fixed step Dq", "BPTT / best fixed step", "BPTT / ASE FIRE", "n"]
+    title = f"# Generalisation: protocol {results['protocol']}, seed {results['settings']['seed']}"
+    note = (
+        "Dq (amu^1/2 A) on each group's held-out test structures; the fixed step's eta is chosen on val, "
+        "ASE FIRE and the fixed step use the pretrained model."
+    )
+    return "\n\n".join([title, note, table(head, rows)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="loeo")
+    parser.add_argument("--groups", default=None, help="comma-separated subset of the protocol's groups, e.g. Ni,Pd")
+    parser.add_argument("--out", default="generalisation", help="output directory (reused when it exists)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets: a smoke run")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, splits and training")
+    parser.add_argument("--n-train", type=int, default=None, help="train relaxations per group")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pretraining optimiser steps per group")
+    parser.add_argument("--bptt-steps", type=int, default=None, help="BPTT optimiser steps per group")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    s = replace(QUICK if args.quick else FULL, seed=args.seed)
+    for key in ("n_train", "pretrain_steps", "bptt_steps"):
+        if getattr(args, key) is not None:
+            s = replace(s, **{key: getattr(args, key)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log()
+
+    pool = TrajectoryDB(out / "pool.db")
+    n_pool = pool_size(s)
+    log(f"fcc-defects pool: {n_pool} relaxations (EMT) in {pool.name}")
+    generate("fcc-defects", pool, n=n_pool, seed=s.seed, workers=s.workers, progress=False, **s.recipe_options)
+    labels = {label for label, _, _ in pool.split_info().values() if label}
+    groups = hold_outs(args.protocol, labels)
+    if args.groups:
+        wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
+        unknown = [g for g in wanted if g not in groups]
+        if unknown:
+            parser.error(f"--groups {','.join(unknown)}: the {args.protocol} groups are {', '.join(groups)}")
+        groups = {g: groups[g] for g in wanted}
+
+    results: dict[str, Any] = {"protocol": args.protocol, "quick": args.quick, "settings": asdict(s), "groups": {}}
+    for name, hold in groups.items():
+        log(f"group {name}: test = {hold if hold else f'a random {s.random_test:.2g} of the pool'}")
+        entry: dict[str, Any] = {"held_out": str(hold) if hold else "random"}
+        try:
+            db = group_db(pool, out, name, hold, s)
+        except ValueError as exc:  # HoldOutError (e.g. no structure of the group in the pool) or an empty split
+            log(f"    skipped: {exc}")
+            entry["skipped"] = str(exc)
+        else:
+            entry.update(run_group(db, out / name, s, log))
+            log(
+                f"    BPTT / best fixed step {fmt(entry['bptt_over_fixed'], 3)}, BPTT / ASE FIRE {fmt(entry['bptt_over_fire'], 3)}"
+            )
+        results["groups"][name] = entry
+    results["elapsed_s"] = log.elapsed
+    results["log"] = log.lines
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = summary(results)
+    (out / "summary.md").write_text(text)
+    print(text)
+    log(f"done in {log.elapsed / 60:.1f} min: {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``--hold-out-label`` / ``--hold-out-element`` on import, generate and split: one error line, nothing written."""
+
+from __future__ import annotations
+
+import ase.io
+import pytest
+from click.testing import CliRunner
+
+from ase_bptt.cli import cli
+from ase_bptt.data.db import TrajectoryDB
+from tests.test_data_splits import TRAJS, build, make_frames, splits_of
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["--quiet", *args])
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    return lines[-1]
+
+
+@pytest.fixture
+def traj_files(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, (traj_id, label, symbols) in enumerate(TRAJS[:5]):
+        frames = make_frames(symbols, k)
+        for f in frames:
+            f.info["label"] = label
+        ase.io.write(folder / f"{traj_id}.extxyz", frames)
+    return folder
+
+
+def test_import_with_an_element_hold_out(tmp_path, traj_files):
+    path = tmp_path / "new.db"
+    result = run("import", str(traj_files), "--db", str(path), "--hold-out-element", "Pd", "--val", "0")
+    assert result.exit_code == 0, result.output
+    db = TrajectoryDB(path, create=False)
+    by_label = {t.label: t.split for t in db.trajectories(converged_only=False)}
+    # Pd: int:Pd and sub:Ni+sub:Pd; the others all train (--test 0 with a hold-out, --val 0)
+    assert by_label == {
+        "vacancy": "train",
+        "sub:Ni": "train",
+        "sub:Ni+vacancy": "train",
+        "int:Pd": "test",
+        "sub:Ni+sub:Pd": "test",
+    }
+    assert db.metadata["splits"]["hold_out"] == [{"kind": "element", "values": ["Pd"]}]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "code", "message"),
+    [
+        ("--hold-out-element", "Xx", 2, "'Xx' is not a chemical symbol"),
+        (
+            "--hold-out-element",
+            "Ag",
+            1,
+            "Error: hold-out element 'Ag' matches no trajectory; elements present: Cu, Ni, Pd",
+        ),
+        ("--hold-out-label", "sub:Pd", 1, "Error: hold-out label 'sub:Pd' matches no trajectory; labels present:"),
+    ],
+)
+def test_import_errors_leave_no_database(tmp_path, traj_files, option, value, code, message):
+    path = tmp_path / "new.db"
+    result = run("import", str(traj_files), "--db", str(path), option, value)
+    assert result.exit_code == code, result.output
+    assert message in error_line(result) or message in result.output
+    assert "Traceback" not in result.output
+    assert not path.exists()
+
+
+def test_import_into_an_existing_database_rolls_back(tmp_path, traj_files):
+    path = tmp_path / "old.db"
+    build(path).assign_splits(val=0.0, test=0.0)
+    other = tmp_path / "other"
+    other.mkdir()
+    ase.io.write(other / "x.extxyz", make_frames("Cu3", 50))
+    result = run("import", str(other), "--db", str(path), "--hold-out-element", "Ag")
+    assert result.exit_code == 1 and "matches no trajectory" in error_line(result)
+    db = TrajectoryDB(path, create=False)
+    assert len(db) == len(TRAJS) and set(splits_of(db).values()) == {"train"}
+
+
+def test_generate_errors_write_nothing(tmp_path):
+    path = tmp_path / "gen.db"
+    for option, value, code in (("--hold-out-element", "Qq", 2), ("--hold-out-label", "antisite", 1)):
+        result = run("generate", "fcc-defects", str(path), "-n", "2", "--option", "size=2", option, value)
+        assert result.exit_code == code, result.output
+        assert value in error_line(result) and "Traceback" not in result.output
+        assert not path.exists()
+
+
+def test_split_command(tmp_path):
+    path = tmp_path / "s.db"
+    build(path).assign_splits(val=0.0, test=0.0)
+    # existing splits: a hold-out needs --reassign, and says so
+    result = run("split", str(path), "--hold-out-element", "Ni")
+    assert result.exit_code == 1
+    assert "already have a train or val split" in error_line(result) and "--reassign" in error_line(result)
+    result = run(
+        "split", str(path), "--hold-out-element", "Ni", "--hold-out-label", "int:*", "--reassign", "--val", "0"
+    )
+    assert result.exit_code == 0, result.output
+    # Ni: t1, t2, t4; int:*: t3, t7
+    assert "splits: train 5, val 0, test 5" in result.output
+    got = splits_of(TrajectoryDB(path, create=False))
+    assert {t for t, s in got.items() if s == "test"} == {"t1", "t2", "t4", "t3", "t7"}
+    # a missing database is an error, not a new file
+    missing = tmp_path / "missing.db"
+    result = run("split", str(missing))
+    assert result.exit_code == 1 and not missing.exists()

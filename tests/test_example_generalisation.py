@@ -1,0 +1,75 @@
+"""examples/generalisation.py: the groups of each protocol, and a ``--quick`` smoke run of one group."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ase_bptt.data.db import TrajectoryDB
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "generalisation.py"
+#: The quick run takes about 45 s on an idle 2-core machine; the limit leaves room for load.
+QUICK_LIMIT_S = 240
+
+
+def _example():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("generalisation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocol_groups():
+    ex = _example()
+    assert [ex.kind_of(lab) for lab in ("vacancy", "sub:Ni", "int:Pd", "sub:Al+vacancy", "sub:Ni+sub:Au")] == [
+        "vacancy",
+        "sub",
+        "int",
+        "sub+vacancy",
+        "sub+sub",
+    ]
+    labels = {"vacancy", "divacancy", "sub:Ni", "sub:Au", "int:Pd", "sub:Ni+vacancy", "sub:Ni+sub:Au"}
+    loko = ex.hold_outs("loko", labels)
+    assert list(loko) == ["vacancy", "divacancy", "sub", "int", "sub+vacancy", "sub+sub"]
+    assert loko["sub"].values == ("sub:Au", "sub:Ni") and loko["sub+sub"].values == ("sub:Ni+sub:Au",)
+    loeo = ex.hold_outs("loeo", labels)
+    assert list(loeo) == ["Ni", "Pd", "Ag", "Pt", "Au", "Al"] and loeo["Pd"].kind == "element"
+    assert ex.hold_outs("random", labels) == {"random": None}
+
+
+def test_quick_run_holds_the_element_out(tmp_path):
+    out = tmp_path / "gen"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(SCRIPT), "--quick", "--protocol", "loeo", "--groups", "Pd", "--threads", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*args, "--out", str(out)], capture_output=True, text=True, timeout=QUICK_LIMIT_S, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"quick run: {time.perf_counter() - t0:.0f} s")
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "loeo" and list(results["groups"]) == ["Pd"]
+    g = results["groups"]["Pd"]
+    db = TrajectoryDB(out / "Pd" / "fcc.db", create=False)
+    info = db.split_info()
+    with_pd = {t for t, (_, _, el) in info.items() if "Pd" in el}
+    # test is exactly the Pd structures, train and val have none, train is --n-train (8 in quick)
+    assert with_pd and {t for t, (_, s, _) in info.items() if s == "test"} == with_pd
+    assert g["n"] == len(with_pd) == g["splits"]["test"] and g["splits"]["train"] == 8
+    assert db.metadata["splits"]["hold_out"] == [{"kind": "element", "values": ["Pd"]}]
+    for key in ("bptt_over_fixed", "bptt_over_fire"):
+        assert math.isfinite(g[key]) and g[key] > 0
+    assert g["bptt_over_fixed"] == g["dq"]["bptt"] / g["dq"]["fixed"]
+    report = json.loads((out / "Pd" / "eval" / "report.json").read_text())
+    assert report["per_element"]["counts"]["Pd"] == g["n"]  # every test structure holds Pd
+    summary = (out / "summary.md").read_text()
+    assert "| Pd | element Pd |" in summary and "BPTT / ASE FIRE" in summary
