@@ -151,6 +151,19 @@ def pretrain_cmd(
     default=None,
     help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
 )
+@click.option(
+    "--force-weight",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Weight of a force-matching term (mean squared force error on train frames, amu^1/2 A per (eV/A)^2) "
+    "added to the BPTT loss; keeps the tuned model a usable force field  [default: 0 = off]",
+)
+@click.option(
+    "--force-frames",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train frames drawn per optimiser step for the force term  [default: 16]",
+)
 @click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")
 def finetune_cmd(
     ctx,
@@ -171,6 +184,8 @@ def finetune_cmd(
     batch_size,
     lr,
     proximal,
+    force_weight,
+    force_frames,
     checkpoint_frames,
     overwrite,
     device,
@@ -204,6 +219,8 @@ def finetune_cmd(
         batch_size=batch_size,
         lr=lr,
         proximal=proximal,
+        force_weight=force_weight,
+        force_frames=force_frames,
         checkpoint_frames=checkpoint_frames,
         device=device,
         dtype=dtype,

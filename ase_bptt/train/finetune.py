@@ -31,6 +31,8 @@ from ase_bptt.relax.registry import step_rule_names
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
 from ase_bptt.train.loop import local_share
+from ase_bptt.train.no_harm import NoHarmDecision, no_harm_decision
+from ase_bptt.train.objectives import ForceTerm
 from ase_bptt.train.pretrain import PretrainConfig, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
@@ -77,6 +79,10 @@ class FinetuneConfig(TrainConfig):
         grad_clip: max gradient norm of the model (None: no clipping).
         proximal: weight of the L2 term ``sum (theta - theta_pretrained)^2``
             (0: off). The paper uses it as an alternative to clipping.
+        force_weight: weight of the force-matching term, mean squared force
+            error per component on ``force_frames`` train frames per step, in
+            amu^1/2 A per (eV/A)^2 (0: off; :mod:`ase_bptt.train.objectives`).
+        force_frames: reference frames drawn per optimiser step for it.
         checkpoint_frames: recompute each frame in backward (less memory).
         rollout_dropout: keep the model's dropout on during training rollouts.
         converged_only: train only on trajectories whose last frame is relaxed.
@@ -112,6 +118,8 @@ class FinetuneConfig(TrainConfig):
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     proximal: float = 0.0
+    force_weight: float = 0.0
+    force_frames: int = 16
     checkpoint_frames: bool = False
     rollout_dropout: bool = False
     converged_only: bool = True
@@ -148,6 +156,9 @@ class FinetuneConfig(TrainConfig):
         self._positive(("lr", "step_lr"))
         if self.proximal < 0:
             raise self._fail("proximal", ">= 0")
+        if not (self.force_weight >= 0 and math.isfinite(self.force_weight)):
+            raise self._fail("force_weight", "a finite number >= 0")
+        self._at_least_one(("force_frames",))
 
 
 # --------------------------------------------------------------- rollouts
@@ -293,6 +304,16 @@ class FinetuneRun(TrainingRun):
         self.anchor = [p.detach().clone() for p in self.model_params] if config.proximal > 0 else None
         self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
         self.loss_fn = _loss_fn(config.loss)
+        self.forces = None
+        if config.force_weight > 0:
+            self.forces = ForceTerm(
+                self.db,
+                weight=config.force_weight,
+                n_frames=config.force_frames,
+                seed=config.seed,
+                device=device,
+                dtype=dtype,
+            )
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
@@ -359,6 +380,10 @@ class FinetuneRun(TrainingRun):
         if self.anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(self.model_params, self.anchor))
             loss = loss + (config.proximal / ctx.world_size) * prox
+        force_mse = 0.0
+        if self.forces is not None:
+            force_sq, force_mse = self.forces.mse(model, epoch, b, ctx)
+            loss = loss + config.force_weight * force_sq
         loss.backward()
         ctx.sync_gradients(self.model_params + self.step_params)
         stats = ctx.all_reduce_sum(
@@ -366,7 +391,7 @@ class FinetuneRun(TrainingRun):
         )
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
         norm = torch.nn.utils.clip_grad_norm_(self.model_params, config.grad_clip or float("inf"))
-        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))
+        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm)) and math.isfinite(force_mse)
         if self.step_params:
             step_norm = torch.nn.utils.clip_grad_norm_(self.step_params, config.step_grad_clip or float("inf"))
             finite = finite and bool(torch.isfinite(step_norm))
@@ -381,6 +406,9 @@ class FinetuneRun(TrainingRun):
         self.running["frames"] += mean_frames
         self.running["n"] += 1
         out_metrics = {"loss": mean_loss, "frames": mean_frames}
+        if self.forces is not None:
+            self.forces.record(force_mse)
+            out_metrics["force_mse"] = force_mse
         eta = _current_eta(self.rule)
         if eta is not None and self.step_params:
             out_metrics["eta"] = eta
@@ -404,6 +432,8 @@ class FinetuneRun(TrainingRun):
             ctx=self.ctx,
         )
         entry.update({f"{self._selection_split}_{k}": v for k, v in result.items()})
+        if self.forces is not None:
+            entry.update(self.forces.history_entry(self.model, self.ctx, batch_size=config.eval_batch_size))
         eta = _current_eta(self.rule)
         if eta is not None:
             entry["eta"] = eta
@@ -424,6 +454,11 @@ class FinetuneRun(TrainingRun):
     def export_settings(self) -> tuple[dict, dict]:
         config, loop = self.config, self.loop
         rule_dict = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
+        val = self.val if self._selection_split == "val" else None
+        self.no_harm: NoHarmDecision = no_harm_decision(
+            self.init, val, loop.best_metric, config, device=self.device, dtype=self.dtype
+        )
+        rule_dict = self.no_harm.rule or rule_dict
         improved = bool(loop.best_epoch)
         if not improved:
             log.warning(
@@ -439,11 +474,19 @@ class FinetuneRun(TrainingRun):
             "eta_grid": self.grid,
             "improved": improved,
             "note": None if improved else "no epoch beat epoch 0: this is the initial model, unchanged",
+            "no_harm": self.no_harm.record,
             # The pretrained model's domain widened by the structures tuned on (models/domain.py).
             DOMAIN_KEY: merge_training_domains(
                 read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
             ),
         }
+        if self.no_harm.pretrained:
+            extra["note"] = (
+                "not better on val than the pretrained model's best fixed step: the pretrained model, unchanged"
+            )
         # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
         relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
         return relax, extra
+
+    def export_weights(self) -> dict | None:
+        return self.no_harm.weights if self.no_harm.pretrained else self.best["model"]

@@ -111,6 +111,10 @@ class TrainingRun:
         """``(relax settings, metadata)`` of the exported checkpoint, beyond the common metadata."""
         raise NotImplementedError
 
+    def export_weights(self) -> dict | None:
+        """The weights exported (called after :meth:`export_settings`); None: the model as it is."""
+        return self.best["model"]
+
     # ------------------------------------------------------------ skeleton
     def run(self) -> Path:
         """Train (or resume, or find the run finished) and return ``out``."""
@@ -182,10 +186,11 @@ class TrainingRun:
     def _export(self) -> None:
         from ase_bptt.models.checkpoint import save_checkpoint
 
-        final = copy.deepcopy(self.model)
-        if self.best["model"] is not None:
-            final.load_state_dict(self.best["model"])
         relax, extra = self.export_settings()
+        final = copy.deepcopy(self.model)
+        weights = self.export_weights()
+        if weights is not None:
+            final.load_state_dict(weights)
         loop, header = self.loop, self.header
         metadata = {
             "kind": self.kind,
