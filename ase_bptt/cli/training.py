@@ -330,6 +330,7 @@ def evaluate_cmd(
     Structures with an element a checkpoint never saw are listed in the report, not scored."""
     from ase_bptt.train.evaluate import evaluate
     from ase_bptt.train.report import summary_text
+    from ase_bptt.train.worse_labels import worse_label_lines
 
     result = evaluate(
         list(checkpoints),
@@ -351,4 +352,6 @@ def evaluate_cmd(
         progress=progress_enabled(ctx),
     )
     click.echo(summary_text(result))
+    for line in worse_label_lines(result):
+        click.echo(line, err=True)
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
