@@ -7,9 +7,12 @@ scores the final positions against the relaxed reference with Dq
 updates the model (and a learned step rule). The controls are the paper's:
 fixed / learned / decoder / FIRE step rule, momentum, annealing, exploration
 noise, fixed or variable stopping, gradient clipping or a proximal term to the
-pretrained weights. The mean val Dq is measured before training (epoch 0) and
-after every epoch; the best model is exported, with the step rule it was
-tuned with, as an ordinary checkpoint for :class:`~ase_bptt.calculator.BPTTCalculator`.
+pretrained weights, and an optional force-matching term
+(:mod:`~ase_bptt.train.objectives`). The mean val Dq is measured before training
+(epoch 0) and after every epoch; the best model is exported, with the step rule
+it was tuned with, as an ordinary checkpoint for
+:class:`~ase_bptt.calculator.BPTTCalculator`, unless the pretrained model at its
+best fixed step is as good on val (:mod:`~ase_bptt.train.no_harm`).
 """
 
 from __future__ import annotations
