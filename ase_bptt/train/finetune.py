@@ -7,12 +7,11 @@ scores the final positions against the relaxed reference with Dq
 updates the model (and a learned step rule). The controls are the paper's:
 fixed / learned / decoder / FIRE step rule, momentum, annealing, exploration
 noise, fixed or variable stopping, gradient clipping or a proximal term to the
-pretrained weights, and an optional force-matching term
-(:mod:`~ase_bptt.train.objectives`). The mean val Dq is measured before training
-(epoch 0) and after every epoch; the best model is exported, with the step rule
-it was tuned with, as an ordinary checkpoint for
-:class:`~ase_bptt.calculator.BPTTCalculator`, unless the pretrained model at its
-best fixed step is as good on val (:mod:`~ase_bptt.train.no_harm`).
+pretrained weights; plus a force-matching term (train/objectives.py). The mean
+val Dq is measured before training (epoch 0) and after every epoch; the best model
+is exported with its step rule, as an ordinary checkpoint for
+:class:`~ase_bptt.calculator.BPTTCalculator`, unless it loses to the pretrained
+model's best fixed step on val (train/no_harm.py).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from ase_bptt.relax.registry import step_rule_names
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import TrainConfig, seed_generator
 from ase_bptt.train.loop import local_share
-from ase_bptt.train.no_harm import NoHarmDecision, no_harm_decision
+from ase_bptt.train.no_harm import no_harm_decision
 from ase_bptt.train.objectives import ForceTerm
 from ase_bptt.train.pretrain import PretrainConfig, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
@@ -82,10 +81,8 @@ class FinetuneConfig(TrainConfig):
         grad_clip: max gradient norm of the model (None: no clipping).
         proximal: weight of the L2 term ``sum (theta - theta_pretrained)^2``
             (0: off). The paper uses it as an alternative to clipping.
-        force_weight: weight of the force-matching term, mean squared force
-            error per component on ``force_frames`` train frames per step, in
-            amu^1/2 A per (eV/A)^2 (0: off; :mod:`ase_bptt.train.objectives`).
-        force_frames: reference frames drawn per optimiser step for it.
+        force_weight: weight (amu^1/2 A per (eV/A)^2; 0: off) of the force term (train/objectives.py).
+        force_frames: train frames drawn per optimiser step for it.
         checkpoint_frames: recompute each frame in backward (less memory).
         rollout_dropout: keep the model's dropout on during training rollouts.
         converged_only: train only on trajectories whose last frame is relaxed.
@@ -307,16 +304,7 @@ class FinetuneRun(TrainingRun):
         self.anchor = [p.detach().clone() for p in self.model_params] if config.proximal > 0 else None
         self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
         self.loss_fn = _loss_fn(config.loss)
-        self.forces = None
-        if config.force_weight > 0:
-            self.forces = ForceTerm(
-                self.db,
-                weight=config.force_weight,
-                n_frames=config.force_frames,
-                seed=config.seed,
-                device=device,
-                dtype=dtype,
-            )
+        self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype)
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
@@ -457,10 +445,6 @@ class FinetuneRun(TrainingRun):
     def export_settings(self) -> tuple[dict, dict]:
         config, loop = self.config, self.loop
         rule_dict = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
-        val = self.val if self._selection_split == "val" else None
-        self.no_harm: NoHarmDecision = no_harm_decision(
-            self.init, val, loop.best_metric, config, device=self.device, dtype=self.dtype
-        )
         rule_dict = self.no_harm.rule or rule_dict
         improved = bool(loop.best_epoch)
         if not improved:
@@ -476,20 +460,22 @@ class FinetuneRun(TrainingRun):
             "selection_split": self._selection_split,
             "eta_grid": self.grid,
             "improved": improved,
-            "note": None if improved else "no epoch beat epoch 0: this is the initial model, unchanged",
+            "note": self.no_harm.note or (None if improved else "no epoch beat epoch 0: the initial model, unchanged"),
             "no_harm": self.no_harm.record,
             # The pretrained model's domain widened by the structures tuned on (models/domain.py).
             DOMAIN_KEY: merge_training_domains(
                 read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
             ),
         }
-        if self.no_harm.pretrained:
-            extra["note"] = (
-                "not better on val than the pretrained model's best fixed step: the pretrained model, unchanged"
-            )
         # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
         relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
         return relax, extra
 
+    def before_export(self) -> None:
+        val = self.val if self._selection_split == "val" else None
+        self.no_harm = no_harm_decision(
+            self.init, val, self.loop.best_metric, self.config, ctx=self.ctx, dtype=self.dtype
+        )
+
     def export_weights(self) -> dict | None:
-        return self.no_harm.weights if self.no_harm.pretrained else self.best["model"]
+        return self.no_harm.weights or self.best["model"]

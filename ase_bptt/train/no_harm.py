@@ -40,6 +40,13 @@ class NoHarmDecision:
     def pretrained(self) -> bool:
         return self.weights is not None
 
+    @property
+    def note(self) -> str | None:
+        """The checkpoint's ``metadata["note"]`` when the pretrained model is exported."""
+        if not self.pretrained:
+            return None
+        return "not better on val than the pretrained model's best fixed step: the pretrained model, unchanged"
+
 
 def pretrained_best_fixed_step(
     model, val: RelaxationDataset, config, *, ctx: DistContext
@@ -75,19 +82,23 @@ def no_harm_decision(
     tuned_metric: float | None,
     config,
     *,
-    device: torch.device,
+    ctx: DistContext,
     dtype: torch.dtype,
 ) -> NoHarmDecision:
     """Decide whether the tuned model (val loss ``tuned_metric``) or the pretrained
-    checkpoint ``init`` at its val-best fixed step is exported (see the module doc)."""
+    checkpoint ``init`` at its val-best fixed step is exported (see the module doc).
+
+    Every rank calls it (the rollouts are sharded by rank); every rank gets the same decision.
+    """
     from ase_bptt.models.checkpoint import load_model
     from ase_bptt.relax.steps import FixedStep
 
     if val is None:
-        log.warning("no val split: the no-harm comparison with the pretrained model is skipped")
+        if ctx.is_main:
+            log.warning("no val split: the no-harm comparison with the pretrained model is skipped")
         return NoHarmDecision({"skipped": "no val split", "exported": "tuned"})
-    pretrained = load_model(init, device=device, dtype=dtype)
-    eta, pre_metric, scores = pretrained_best_fixed_step(pretrained, val, config, ctx=DistContext(device=device))
+    pretrained = load_model(init, device=ctx.device, dtype=dtype)
+    eta, pre_metric, scores = pretrained_best_fixed_step(pretrained, val, config, ctx=ctx)
     tuned = math.inf if tuned_metric is None or not math.isfinite(tuned_metric) else float(tuned_metric)
     tuned_wins = eta is None or tuned < pre_metric
     record = {
@@ -99,23 +110,26 @@ def no_harm_decision(
         "pretrained_scores": scores,
     }
     if tuned_wins:
-        log.info(
-            "no-harm check: the tuned model (val %s %.5g) beats the pretrained model's best fixed step (eta %s: %.5g)",
+        if ctx.is_main:
+            log.info(
+                "no-harm check: the tuned model (val %s %.5g) beats the pretrained model's best fixed step "
+                "(eta %s: %.5g)",
+                config.loss,
+                tuned,
+                eta,
+                pre_metric,
+            )
+        return NoHarmDecision(record)
+    if ctx.is_main:
+        log.warning(
+            "no-harm check: the tuned model (val %s %.5g) is not better than the pretrained model with its best "
+            "fixed step (eta %g: %.5g); exporting the pretrained model %s with that step",
             config.loss,
             tuned,
             eta,
             pre_metric,
+            init,
         )
-        return NoHarmDecision(record)
-    log.warning(
-        "no-harm check: the tuned model (val %s %.5g) is not better than the pretrained model with its best "
-        "fixed step (eta %g: %.5g); exporting the pretrained model %s with that step",
-        config.loss,
-        tuned,
-        eta,
-        pre_metric,
-        init,
-    )
     assert eta is not None  # tuned_wins otherwise
     weights = {k: v.detach().cpu().clone() for k, v in pretrained.state_dict().items()}
     rule = FixedStep(float(eta), maxstep=config.maxstep).to_dict()

@@ -68,6 +68,16 @@ class ForceTerm:
         self.weight, self.n_frames, self.seed = float(weight), int(n_frames), int(seed)
         self.running = {"sum": 0.0, "n": 0}
 
+    @classmethod
+    def from_config(cls, db, config, *, device, dtype: torch.dtype) -> ForceTerm | None:
+        """The term of a :class:`~ase_bptt.train.finetune.FinetuneConfig`; None when ``force_weight`` is 0
+        (then nothing is loaded or drawn)."""
+        if not config.force_weight > 0:
+            return None
+        return cls(
+            db, weight=config.force_weight, n_frames=config.force_frames, seed=config.seed, device=device, dtype=dtype
+        )
+
     def mse(self, model: ForceModel, epoch: int, batch: int, ctx: DistContext) -> tuple[torch.Tensor, float]:
         """``(this rank's share of the mean squared force error, the global value)`` on the drawn frames.
 

@@ -111,6 +111,9 @@ class TrainingRun:
         """``(relax settings, metadata)`` of the exported checkpoint, beyond the common metadata."""
         raise NotImplementedError
 
+    def before_export(self) -> None:
+        """Work every rank does after training, before rank 0 exports (e.g. a sharded evaluation)."""
+
     def export_weights(self) -> dict | None:
         """The weights exported (called after :meth:`export_settings`); None: the model as it is."""
         return self.best["model"]
@@ -163,6 +166,7 @@ class TrainingRun:
             self.log_start()
         if not self.loop.finished:
             run_epochs(spec, self.loop, ctx, self, progress=self.progress, evaluate_first=self.evaluate_first)
+        self.before_export()
         if ctx.is_main:
             self._export()
         ctx.barrier()
