@@ -49,6 +49,9 @@ FINETUNE = dict(
     seed=4,
     step="learned",
     step_lr=1e-2,
+    # The force term too: 5 reference frames per step, sharded 3 + 2 over the ranks.
+    force_weight=0.5,
+    force_frames=5,
 )
 TOL = 1e-6  # float64 sums in another order; the brief's bar is 1e-6
 
@@ -131,6 +134,11 @@ def test_two_process_gloo_step_equals_single_process_step(emt_db, tmp_path):
     assert load_state(state_path(tmp_path / "ft2.pt"))["step_rule"]["eta"] == pytest.approx(
         load_state(state_path(single_ft))["step_rule"]["eta"], abs=TOL
     )
+    # The no-harm decision (rollouts sharded over the ranks) is the single process's.
+    s_rec, d_rec = (load_checkpoint(p)["metadata"]["no_harm"] for p in (single_ft, tmp_path / "ft2.pt"))
+    assert s_rec["exported"] == d_rec["exported"] and s_rec["pretrained_eta"] == d_rec["pretrained_eta"]
+    assert d_rec["pretrained_val_dq"] == pytest.approx(s_rec["pretrained_val_dq"], rel=1e-9)
+    assert any("train_force_mse" in h for h in load_state(state_path(single_ft))["loop"]["history"])
 
 
 def test_sync_gradients_sums_and_keeps_unused_parameters_none():

@@ -105,6 +105,7 @@ def test_fixed_step_grid_search_on_train_and_best_epoch_export(emt_db, init_mode
         "max_steps": 10,
     }
     assert meta["skipped_batches"] == 0 and meta["steps"] == 4
+    assert meta["no_harm"]["exported"] == "tuned"  # else the export is the pretrained model (no-harm rule)
 
 
 def test_no_better_epoch_exports_the_initial_model_unchanged(emt_db, init_model, tmp_path):
@@ -151,6 +152,7 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
     from ase_bptt.models.checkpoint import load_checkpoint
     from ase_bptt.relax.steps import step_rule_from_dict
     from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
 
     out = finetune(
         emt_db,
@@ -160,8 +162,13 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
         progress=False,
     )
     ckpt = load_checkpoint(out)
-    assert ckpt["relax"]["step"]["step"] == step and ckpt["relax"]["max_steps"] == 5
-    assert type(step_rule_from_dict(ckpt["relax"]["step"])).__name__.lower().startswith(step)
+    # The rule trained (the state's), exported unless the tuned model lost to the pretrained model's
+    # best fixed step on val (the no-harm rule then exports a fixed step: test_train_finetune_force.py).
+    trained = load_state(state_path(out))["step_rule"]
+    assert trained["step"] == step
+    assert type(step_rule_from_dict(trained)).__name__.lower().startswith(step)
+    exported = step if ckpt["metadata"]["no_harm"]["exported"] == "tuned" else "fixed"
+    assert ckpt["relax"]["step"]["step"] == exported and ckpt["relax"]["max_steps"] == 5
     assert all(math.isfinite(h["val_dq"]) for h in ckpt["metadata"]["history"])
 
 

@@ -151,6 +151,19 @@ def pretrain_cmd(
     default=None,
     help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
 )
+@click.option(
+    "--force-weight",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Weight of a force-matching term (mean squared force error on train frames, amu^1/2 A per (eV/A)^2) "
+    "added to the BPTT loss; keeps the tuned model a usable force field  [default: 0 = off]",
+)
+@click.option(
+    "--force-frames",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train frames drawn per optimiser step for the force term  [default: 16]",
+)
 @click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")
 @click.option(
     "--eval-every",
@@ -199,6 +212,8 @@ def finetune_cmd(
     batch_size,
     lr,
     proximal,
+    force_weight,
+    force_frames,
     checkpoint_frames,
     eval_every,
     patience,
@@ -237,6 +252,8 @@ def finetune_cmd(
         batch_size=batch_size,
         lr=lr,
         proximal=proximal,
+        force_weight=force_weight,
+        force_frames=force_frames,
         checkpoint_frames=checkpoint_frames,
         eval_every=eval_every,
         patience=patience,
@@ -352,6 +369,7 @@ def evaluate_cmd(
     Structures with an element a checkpoint never saw are listed in the report, not scored."""
     from ase_bptt.train.evaluate import evaluate
     from ase_bptt.train.report import summary_text
+    from ase_bptt.train.worse_labels import worse_label_lines
 
     result = evaluate(
         list(checkpoints),
@@ -373,4 +391,6 @@ def evaluate_cmd(
         progress=progress_enabled(ctx),
     )
     click.echo(summary_text(result))
+    for line in worse_label_lines(result):
+        click.echo(line, err=True)
     click.echo(f"report: {Path(out_dir) / 'report.md'}")

@@ -44,6 +44,7 @@ from ase_bptt.train.config import to_jsonable
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.eval_data import EvalSplit, evaluable, force_errors, load_split, method_entry
 from ase_bptt.train.plots import paired_data
+from ase_bptt.train.worse_labels import worse_labels
 
 __all__ = [
     "DEFAULT_ETA_GRID",
@@ -430,6 +431,7 @@ def evaluate(
     from ase_bptt.train.report import per_element
 
     result["per_element"] = per_element(result)
+    result["worse_labels"] = worse_labels(result)
     if out_dir is not None:
         from ase_bptt.train.report import write_report
 

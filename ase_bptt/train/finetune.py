@@ -7,10 +7,12 @@ scores the final positions against the relaxed reference with Dq
 updates the model (and a learned step rule). The controls are the paper's:
 fixed / learned / decoder / FIRE step rule, momentum, annealing, exploration
 noise, fixed or variable stopping, gradient clipping or a proximal term to the
-pretrained weights. The mean val Dq is measured before training (epoch 0) and
-after every epoch (or every ``eval_every`` steps); the best model is exported,
-with the step rule it was tuned with, as an ordinary checkpoint for
-:class:`~ase_bptt.calculator.BPTTCalculator`. Patience, the LR schedule and
+pretrained weights, plus an optional force-matching term (train/objectives.py).
+The mean val Dq is measured before training (epoch 0) and after every epoch (or
+every ``eval_every`` steps); the best model is exported, with the step rule it
+was tuned with, as an ordinary checkpoint for
+:class:`~ase_bptt.calculator.BPTTCalculator`, unless it loses to the pretrained
+model's best fixed step on val (train/no_harm.py). Patience, the LR schedule and
 augmentation reuse pretraining's (:mod:`~ase_bptt.train.loop`, :mod:`~ase_bptt.train.augment`).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,13 +30,15 @@ from ase_bptt import metrics
 from ase_bptt.data.datasets import load_relaxations
 from ase_bptt.models.checkpoint import load_checkpoint
 from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
-from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
-from ase_bptt.relax.registry import step_rule_names
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.augment import augment_rollouts, cube_applies, rollout_draws
 from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import TrainConfig, seed_generator
+from ase_bptt.train.config import seed_generator
+from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.loop import local_share, lr_factor
-from ase_bptt.train.pretrain import PretrainConfig, pretrain
+from ase_bptt.train.no_harm import no_harm_decision
+from ase_bptt.train.objectives import ForceTerm
+from ase_bptt.train.pretrain import pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
 
@@ -44,140 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
 
 log = logging.getLogger("ase_bptt.train")
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """Settings of :func:`finetune` (defaults follow the paper where it says).
-
-    Attributes:
-        step: step rule, "fixed" (default), "learned", "decoder" or "fire".
-        eta: step size (A^2/eV; initial value for learned/decoder). None: the
-            best of ``eta_grid`` by mean loss on the TRAIN split with the
-            initial model (never the test split).
-        eta_grid: step sizes tried by the grid search.
-        grid_structures: at most this many train structures in the grid search.
-        step_lr: learning rate of the step rule's own parameters.
-        step_grad_clip: max gradient norm of the step rule's parameters
-            (clipped separately: clipping model and eta together froze eta).
-        momentum: momentum weight of the update, in [0, 1).
-        anneal: step annealing factor per frame (eta_k = eta * anneal**k).
-        noise: exploration noise (A) added to each update in training.
-        maxstep: largest displacement of an atom in one frame (A).
-        stopping: "fixed" (tol, max_steps) or "variable" (per batch: tol
-            log-uniform in ``tol_range``, max steps uniform in ``max_steps_range``).
-        tol: RMS displacement stopping tolerance (A), also used for evaluation.
-        max_steps: most frames per rollout, also used for evaluation.
-        tol_range: (low, high) of the variable tolerance.
-        max_steps_range: (low, high), inclusive, of the variable frame limit.
-        loss: "dq" (mass-weighted, amu^1/2 A) or "mse" (A^2 per atom, pure crystals).
-        epochs: passes over the train trajectories.
-        max_batches: stop after this many optimiser steps (None: no limit).
-        eval_every: optimiser steps between val evaluations, counted over the
-            whole run (None: after every epoch); the run's end is evaluated too.
-        patience: stop after this many evaluations without a better val loss
-            (None: never; off without a val split).
-        lr_schedule: "constant", "cosine" or "onecycle" (``loop.lr_factor`` over
-            epochs x batches per epoch, or ``max_batches``); scales lr and step_lr.
-        warmup: optimiser steps of warmup.
-        min_lr_factor: final learning rate of cosine/onecycle as a fraction of ``lr``.
-        augment_translation: random rigid shift per training structure (initial
-            and relaxed together; fully periodic cells).
-        augment_cubic: random one of the cube's 48 symmetries per training
-            structure (fractional coordinates, initial and relaxed; cubic cells).
-        time_budget: stop after this many seconds (None: no limit).
-        batch_size: trajectories per optimiser step (global under torchrun).
-        lr: learning rate of the model (Adam).
-        weight_decay: decoupled weight decay of the model (AdamW; 0 = Adam).
-        grad_clip: max gradient norm of the model (None: no clipping).
-        proximal: weight of the L2 term ``sum (theta - theta_pretrained)^2``
-            (0: off). The paper uses it as an alternative to clipping.
-        checkpoint_frames: recompute each frame in backward (less memory).
-        rollout_dropout: keep the model's dropout on during training rollouts.
-        converged_only: train only on trajectories whose last frame is relaxed.
-        eval_batch_size: structures per evaluation rollout batch.
-        seed: seeds batch order, variable stopping and noise.
-        device: "cpu", "cuda", ... (None: cuda when available).
-        dtype: "float32" or "float64".
-        checkpoint_every: write the resumable state every this many batches.
-        pretrain: settings for pretraining first when no ``init`` is given.
-    """
-
-    step: str = "fixed"
-    eta: float | None = None
-    eta_grid: tuple[float, ...] = DEFAULT_ETA_GRID
-    grid_structures: int | None = 256
-    step_lr: float = 1e-3
-    step_grad_clip: float | None = 1.0
-    momentum: float = 0.0
-    anneal: float = 1.0
-    noise: float = 0.0
-    maxstep: float | None = DEFAULT_MAXSTEP
-    stopping: str = "fixed"
-    tol: float = DEFAULT_TOL
-    max_steps: int = DEFAULT_MAX_STEPS
-    tol_range: tuple[float, float] = (1e-4, 1e-2)
-    max_steps_range: tuple[int, int] = (50, 75)
-    loss: str = "dq"
-    epochs: int = 5
-    max_batches: int | None = None
-    eval_every: int | None = None
-    patience: int | None = None
-    lr_schedule: str = "constant"
-    warmup: int = 0
-    min_lr_factor: float = 0.01
-    augment_translation: bool = False
-    augment_cubic: bool = False
-    time_budget: float | None = None
-    batch_size: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    proximal: float = 0.0
-    checkpoint_frames: bool = False
-    rollout_dropout: bool = False
-    converged_only: bool = True
-    eval_batch_size: int = 16
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"
-    checkpoint_every: int | None = 10
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-
-    def validate(self) -> None:
-        if isinstance(self.pretrain, dict):
-            self.pretrain = PretrainConfig.from_dict(self.pretrain)
-        self.eta_grid = tuple(float(e) for e in self.eta_grid)
-        for name in ("tol_range", "max_steps_range"):
-            if len(getattr(self, name)) != 2:
-                raise self._fail(name, "a pair (low, high)")
-        self.tol_range = (float(self.tol_range[0]), float(self.tol_range[1]))
-        self.max_steps_range = (int(self.max_steps_range[0]), int(self.max_steps_range[1]))
-        self._one_of("step", step_rule_names())
-        self._one_of("stopping", ("fixed", "variable"))
-        self._one_of("loss", ("dq", "mse"))
-        if self.eta is not None:
-            self._positive(("eta",))
-        if self.step == "fire" and self.eta is not None:
-            raise self._fail("eta", "unset for the FIRE step (it adapts its own time step)")
-        if self.eta is None and self.step != "fire" and (not self.eta_grid or min(self.eta_grid) <= 0):
-            raise self._fail("eta_grid", "at least one positive step size when eta is not given")
-        self._at_least_one(("epochs", "batch_size", "max_steps", "eval_batch_size"))
-        if not (0 < self.tol_range[0] <= self.tol_range[1]):
-            raise self._fail("tol_range", "(low, high) with 0 < low <= high")
-        if not (1 <= self.max_steps_range[0] <= self.max_steps_range[1]):
-            raise self._fail("max_steps_range", "(low, high) with 1 <= low <= high")
-        self._positive(("lr", "step_lr"))
-        self._one_of("lr_schedule", ("constant", "cosine", "onecycle"))
-        self._at_least_one(
-            name for name in ("max_batches", "eval_every", "patience") if getattr(self, name) is not None
-        )
-        if self.warmup < 0:
-            raise self._fail("warmup", ">= 0 optimiser steps")
-        if not 0.0 <= self.min_lr_factor <= 1.0:
-            raise self._fail("min_lr_factor", "in [0, 1]")
-        if self.proximal < 0:
-            raise self._fail("proximal", ">= 0")
 
 
 # --------------------------------------------------------------- rollouts
@@ -327,6 +197,7 @@ class FinetuneRun(TrainingRun):
         self.total = min(self.total, config.max_batches or self.total)
         if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
             log.info("augment_cubic: %d of %d train structures have no cubic cell, not moved", odd, len(self.train))
+        self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype)
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
@@ -406,6 +277,10 @@ class FinetuneRun(TrainingRun):
         if self.anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(self.model_params, self.anchor))
             loss = loss + (config.proximal / ctx.world_size) * prox
+        force_mse = 0.0
+        if self.forces is not None:
+            force_sq, force_mse = self.forces.mse(model, epoch, b, ctx)
+            loss = loss + config.force_weight * force_sq
         loss.backward()
         ctx.sync_gradients(self.model_params + self.step_params)
         stats = ctx.all_reduce_sum(
@@ -413,7 +288,7 @@ class FinetuneRun(TrainingRun):
         )
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
         norm = torch.nn.utils.clip_grad_norm_(self.model_params, config.grad_clip or float("inf"))
-        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))
+        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm)) and math.isfinite(force_mse)
         if self.step_params:
             step_norm = torch.nn.utils.clip_grad_norm_(self.step_params, config.step_grad_clip or float("inf"))
             finite = finite and bool(torch.isfinite(step_norm))
@@ -428,6 +303,9 @@ class FinetuneRun(TrainingRun):
         self.running["frames"] += mean_frames
         self.running["n"] += 1
         out_metrics = {"loss": mean_loss, "frames": mean_frames}
+        if self.forces is not None:
+            self.forces.record(force_mse)
+            out_metrics["force_mse"] = force_mse
         eta = _current_eta(self.rule)
         if eta is not None and self.step_params:
             out_metrics["eta"] = eta
@@ -451,6 +329,8 @@ class FinetuneRun(TrainingRun):
             ctx=self.ctx,
         )
         entry.update({f"{self._selection_split}_{k}": v for k, v in result.items()})
+        if self.forces is not None:
+            entry.update(self.forces.history_entry(self.model, self.ctx, batch_size=config.eval_batch_size))
         eta = _current_eta(self.rule)
         if eta is not None:
             entry["eta"] = eta
@@ -471,6 +351,7 @@ class FinetuneRun(TrainingRun):
     def export_settings(self) -> tuple[dict, dict]:
         config, loop = self.config, self.loop
         rule_dict = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
+        rule_dict = self.no_harm.rule or rule_dict
         improved = bool(loop.best_epoch)
         if not improved:
             log.warning(
@@ -485,7 +366,8 @@ class FinetuneRun(TrainingRun):
             "selection_split": self._selection_split,
             "eta_grid": self.grid,
             "improved": improved,
-            "note": None if improved else "no epoch beat epoch 0: this is the initial model, unchanged",
+            "note": self.no_harm.note or (None if improved else "no epoch beat epoch 0: the initial model, unchanged"),
+            "no_harm": self.no_harm.record,
             # The pretrained model's domain widened by the structures tuned on (models/domain.py).
             DOMAIN_KEY: merge_training_domains(
                 read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
@@ -494,3 +376,12 @@ class FinetuneRun(TrainingRun):
         # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
         relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
         return relax, extra
+
+    def before_export(self) -> None:
+        val = self.val if self._selection_split == "val" else None
+        self.no_harm = no_harm_decision(
+            self.init, val, self.loop.best_metric, self.config, ctx=self.ctx, dtype=self.dtype
+        )
+
+    def export_weights(self) -> dict | None:
+        return self.no_harm.weights or self.best["model"]

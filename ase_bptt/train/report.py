@@ -310,6 +310,7 @@ def _markdown(result: Mapping[str, Any]) -> str:
                     [[r["method"], r["model"], *(r[key].get(l) for l in labels)] for r in rows],
                 )
             )
+    lines += _worse_labels_section(result)
     lines += _not_evaluated(result)
     lines += ["", "## Force errors on the split's frames", ""]
     lines.append(
@@ -359,6 +360,33 @@ _PLOT_CAPTIONS = {
     "eta_curve": "Fixed-step Dq against eta; the circled point is the eta chosen on the selection split",
     "training": "Training curves",
 }
+
+
+def _worse_labels_section(result: Mapping[str, Any]) -> list[str]:
+    """The report.md section (lines): a table of the worse labels, "none", or why nothing was compared."""
+    lines = ["", "## Labels where the tuned model is worse than the pretrained best fixed step", ""]
+    worse = result.get("worse_labels")
+    if worse is None:
+        lines.append(
+            "Not compared: give the pretrained checkpoint first and at least one tuned checkpoint with a step rule."
+        )
+        return lines
+    if not worse:
+        lines.append("none: on every label the tuned model's own step rule beats the pretrained best fixed step.")
+        return lines
+    chosen_on = worse[0].get("fixed_chosen_on")
+    lines.append(
+        f"Mean {'Dq' if result.get('metric', 'dq') == 'dq' else 'MSE'} per label: the tuned model's own step rule "
+        f"against the pretrained model's fixed step with the eta chosen on {chosen_on}."
+    )
+    lines.append("")
+    lines.append(
+        format_table(
+            ["label", "model", "n", "tuned (own rule)", "pretrained, best fixed step", "ratio"],
+            [[w["label"], w["model"], w["n"], w["bptt"], w["fixed"], w["ratio"]] for w in worse],
+        )
+    )
+    return lines
 
 
 def _not_evaluated(result: Mapping[str, Any]) -> list[str]:

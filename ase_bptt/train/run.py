@@ -111,6 +111,13 @@ class TrainingRun:
         """``(relax settings, metadata)`` of the exported checkpoint, beyond the common metadata."""
         raise NotImplementedError
 
+    def before_export(self) -> None:
+        """Work every rank does after training, before rank 0 exports (e.g. a sharded evaluation)."""
+
+    def export_weights(self) -> dict | None:
+        """The weights exported (called after :meth:`export_settings`); None: the model as it is."""
+        return self.best["model"]
+
     # ------------------------------------------------------------ skeleton
     def run(self) -> Path:
         """Train (or resume, or find the run finished) and return ``out``."""
@@ -160,6 +167,7 @@ class TrainingRun:
             self.log_start()
         if not self.loop.finished:
             run_epochs(spec, self.loop, ctx, self, progress=self.progress, evaluate_first=self.evaluate_first)
+        self.before_export()
         if ctx.is_main:
             self._export()
         ctx.barrier()
@@ -183,10 +191,11 @@ class TrainingRun:
     def _export(self) -> None:
         from ase_bptt.models.checkpoint import save_checkpoint
 
-        final = copy.deepcopy(self.model)
-        if self.best["model"] is not None:
-            final.load_state_dict(self.best["model"])
         relax, extra = self.export_settings()
+        final = copy.deepcopy(self.model)
+        weights = self.export_weights()
+        if weights is not None:
+            final.load_state_dict(weights)
         loop, header = self.loop, self.header
         metadata = {
             "kind": self.kind,
