@@ -79,6 +79,18 @@ def test_unknown_and_out_of_table_elements_are_refused():
 
 
 # ------------------------------------------------------------- symmetries
+def test_atoms_of_one_element_get_tokens_from_their_neighbourhood(si_vacancy):
+    # Element descriptors alone would give every Si atom the same token (a pair potential).
+    model = tiny()
+    batch = Batch.from_atoms(si_vacancy)
+    model.fit_standardisation(batch, torch.zeros_like(batch.positions))
+    assert model.geometry_std.min() >= 1e-2 and float(model.geometry_std.max()) > 0.02
+    seen = {}
+    model.embed.register_forward_hook(lambda module, inputs, output: seen.update(tokens=output))
+    model(Batch.from_atoms(si_vacancy))
+    assert seen["tokens"][0].std(dim=0).max() > 0.01
+
+
 def test_exact_translation_invariance_in_a_periodic_cell(si_vacancy):
     model = tiny()
     shifted = si_vacancy.copy()

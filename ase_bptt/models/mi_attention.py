@@ -7,7 +7,13 @@ random sites it barely improves interstitials even on its training split. This
 variant never sees an absolute coordinate:
 
 * Tokens: the standardised element descriptors of :mod:`ase_bptt.elements`
-  only, embedded by ADAPT's 3-layer MLP to ``d_model``.
+  plus invariant descriptors of the atom's neighbourhood (per radial basis
+  function: the radial density and the norms of the dipole and traceless
+  quadrupole of the neighbour directions, i.e. two- and three-body terms),
+  standardised, embedded by ADAPT's 3-layer MLP to ``d_model``. Element
+  descriptors alone give every atom of a one-element structure the same token;
+  attention then averages identical values, and the model would be a mere pair
+  potential.
 * Pairs: the minimum-image displacement ``r_ij = x_j - x_i`` (plain differences
   along non-periodic directions), its length ``d_ij``, ``n_rbf`` Gaussian radial
   basis functions on ``[0, cutoff]`` times the cosine envelope
@@ -122,8 +128,8 @@ class MinImageADAPTConfig:
 
     @property
     def n_inputs(self) -> int:
-        """Width of a token before the embedding MLP (the element descriptors)."""
-        return N_FEATURES
+        """Width of a token before the embedding MLP: element descriptors, 3 geometry invariants per RBF."""
+        return N_FEATURES + 3 * self.n_rbf
 
 
 def reciprocal_cell(cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,13 +165,15 @@ class MinImageADAPT(ForceModel):
     are checked by callers with :meth:`check_species`.
 
     Buffers (saved in the state dict, fitted by :meth:`fit_standardisation`):
-    ``force_scale`` (eV/A), ``energy_scale`` (eV per atom), ``energy_shift``
+    ``geometry_mean``/``geometry_std`` (of the neighbourhood descriptors), ``force_scale`` (eV/A), ``energy_scale`` (eV per atom), ``energy_shift``
     (eV per atom, per element) and ``elements`` (the descriptor table). There
     is no coordinate standardisation: the model sees no coordinates.
     """
 
     model_name = "ADAPT-MI"
     elements: torch.Tensor
+    geometry_mean: torch.Tensor
+    geometry_std: torch.Tensor
     force_scale: torch.Tensor
     energy_scale: torch.Tensor
     energy_shift: torch.Tensor
@@ -194,6 +202,8 @@ class MinImageADAPT(ForceModel):
         self.energy_head = nn.Linear(c.d_model, 1)
         dtype = self.energy_head.weight.dtype
         self.register_buffer("elements", standardised_element_table().to(dtype))
+        self.register_buffer("geometry_mean", torch.zeros(3 * c.n_rbf, dtype=dtype))
+        self.register_buffer("geometry_std", torch.ones(3 * c.n_rbf, dtype=dtype))
         self.register_buffer("force_scale", torch.ones((), dtype=dtype))
         self.register_buffer("energy_scale", torch.ones((), dtype=dtype))
         self.register_buffer("energy_shift", torch.zeros(MAX_Z + 1, dtype=dtype))
@@ -260,7 +270,8 @@ class MinImageADAPT(ForceModel):
         pos = batch.positions if positions is None else positions.to(device=ref.device, dtype=ref.dtype)
         mask = batch.mask
         unit, envelope, rbf, pair = self._pairs(batch, pos)
-        x = self.embed(self.elements[batch.numbers])
+        geometry = (self._geometry(unit, rbf) - self.geometry_mean) / self.geometry_std
+        x = self.embed(torch.cat([self.elements[batch.numbers], geometry], dim=-1))
         # Attend to self and to real atoms within the cutoff, weighted by the envelope (log c -> -inf
         # at the cutoff). Padding atoms attend to themselves only, so no row of logits is all -inf.
         # The biases of all layers come from one linear map, masked once.
@@ -326,10 +337,36 @@ class MinImageADAPT(ForceModel):
         # The envelope is 0 for padding and far pairs and 1 on the diagonal: rbf(0) there.
         return unit, envelope, rbf * envelope.unsqueeze(-1), pair
 
+    @staticmethod
+    def _geometry(unit: torch.Tensor, rbf: torch.Tensor) -> torch.Tensor:
+        """Invariant descriptors of each atom's neighbourhood, ``(B, N, 3 n_rbf)``.
+
+        Per RBF channel ``k``: the radial density ``rho = sum_j e_ij``, the squared dipole
+        ``|sum_j e_ij u_ij|^2`` and the squared traceless quadrupole of ``sum_j e_ij u_ij u_ij^T``
+        (``u`` the unit pair vectors), each through ``log1p``. The dipole and quadrupole norms are the
+        l = 1 and l = 2 three-body sums ``sum_jk e_ij e_ik P_l(cos theta_jik)`` (up to constants),
+        the angular terms of Stillinger-Weber-like potentials. Without them every atom of a
+        one-element structure would get the same token, attention would average identical values,
+        and the model would reduce to a pair potential.
+        """
+        x, y, z = unit.unbind(-1)
+        # The six independent components of u u^T, off-diagonals weighted so that the sum of
+        # squares below is the Frobenius norm.
+        root2 = math.sqrt(2.0)
+        parts = torch.stack([x, y, z, x * x, y * y, z * z, root2 * x * y, root2 * x * z, root2 * y * z], dim=-1)
+        moments = torch.einsum("bijk,bijc->bikc", rbf, parts)  # (B, N, K, 9)
+        dipole = moments[..., :3].square().sum(-1)
+        second = moments[..., 3:]
+        trace = second[..., :3].sum(-1)
+        quadrupole = second.square().sum(-1) - trace.square() / 3.0
+        # The diagonal (self) RBF adds the constant rbf(0) to rho and nothing to the moments (u_ii = 0).
+        rho = rbf.sum(2)
+        return torch.log1p(torch.cat([rho, dipole, quadrupole.clamp(min=0.0)], dim=-1))
+
     # -------------------------------------------------------- standardisation
     @torch.no_grad()
     def fit_standardisation(self, batch: Batch, forces: torch.Tensor, energy: torch.Tensor | None = None) -> None:
-        """Fit the output standardisation buffers to a sample of training frames (as ADAPT's, without coordinates).
+        """Fit the standardisation buffers to a sample of training frames (as ADAPT's, descriptors for coordinates).
 
         Args:
             batch: representative frames (a few hundred is plenty).
@@ -341,6 +378,16 @@ class MinImageADAPT(ForceModel):
         """
         ref = self.energy_head.weight
         batch = batch.to(device=ref.device, dtype=torch.float64)
+        self.check_cell(batch, where="the standardisation frames")
+        features = []
+        for chunk in torch.arange(len(batch)).split(16):  # bounded memory: pair tensors grow with N^2
+            sub = batch.select(chunk)
+            unit, _, rbf, _ = self._pairs(sub, sub.positions)
+            features.append(self._geometry(unit, rbf)[sub.mask])
+        geometry = torch.cat(features)
+        self.geometry_mean.copy_(geometry.mean(0))
+        if len(geometry) > 1:
+            self.geometry_std.copy_(geometry.std(0, unbiased=False).clamp(min=1e-2))
         fit_output_standardisation(self, batch, forces, energy)
         seen = {int(z) for z in batch.numbers[batch.mask].tolist()}
         self.config.species = tuple(sorted(seen | set(self.config.species or ())))
