@@ -165,7 +165,8 @@ class MinImageADAPT(ForceModel):
     are checked by callers with :meth:`check_species`.
 
     Buffers (saved in the state dict, fitted by :meth:`fit_standardisation`):
-    ``geometry_mean``/``geometry_std`` (of the neighbourhood descriptors), ``force_scale`` (eV/A), ``energy_scale`` (eV per atom), ``energy_shift``
+    ``geometry_mean``/``geometry_std`` (of the neighbourhood descriptors),
+    ``force_scale`` (eV/A), ``energy_scale`` (eV per atom), ``energy_shift``
     (eV per atom, per element) and ``elements`` (the descriptor table). There
     is no coordinate standardisation: the model sees no coordinates.
     """
