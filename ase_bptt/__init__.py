@@ -17,6 +17,8 @@ _LAZY = {
     "LearnedStepOptimizer": "ase_bptt.relax.optimizer",
     "ADAPT": "ase_bptt.models.adapt",
     "ADAPTConfig": "ase_bptt.models.adapt",
+    "MinImageADAPT": "ase_bptt.models.mi_attention",
+    "MinImageADAPTConfig": "ase_bptt.models.mi_attention",
     "ConservativeForces": "ase_bptt.models.conservative",
     "load_checkpoint": "ase_bptt.models.checkpoint",
     "save_checkpoint": "ase_bptt.models.checkpoint",

@@ -40,6 +40,14 @@ from ase_bptt.cli.options import (
     help="Early stopping after this many epochs without a better val force MAE  [default: 10]",
 )
 @click.option("--augment/--no-augment", default=None, help="Random rotations and translations of the frames.")
+@click.option(
+    "--model",
+    "architecture",
+    type=click.Choice(["adapt", "adapt-mi"]),
+    default=None,
+    help="adapt: the paper's ADAPT; adapt-mi: its translation-invariant variant (minimum-image pair "
+    "attention, docs/model.md)  [default: adapt]",
+)
 @click.option("--d-model", type=click.IntRange(min=1), default=None, help="ADAPT token width  [default: 64]")
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="ADAPT encoder blocks  [default: 3]")
 @click.option("--n-heads", type=click.IntRange(min=1), default=None, help="ADAPT attention heads  [default: 4]")
@@ -54,6 +62,7 @@ def pretrain_cmd(
     lr,
     patience,
     augment,
+    architecture,
     d_model,
     n_layers,
     n_heads,
@@ -67,7 +76,11 @@ def pretrain_cmd(
     from ase_bptt.train.pretrain import PretrainConfig, pretrain
 
     model = given_options(
-        d_model=d_model, d_ff=None if d_model is None else 2 * d_model, n_layers=n_layers, n_heads=n_heads
+        model_name=architecture,
+        d_model=d_model,
+        d_ff=None if d_model is None else 2 * d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
     )
     config = config_from(
         PretrainConfig,

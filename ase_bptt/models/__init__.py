@@ -1,4 +1,4 @@
-"""Force models: the ForceModel contract, ADAPT, the conservative wrapper, checkpoints."""
+"""Force models: the ForceModel contract, ADAPT and its minimum-image variant, the conservative wrapper, checkpoints."""
 
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
@@ -10,13 +10,17 @@ from ase_bptt.models.checkpoint import (
     save_checkpoint,
 )
 from ase_bptt.models.conservative import ConservativeForces
+from ase_bptt.models.mi_attention import CutoffTooLargeError, MinImageADAPT, MinImageADAPTConfig
 
 __all__ = [
     "ADAPT",
     "ADAPTConfig",
     "CheckpointError",
     "ConservativeForces",
+    "CutoffTooLargeError",
     "ForceModel",
+    "MinImageADAPT",
+    "MinImageADAPTConfig",
     "ModelOutput",
     "UnknownElementError",
     "load_checkpoint",

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
 
-__all__ = ["ADAPTConfig", "ADAPT"]
+__all__ = ["ADAPTConfig", "ADAPT", "fit_output_standardisation"]
 
 _COORDINATES = ("periodic", "cartesian")
 
@@ -91,6 +92,8 @@ class ADAPTConfig:
     frequencies: tuple[int, ...] = (1, 2, 4, 8)
     remove_net_force: bool = True
     species: tuple[int, ...] | None = field(default=None)
+    #: The name ``PretrainConfig.model["model_name"]`` and ``ase-bptt pretrain --model`` use.
+    architecture: ClassVar[str] = "adapt"
 
     def __post_init__(self) -> None:
         self.frequencies = tuple(int(k) for k in self.frequencies)
@@ -321,23 +324,38 @@ class ADAPT(ForceModel):
         pos = batch.positions[mask]
         self.coord_mean.copy_(pos.mean(0))
         self.coord_std.copy_(pos.std(0, unbiased=False).clamp(min=1e-2) if pos.shape[0] > 1 else torch.ones(3))
-        f = forces.to(device=ref.device, dtype=torch.float64)[mask]
-        self.force_scale.copy_(f.pow(2).mean().sqrt().clamp(min=1e-3))
-        if energy is not None:
-            energy = energy.to(device=ref.device, dtype=torch.float64)
-            species = sorted({int(z) for z in batch.numbers[mask].tolist()})
-            counts = torch.stack([(batch.numbers == z).sum(1) for z in species], dim=1).to(torch.float64)
-            shift = torch.linalg.lstsq(
-                counts, energy.unsqueeze(-1), driver="gelsd" if counts.device.type == "cpu" else None
-            )
-            shift = shift.solution.squeeze(-1)
-            table = torch.zeros(MAX_Z + 1, dtype=torch.float64, device=ref.device)
-            table[species] = shift
-            residual = energy - counts @ shift
-            n = batch.n_atoms.to(torch.float64)
-            # Per-atom outputs of unit size sum to ~sqrt(N): scale residual/sqrt(N).
-            scale = (residual.pow(2) / n).mean().sqrt().clamp(min=1e-3)
-            self.energy_shift.copy_(table)
-            self.energy_scale.copy_(scale)
+        fit_output_standardisation(self, batch, forces, energy)
         seen = {int(z) for z in batch.numbers[mask].tolist()}
         self.config.species = tuple(sorted(seen | set(self.config.species or ())))
+
+
+@torch.no_grad()
+def fit_output_standardisation(
+    model: nn.Module, batch: Batch, forces: torch.Tensor, energy: torch.Tensor | None
+) -> None:
+    """Fit the output buffers ``force_scale``, ``energy_shift`` and ``energy_scale`` of ``model``.
+
+    Shared by every model with those buffers (ADAPT, :class:`~ase_bptt.models.mi_attention.MinImageADAPT`).
+    ``batch`` is float64 on the model's device. The force scale is the RMS force component; the energy
+    shift is a per-element least-squares fit of total energies to composition, the energy scale the
+    RMS residual per sqrt(atom) (per-atom outputs of unit size sum to ~sqrt(N)). Without energies the
+    energy buffers are left alone.
+    """
+    device = batch.positions.device
+    mask = batch.mask
+    f = forces.to(device=device, dtype=torch.float64)[mask]
+    cast(torch.Tensor, model.force_scale).copy_(f.pow(2).mean().sqrt().clamp(min=1e-3))
+    if energy is None:
+        return
+    energy = energy.to(device=device, dtype=torch.float64)
+    species = sorted({int(z) for z in batch.numbers[mask].tolist()})
+    counts = torch.stack([(batch.numbers == z).sum(1) for z in species], dim=1).to(torch.float64)
+    shift = torch.linalg.lstsq(counts, energy.unsqueeze(-1), driver="gelsd" if counts.device.type == "cpu" else None)
+    shift = shift.solution.squeeze(-1)
+    table = torch.zeros(MAX_Z + 1, dtype=torch.float64, device=device)
+    table[species] = shift
+    residual = energy - counts @ shift
+    n = batch.n_atoms.to(torch.float64)
+    scale = (residual.pow(2) / n).mean().sqrt().clamp(min=1e-3)
+    cast(torch.Tensor, model.energy_shift).copy_(table)
+    cast(torch.Tensor, model.energy_scale).copy_(scale)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ase_bptt.errors import AseBpttError
 from ase_bptt.models.adapt import ADAPT
+from ase_bptt.models.mi_attention import MinImageADAPT
 
 __all__ = [
     "FORMAT",
@@ -111,6 +112,7 @@ def register_model(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 register_model(ADAPT)
+register_model(MinImageADAPT)
 
 
 # ------------------------------------------------------------------------ save

@@ -30,10 +30,15 @@ from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.run import TrainingRun
 
 if TYPE_CHECKING:
-    from ase_bptt.models.adapt import ADAPT
     from ase_bptt.models.base import ForceModel
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["ARCHITECTURES", "PretrainConfig", "pretrain"]
+
+#: ``PretrainConfig.model["model_name"]`` (``ase-bptt pretrain --model``) -> (module, model class, config class).
+ARCHITECTURES = {
+    "adapt": ("ase_bptt.models.adapt", "ADAPT", "ADAPTConfig"),
+    "adapt-mi": ("ase_bptt.models.mi_attention", "MinImageADAPT", "MinImageADAPTConfig"),
+}
 
 log = logging.getLogger("ase_bptt.train")
 
@@ -43,8 +48,11 @@ class PretrainConfig(TrainConfig):
     """Settings of :func:`pretrain`.
 
     Attributes:
-        model: ADAPTConfig fields (dict or an ``ADAPTConfig``); ``species``
-            defaults to the elements of the train split.
+        model: the fresh model's config fields (dict, an ``ADAPTConfig`` or a
+            ``MinImageADAPTConfig``); ``species`` defaults to the elements of
+            the train split. The key ``model_name`` chooses the architecture
+            (:data:`ARCHITECTURES`): ``"adapt"`` (default, ADAPTConfig
+            fields) or ``"adapt-mi"`` (MinImageADAPTConfig fields).
         epochs: passes over the train frames.
         max_steps: stop after this many optimiser steps (None: no limit).
         time_budget: stop after this many seconds of training (None: no limit),
@@ -105,8 +113,13 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         if hasattr(self.model, "to_dict"):
-            self.model = self.model.to_dict()
+            self.model = {**self.model.to_dict(), "model_name": getattr(self.model, "architecture", "adapt")}
         self.model = dict(self.model or {})
+        name = str(self.model.pop("model_name", None) or "adapt").lower()
+        if name not in ARCHITECTURES:
+            raise self._fail("model", f"a dict whose model_name is one of {', '.join(map(repr, ARCHITECTURES))}")
+        if name != "adapt":  # ADAPT configs keep the dict (and the run hash) they always had
+            self.model["model_name"] = name
         self._at_least_one(("epochs", "batch_size", "standardisation_frames", "eval_batch_size", "relax_max_steps"))
         self._positive(("lr", "relax_eta", "relax_tol"))
         self._one_of("schedule", ("cosine", "onecycle", "constant"))
@@ -153,8 +166,16 @@ def force_metrics(model, frames: FrameDataset, index: torch.Tensor, *, batch_siz
     }
 
 
+def architecture(name: str) -> tuple[Any, Any]:
+    """The model class and config class ``PretrainConfig.model["model_name"]`` names."""
+    import importlib
+
+    module, model_cls, config_cls = ARCHITECTURES[name]
+    loaded = importlib.import_module(module)
+    return getattr(loaded, model_cls), getattr(loaded, config_cls)
+
+
 def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtype):
-    from ase_bptt.models.adapt import ADAPT, ADAPTConfig
     from ase_bptt.models.checkpoint import load_model
 
     if init is not None:
@@ -163,11 +184,14 @@ def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtyp
         return loaded, False
     species = tuple(sorted({int(z) for z in train.batch.numbers[train.batch.mask].tolist()}))
     model_cfg = dict(config.model)
+    model_cls, config_cls = architecture(model_cfg.pop("model_name", "adapt"))
     if model_cfg.get("species") is None:
         model_cfg["species"] = species
     torch.manual_seed(config.seed)
-    model = ADAPT(ADAPTConfig.from_dict(model_cfg))
+    model = model_cls(config_cls.from_dict(model_cfg))
     model.check_species(train.batch.numbers, where="the train split")
+    if hasattr(model, "check_cell"):  # e.g. a cutoff too large for the cells: say so before training
+        model.check_cell(train.batch, where="the train split")
     return model.to(device=device, dtype=dtype), True
 
 
@@ -182,8 +206,8 @@ def pretrain(
         out: the checkpoint to write (e.g. ``runs/pretrained.pt``); the
             resumable state goes next to it (``runs/pretrained.state.pt``).
         config: settings (default :class:`PretrainConfig`).
-        init: a checkpoint to continue from instead of a fresh ADAPT (its
-            standardisation is kept).
+        init: a checkpoint to continue from instead of a fresh model (its
+            standardisation is kept; ``config.model`` is then unused).
         progress: show progress bars (rank 0 only).
         overwrite: replace an existing ``out`` made with other settings or data
             (without it that is a :class:`ConfigMismatchError`).
@@ -229,8 +253,8 @@ class PretrainRun(TrainingRun):
         n_std = min(config.standardisation_frames, len(train))
         sample = torch.randperm(len(train), generator=seed_generator(config.seed, 11))[:n_std]
         s_batch, s_forces, s_energy = train.take(sample)
-        if fresh:  # a fresh model is an ADAPT
-            cast("ADAPT", self.model).fit_standardisation(s_batch, s_forces, s_energy)
+        if fresh:  # every architecture of ARCHITECTURES fits its standardisation from data
+            cast(Any, self.model).fit_standardisation(s_batch, s_forces, s_energy)
         self.force_var = float(s_forces[s_batch.mask].pow(2).mean().clamp(min=1e-6))
         self.use_energy = config.energy_weight > 0 and train.has_energy
         self.energy_var = 1.0

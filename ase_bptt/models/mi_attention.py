@@ -1,0 +1,394 @@
+"""MinImageADAPT ("adapt-mi"): ADAPT's Transformer over minimum-image pairs, exactly translation invariant.
+
+ADAPT describes every atom by its absolute position (standardised Cartesian
+coordinates and sin/cos of its fractional coordinates), so it has to learn the
+same local physics separately at every place in the cell; with defects at
+random sites it barely improves interstitials even on its training split. This
+variant never sees an absolute coordinate:
+
+* Tokens: the standardised element descriptors of :mod:`ase_bptt.elements`
+  plus invariant descriptors of the atom's neighbourhood (per radial basis
+  function: the radial density and the norms of the dipole and traceless
+  quadrupole of the neighbour directions, i.e. two- and three-body terms),
+  standardised, embedded by ADAPT's 3-layer MLP to ``d_model``. Element
+  descriptors alone give every atom of a one-element structure the same token;
+  attention then averages identical values, and the model would be a mere pair
+  potential.
+* Pairs: the minimum-image displacement ``r_ij = x_j - x_i`` (plain differences
+  along non-periodic directions), its length ``d_ij``, ``n_rbf`` Gaussian radial
+  basis functions on ``[0, cutoff]`` times the cosine envelope
+  ``c(d) = (1 + cos(pi d / cutoff)) / 2`` (0 beyond the cutoff).
+* ``n_layers`` of ADAPT's post-norm encoder blocks; attention logits get a
+  per-head bias, a linear map of the pair's RBF features, plus ``log c(d_ij)``:
+  an atom attends to itself and to the real atoms within the cutoff, and a
+  neighbour's weight goes smoothly to zero as it leaves the cutoff (a hard
+  mask would make the forces jump).
+* Forces: ``F_i = sum_j s_ij r_ij / d_ij`` with the symmetric pair strength
+  ``s_ij = c(d_ij) (g(h_i, h_j, e_ij) + g(h_j, h_i, e_ij))``, ``g`` a small MLP
+  to a scalar and ``e_ij`` the pair's envelope-weighted RBF features. Pair
+  forces are equal and opposite (Newton's third law), so the net force of a
+  periodic cell is zero up to rounding (no net-force removal needed); the
+  forces rotate with the structure and ignore translations exactly.
+* Energy: a per-atom linear head summed over the real atoms (as ADAPT), so ASE
+  optimisers can log energies. Forces are not its gradient.
+
+Minimum image: one image per pair is exact while the cutoff is below half the
+shortest height of the periodic cell (then at most one image of each atom lies
+within the cutoff, and rounding fractional differences finds it). ``forward``
+checks that and raises :class:`CutoffTooLargeError` otherwise; the built-in
+64-site silicon cells (10.9 A) and Cu cells (10.8 A) fit the default cutoff of 5 A.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ase_bptt.batch import Batch
+from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
+from ase_bptt.errors import AseBpttError
+from ase_bptt.models.adapt import _EncoderBlock, fit_output_standardisation
+from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
+
+__all__ = ["MinImageADAPTConfig", "MinImageADAPT", "CutoffTooLargeError", "cell_heights", "reciprocal_cell"]
+
+
+#: Largest ``(d - mu)^2 / w^2`` the radial basis evaluates (see ``_pairs``).
+_MAX_EXPONENT = 60.0
+
+
+class CutoffTooLargeError(AseBpttError, ValueError):
+    """A periodic cell is too small for the model's cutoff under the minimum-image convention."""
+
+
+@dataclass
+class MinImageADAPTConfig:
+    """Size of a :class:`MinImageADAPT` model (JSON-like via :meth:`to_dict`).
+
+    Attributes:
+        d_model: token width.
+        d_ff: hidden width of each block's feed-forward network.
+        n_layers: number of encoder blocks.
+        n_heads: attention heads (must divide ``d_model``).
+        dropout: dropout in attention and feed-forward (0 for relaxations).
+        cutoff: pair cutoff (A); periodic cells must be more than twice as high.
+        n_rbf: Gaussian radial basis functions on ``[0, cutoff]``.
+        d_pair: hidden width of the pair-force MLP ``g``.
+        species: atomic numbers the model was trained on, or None for any.
+    """
+
+    d_model: int = 64
+    d_ff: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    dropout: float = 0.0
+    cutoff: float = 5.0
+    n_rbf: int = 16
+    d_pair: int = 32
+    species: tuple[int, ...] | None = field(default=None)
+    #: The name ``PretrainConfig.model["model_name"]`` and ``ase-bptt pretrain --model`` use.
+    architecture: ClassVar[str] = "adapt-mi"
+
+    def __post_init__(self) -> None:
+        self.cutoff = float(self.cutoff)
+        if self.species is not None:
+            self.species = tuple(sorted({int(z) for z in self.species}))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if not self.cutoff > 0:
+            raise ValueError(f"cutoff must be positive (A), got {self.cutoff}")
+        if self.n_rbf < 2:
+            raise ValueError(f"n_rbf must be at least 2, got {self.n_rbf}")
+        if self.species is not None and not all(1 <= z <= MAX_Z for z in self.species):
+            raise ValueError(f"species must be atomic numbers 1..{MAX_Z}, got {self.species}")
+
+    def to_dict(self) -> dict:
+        """JSON-like dict (tuples become lists)."""
+        d = asdict(self)
+        d["species"] = None if self.species is None else list(self.species)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MinImageADAPTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer model)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MinImageADAPTConfig keys {unknown}; upgrade ase-bptt to load this model")
+        d = dict(d)
+        if d.get("species") is not None:
+            d["species"] = tuple(d["species"])
+        return cls(**d)
+
+    @property
+    def n_inputs(self) -> int:
+        """Width of a token before the embedding MLP: element descriptors, 3 geometry invariants per RBF."""
+        return N_FEATURES + 3 * self.n_rbf
+
+
+def reciprocal_cell(cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(safe_cell, inverse)``, both ``(B, 3, 3)``: ``frac = x @ inverse`` and ``x = frac @ safe_cell``.
+
+    Non-periodic rows are replaced by unit vectors, as in :func:`ase_bptt.metrics.fractional`;
+    the inverse comes from cross products (column ``k`` is ``a_{k+1} x a_{k+2} / V``), not from a
+    LAPACK solve: a few elementwise operations, no thread pool, no host synchronisation on CUDA.
+    """
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+    safe = torch.where(pbc.unsqueeze(-1), cell, eye)
+    crosses = torch.stack([torch.cross(safe[:, (k + 1) % 3], safe[:, (k + 2) % 3], dim=-1) for k in range(3)], dim=-1)
+    volume = (safe[:, 0] * crosses[..., 0]).sum(-1)  # a_0 . (a_1 x a_2)
+    return safe, crosses / volume[:, None, None]
+
+
+def cell_heights(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """Distance between opposite faces of each cell, ``(B, 3)`` A; ``inf`` along non-periodic directions.
+
+    Height ``k`` is ``1 / |b_k|``, ``b_k`` the reciprocal vector (column ``k`` of the inverse cell).
+    """
+    _, inverse = reciprocal_cell(cell, pbc)
+    heights = 1.0 / torch.linalg.vector_norm(inverse, dim=-2)
+    return torch.where(pbc, heights, torch.full_like(heights, math.inf))
+
+
+class MinImageADAPT(ForceModel):
+    """Translation-invariant ADAPT variant: ``forward(batch, positions=None) -> ModelOutput(forces, energy)``.
+
+    Same contract as :class:`~ase_bptt.models.adapt.ADAPT`: runs in the dtype
+    and on the device of its parameters (the batch is cast to match); forces
+    ``(B, N, 3)`` eV/A, zero on padding; energy ``(B,)`` eV; unknown elements
+    are checked by callers with :meth:`check_species`.
+
+    Buffers (saved in the state dict, fitted by :meth:`fit_standardisation`):
+    ``geometry_mean``/``geometry_std`` (of the neighbourhood descriptors),
+    ``force_scale`` (eV/A), ``energy_scale`` (eV per atom), ``energy_shift``
+    (eV per atom, per element) and ``elements`` (the descriptor table). There
+    is no coordinate standardisation: the model sees no coordinates.
+    """
+
+    model_name = "ADAPT-MI"
+    elements: torch.Tensor
+    geometry_mean: torch.Tensor
+    geometry_std: torch.Tensor
+    force_scale: torch.Tensor
+    energy_scale: torch.Tensor
+    energy_shift: torch.Tensor
+    _centres: torch.Tensor
+
+    def __init__(self, config: MinImageADAPTConfig | None = None) -> None:
+        super().__init__()
+        self.config = MinImageADAPTConfig() if config is None else config
+        c = self.config
+        self.embed = nn.Sequential(
+            nn.Linear(c.n_inputs, c.d_model),
+            nn.GELU(),
+            nn.Linear(c.d_model, c.d_model),
+            nn.GELU(),
+            nn.Linear(c.d_model, c.d_model),
+        )
+        self.blocks = nn.ModuleList(_EncoderBlock(c.d_model, c.d_ff, c.n_heads, c.dropout) for _ in range(c.n_layers))
+        self.pair_bias = nn.Linear(c.n_rbf, c.n_heads * c.n_layers)  # every layer's per-head bias at once
+        self.norm = nn.LayerNorm(c.d_model)
+        # g([h_i, h_j, e_ij]) = w . silu(A h_i + B h_j + C e_ij + b): the first layer split by input,
+        # so the (B, N, N, 2 d_model + n_rbf) concatenation is never built.
+        self.pair_i = nn.Linear(c.d_model, c.d_pair)
+        self.pair_j = nn.Linear(c.d_model, c.d_pair, bias=False)
+        self.pair_rbf = nn.Linear(c.n_rbf, c.d_pair, bias=False)
+        self.pair_out = nn.Linear(c.d_pair, 1)
+        self.energy_head = nn.Linear(c.d_model, 1)
+        dtype = self.energy_head.weight.dtype
+        self.register_buffer("elements", standardised_element_table().to(dtype))
+        self.register_buffer("geometry_mean", torch.zeros(3 * c.n_rbf, dtype=dtype))
+        self.register_buffer("geometry_std", torch.ones(3 * c.n_rbf, dtype=dtype))
+        self.register_buffer("force_scale", torch.ones((), dtype=dtype))
+        self.register_buffer("energy_scale", torch.ones((), dtype=dtype))
+        self.register_buffer("energy_shift", torch.zeros(MAX_Z + 1, dtype=dtype))
+        # Not saved: it follows from the config.
+        self.register_buffer("_centres", torch.linspace(0.0, c.cutoff, c.n_rbf, dtype=dtype), persistent=False)
+        # The last cell tensor that passed the cutoff check: a relaxation reuses one Batch,
+        # so the check (a host read, a synchronisation on CUDA) runs once per rollout, not per frame.
+        self._checked_cell: weakref.ref | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_checked_cell"] = None  # a weak reference does not pickle
+        return state
+
+    # ------------------------------------------------------------- contract
+    @property
+    def species(self) -> tuple[int, ...] | None:  # type: ignore[override]
+        return self.config.species
+
+    def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
+        """Raise ``UnknownElementError`` for an untrained element, or one beyond Z = 94."""
+        beyond = sorted({int(z) for z in torch.as_tensor(numbers).flatten().tolist() if int(z) > MAX_Z})
+        if beyond:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(chemical_symbols[z] if z < len(chemical_symbols) else f"Z={z}" for z in beyond)
+            raise UnknownElementError(
+                f"{where} contains {names}; the element descriptors of {self.model_name} cover Z = 1..{MAX_Z} only"
+            )
+        super().check_species(numbers, where=where)
+
+    @classmethod
+    def from_config(cls, config: dict) -> MinImageADAPT:
+        """Rebuild from :meth:`MinImageADAPTConfig.to_dict` output (used by checkpoints)."""
+        return cls(MinImageADAPTConfig.from_dict(config))
+
+    def check_cell(self, batch: Batch, where: str = "the batch") -> None:
+        """Raise :class:`CutoffTooLargeError` when a periodic cell is not more than twice the cutoff high.
+
+        ``where`` names the structures in the message (``structure k of <where>``).
+        """
+        cell = batch.cell
+        if self._checked_cell is not None and self._checked_cell() is cell:
+            return
+        heights = cell_heights(cell.to(torch.float64), batch.pbc)
+        too_small = (heights <= 2 * self.config.cutoff).any(dim=-1)
+        if bool(too_small.any()):
+            k = int(torch.nonzero(too_small)[0, 0])
+            lengths = ", ".join(f"{float(x):.3g}" for x in torch.linalg.vector_norm(cell[k], dim=-1))
+            raise CutoffTooLargeError(
+                f"structure {k} of {where} has a periodic cell (lengths {lengths} A, smallest height "
+                f"{float(heights[k].min()):.3g} A) too small for the cutoff {self.config.cutoff:g} A of "
+                f"{self.model_name}: the minimum-image convention needs every periodic height above "
+                f"2 x cutoff = {2 * self.config.cutoff:g} A. Use a supercell (e.g. atoms * (2, 2, 2)) "
+                "or a model with a smaller cutoff."
+            )
+        self._checked_cell = weakref.ref(cell)
+
+    def forward(self, batch: Batch, positions: torch.Tensor | None = None) -> ModelOutput:
+        """Forces ``(B, N, 3)`` eV/A and energy ``(B,)`` eV for a Batch."""
+        ref = self.energy_head.weight
+        batch = batch.to(device=ref.device, dtype=ref.dtype)
+        self.check_cell(batch)
+        pos = batch.positions if positions is None else positions.to(device=ref.device, dtype=ref.dtype)
+        mask = batch.mask
+        unit, envelope, rbf, pair = self._pairs(batch, pos)
+        geometry = (self._geometry(unit, rbf) - self.geometry_mean) / self.geometry_std
+        x = self.embed(torch.cat([self.elements[batch.numbers], geometry], dim=-1))
+        # Attend to self and to real atoms within the cutoff, weighted by the envelope (log c -> -inf
+        # at the cutoff). Padding atoms attend to themselves only, so no row of logits is all -inf.
+        # The biases of all layers come from one linear map, masked once.
+        n, heads = mask.shape[1], self.config.n_heads
+        eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+        open_ = ((pair & (envelope > 0)) | eye).unsqueeze(-1)
+        logits = self.pair_bias(rbf) + torch.log(torch.where(open_, envelope.unsqueeze(-1), 1.0))
+        logits = torch.where(open_, logits, -math.inf).permute(0, 3, 1, 2).contiguous()
+        for k, block in enumerate(self.blocks):
+            x = block(x, logits[:, k * heads : (k + 1) * heads])
+        x = self.norm(x)
+        real = mask.unsqueeze(-1).to(x.dtype)
+        # g for every ordered pair: silu(C e_ij + B h_j + A h_i + b), in place on the linear
+        # output (the linear map's backward needs its input, not its output).
+        hidden = self.pair_rbf(rbf)
+        hidden += self.pair_j(x).unsqueeze(1)
+        hidden += self.pair_i(x).unsqueeze(2)
+        g = self.pair_out(F.silu(hidden)).squeeze(-1)
+        strength = (g + g.transpose(1, 2)) * envelope * pair.to(g.dtype)
+        forces = (strength.unsqueeze(-1) * unit).sum(2) * self.force_scale * real
+        per_atom = self.energy_head(x).squeeze(-1) * self.energy_scale + self.energy_shift[batch.numbers]
+        energy = (per_atom * real.squeeze(-1)).sum(-1)
+        return ModelOutput(forces=forces, energy=energy)
+
+    # ------------------------------------------------------------ internals
+    def _pairs(self, batch: Batch, pos: torch.Tensor):
+        """Minimum-image pair geometry.
+
+        Returns ``unit`` ``(B, N, N, 3)`` (``r_ij / d_ij`` with ``r_ij = x_j - x_i`` the
+        minimum-image displacement; zero on the diagonal and on padding), ``envelope``
+        ``(B, N, N)`` (``c(d)``, 1 on the diagonal), ``rbf`` ``(B, N, N, n_rbf)``
+        (times the envelope; zero for masked pairs, the RBF of d = 0 on the
+        diagonal) and ``pair`` ``(B, N, N)`` bool (two different real atoms).
+        """
+        mask = batch.mask
+        n = mask.shape[1]
+        # Fractional coordinates once per atom, not once per pair: the integer image shift of a
+        # pair rounds the difference of fractional coordinates. It can differ from rounding the
+        # fractional difference of r only at a tie (|s| = 1/2), i.e. beyond half a cell height,
+        # which the cutoff check puts outside the cutoff.
+        safe_cell, inverse = reciprocal_cell(batch.cell, batch.pbc)
+        frac = pos @ inverse
+        dfrac = frac.unsqueeze(1) - frac.unsqueeze(2)
+        shift = torch.where(batch.pbc[:, None, None, :], torch.round(dfrac), torch.zeros_like(dfrac))
+        r = (pos.unsqueeze(1) - pos.unsqueeze(2)) - (shift.flatten(1, 2) @ safe_cell).view_as(shift)
+        eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
+        sq = (r * r).sum(-1)
+        ok = pair & (sq > 0)
+        # where() before sqrt: a zero distance (self, padding at the origin) keeps a finite gradient.
+        d = torch.where(ok, torch.sqrt(torch.where(ok, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+        unit = r / torch.where(ok, d, torch.ones_like(d)).unsqueeze(-1) * ok.unsqueeze(-1).to(r.dtype)
+        cutoff = self.config.cutoff
+        inside = d < cutoff
+        envelope = torch.where(inside, 0.5 * (1.0 + torch.cos((math.pi / cutoff) * d)), torch.zeros_like(d))
+        envelope = torch.where(pair, envelope, eye.to(d.dtype).expand_as(d))
+        # Gaussians of width = spacing of the centres, exp(-(d / w - mu / w)^2), in few passes. The
+        # exponent stops at -60 (exp(-60) ~ 1e-26, not 0): far tails would be denormal float32
+        # numbers, and arithmetic on those runs ~10x slower on x86 CPUs (measured: the whole forward).
+        inv_width = (self.config.n_rbf - 1) / cutoff
+        z = torch.square(d.unsqueeze(-1) * inv_width - self._centres * inv_width)
+        rbf = torch.exp(z.clamp(max=_MAX_EXPONENT).neg_())
+        # The envelope is 0 for padding and far pairs and 1 on the diagonal: rbf(0) there.
+        return unit, envelope, rbf * envelope.unsqueeze(-1), pair
+
+    @staticmethod
+    def _geometry(unit: torch.Tensor, rbf: torch.Tensor) -> torch.Tensor:
+        """Invariant descriptors of each atom's neighbourhood, ``(B, N, 3 n_rbf)``.
+
+        Per RBF channel ``k``: the radial density ``rho = sum_j e_ij``, the squared dipole
+        ``|sum_j e_ij u_ij|^2`` and the squared traceless quadrupole of ``sum_j e_ij u_ij u_ij^T``
+        (``u`` the unit pair vectors), each through ``log1p``. The dipole and quadrupole norms are the
+        l = 1 and l = 2 three-body sums ``sum_jk e_ij e_ik P_l(cos theta_jik)`` (up to constants),
+        the angular terms of Stillinger-Weber-like potentials. Without them every atom of a
+        one-element structure would get the same token, attention would average identical values,
+        and the model would reduce to a pair potential.
+        """
+        x, y, z = unit.unbind(-1)
+        # The six independent components of u u^T, off-diagonals weighted so that the sum of
+        # squares below is the Frobenius norm.
+        root2 = math.sqrt(2.0)
+        parts = torch.stack([x, y, z, x * x, y * y, z * z, root2 * x * y, root2 * x * z, root2 * y * z], dim=-1)
+        moments = torch.einsum("bijk,bijc->bikc", rbf, parts)  # (B, N, K, 9)
+        dipole = moments[..., :3].square().sum(-1)
+        second = moments[..., 3:]
+        trace = second[..., :3].sum(-1)
+        quadrupole = second.square().sum(-1) - trace.square() / 3.0
+        # The diagonal (self) RBF adds the constant rbf(0) to rho and nothing to the moments (u_ii = 0).
+        rho = rbf.sum(2)
+        return torch.log1p(torch.cat([rho, dipole, quadrupole.clamp(min=0.0)], dim=-1))
+
+    # -------------------------------------------------------- standardisation
+    @torch.no_grad()
+    def fit_standardisation(self, batch: Batch, forces: torch.Tensor, energy: torch.Tensor | None = None) -> None:
+        """Fit the standardisation buffers to a sample of training frames (as ADAPT's, descriptors for coordinates).
+
+        Args:
+            batch: representative frames (a few hundred is plenty).
+            forces: their reference forces, ``(B, N, 3)`` eV/A.
+            energy: their total energies ``(B,)`` eV, or None (energy
+                standardisation then stays at scale 1, shift 0).
+
+        ``config.species`` becomes the union of its value and the elements in ``batch``.
+        """
+        ref = self.energy_head.weight
+        batch = batch.to(device=ref.device, dtype=torch.float64)
+        self.check_cell(batch, where="the standardisation frames")
+        features = []
+        for chunk in torch.arange(len(batch)).split(16):  # bounded memory: pair tensors grow with N^2
+            sub = batch.select(chunk)
+            unit, _, rbf, _ = self._pairs(sub, sub.positions)
+            features.append(self._geometry(unit, rbf)[sub.mask])
+        geometry = torch.cat(features)
+        self.geometry_mean.copy_(geometry.mean(0))
+        if len(geometry) > 1:
+            self.geometry_std.copy_(geometry.std(0, unbiased=False).clamp(min=1e-2))
+        fit_output_standardisation(self, batch, forces, energy)
+        seen = {int(z) for z in batch.numbers[batch.mask].tolist()}
+        self.config.species = tuple(sorted(seen | set(self.config.species or ())))
