@@ -53,7 +53,14 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
-def runtime_options(*, device: bool = True, dtype: bool = True, seed: bool = False, workers: bool = False) -> Callable:
+def runtime_options(
+    *,
+    device: bool = True,
+    dtype: bool = True,
+    seed: bool = False,
+    workers: bool = False,
+    workers_help: str | None = None,
+) -> Callable:
     """The shared ``--device``, ``--dtype``, ``--seed`` and ``--workers`` options, where they apply."""
 
     def deco(f: Callable) -> Callable:
@@ -94,8 +101,8 @@ def runtime_options(*, device: bool = True, dtype: bool = True, seed: bool = Fal
                     "--workers",
                     type=click.IntRange(min=1),
                     default=1,
-                    show_default=True,
-                    help="Parallel worker processes.",
+                    show_default=workers_help is None,
+                    help=workers_help or "Parallel worker processes.",
                 )
             )
         for opt in reversed(opts):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ase_bptt.cli._group import cli, command
@@ -95,13 +97,19 @@ def relax_cmd(ctx, input_path, model, output, optimizer, fmax, steps, input_form
     show_default=True,
     help="Working directory; a re-run reuses what is already there.",
 )
-@runtime_options(seed=True, workers=True)
+@runtime_options(
+    seed=True,
+    workers=True,
+    workers_help="Parallel worker processes for the reference relaxations  [default: CPUs, at most 2]",
+)
 @click.pass_context
 def demo_cmd(ctx, quick, out_dir, device, dtype, seed, workers):
     """Generate silicon point-defect relaxations, pretrain, fine-tune by BPTT,
     evaluate on the test split and print the Dq table with the report's path."""
     from ase_bptt.train.demo import run_demo
 
+    if ctx.get_parameter_source("workers") is click.core.ParameterSource.DEFAULT:
+        workers = min(2, os.cpu_count() or 1)  # the reference relaxations are independent: use both cores
     run_demo(
         out_dir,
         quick=quick,
