@@ -138,6 +138,16 @@ class ADAPTConfig:
         return n
 
 
+def token_encoder(
+    n_inputs: int, d_model: int, d_ff: int, n_heads: int, n_layers: int, dropout: float
+) -> tuple[nn.Sequential, nn.ModuleList]:
+    """The token embedding (the paper's 3-layer MLP, Eq. 6) and the encoder blocks, shared by ADAPT and ADAPT-MI."""
+    embed = nn.Sequential(
+        nn.Linear(n_inputs, d_model), nn.GELU(), nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model)
+    )
+    return embed, nn.ModuleList(_EncoderBlock(d_model, d_ff, n_heads, dropout) for _ in range(n_layers))
+
+
 class _EncoderBlock(nn.Module):
     """The paper's Eq. 4: ``H1 = LN(X + Attn(X)); H2 = FFN(LN(H1)); out = LN(H2 + H1)``."""
 
@@ -203,14 +213,7 @@ class ADAPT(ForceModel):
         super().__init__()
         self.config = ADAPTConfig() if config is None else config
         c = self.config
-        self.embed = nn.Sequential(
-            nn.Linear(c.n_inputs, c.d_model),
-            nn.GELU(),
-            nn.Linear(c.d_model, c.d_model),
-            nn.GELU(),
-            nn.Linear(c.d_model, c.d_model),
-        )
-        self.blocks = nn.ModuleList(_EncoderBlock(c.d_model, c.d_ff, c.n_heads, c.dropout) for _ in range(c.n_layers))
+        self.embed, self.blocks = token_encoder(c.n_inputs, c.d_model, c.d_ff, c.n_heads, c.n_layers, c.dropout)
         self.norm = nn.LayerNorm(c.d_model)
         self.force_head = nn.Linear(c.d_model, 3)
         self.energy_head = nn.Linear(c.d_model, 1)

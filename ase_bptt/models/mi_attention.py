@@ -53,7 +53,7 @@ from torch import nn
 from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
 from ase_bptt.errors import AseBpttError
-from ase_bptt.models.adapt import _EncoderBlock, fit_output_standardisation
+from ase_bptt.models.adapt import fit_output_standardisation, token_encoder
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
 
 __all__ = ["MinImageADAPTConfig", "MinImageADAPT", "CutoffTooLargeError", "cell_heights", "reciprocal_cell"]
@@ -184,14 +184,7 @@ class MinImageADAPT(ForceModel):
         super().__init__()
         self.config = MinImageADAPTConfig() if config is None else config
         c = self.config
-        self.embed = nn.Sequential(
-            nn.Linear(c.n_inputs, c.d_model),
-            nn.GELU(),
-            nn.Linear(c.d_model, c.d_model),
-            nn.GELU(),
-            nn.Linear(c.d_model, c.d_model),
-        )
-        self.blocks = nn.ModuleList(_EncoderBlock(c.d_model, c.d_ff, c.n_heads, c.dropout) for _ in range(c.n_layers))
+        self.embed, self.blocks = token_encoder(c.n_inputs, c.d_model, c.d_ff, c.n_heads, c.n_layers, c.dropout)
         self.pair_bias = nn.Linear(c.n_rbf, c.n_heads * c.n_layers)  # every layer's per-head bias at once
         self.norm = nn.LayerNorm(c.d_model)
         # g([h_i, h_j, e_ij]) = w . silu(A h_i + B h_j + C e_ij + b): the first layer split by input,
