@@ -400,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", choices=("adapt", "adapt-mi"), default="adapt", help="force model (adapt-mi: smaller budgets)"
     )
+    parser.add_argument(
+        "--force-weight", type=float, default=None, help="BPTT force-matching weight (finetune --force-weight)"
+    )
+    parser.add_argument("--bptt-steps", type=int, default=None, help="BPTT optimiser steps (max_batches)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-alloys", action="store_true", help="skip the EMT alloy domain")
     parser.add_argument(
@@ -427,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, **ADAPT_MI)
     elif args.model == "adapt-mi":
         s = replace(s, model={**s.model, "model_name": "adapt-mi"})
+    if args.force_weight is not None:
+        s = replace(s, finetune={**s.finetune, "force_weight": args.force_weight})
+    if args.bptt_steps is not None:
+        s = replace(s, finetune={**s.finetune, "max_batches": args.bptt_steps})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log()
