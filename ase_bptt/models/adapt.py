@@ -138,6 +138,16 @@ class ADAPTConfig:
         return n
 
 
+def check_descriptor_range(numbers: torch.Tensor | list[int], where: str, descriptors: str) -> None:
+    """Raise ``UnknownElementError`` for an element beyond the descriptor table (Z > 94); ADAPT and ADAPT-MI."""
+    beyond = sorted({int(z) for z in torch.as_tensor(numbers).flatten().tolist() if int(z) > MAX_Z})
+    if beyond:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(chemical_symbols[z] if z < len(chemical_symbols) else f"Z={z}" for z in beyond)
+        raise UnknownElementError(f"{where} contains {names}; {descriptors} cover Z = 1..{MAX_Z} only")
+
+
 def token_encoder(
     n_inputs: int, d_model: int, d_ff: int, n_heads: int, n_layers: int, dropout: float
 ) -> tuple[nn.Sequential, nn.ModuleList]:
@@ -239,14 +249,7 @@ class ADAPT(ForceModel):
 
     def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
         """Raise ``UnknownElementError`` for an untrained element, or one beyond Z = 94."""
-        beyond = sorted({int(z) for z in torch.as_tensor(numbers).flatten().tolist() if int(z) > MAX_Z})
-        if beyond:
-            from ase.data import chemical_symbols
-
-            names = ", ".join(chemical_symbols[z] if z < len(chemical_symbols) else f"Z={z}" for z in beyond)
-            raise UnknownElementError(
-                f"{where} contains {names}; ADAPT's element descriptors cover Z = 1..{MAX_Z} only"
-            )
+        check_descriptor_range(numbers, where, "ADAPT's element descriptors")
         super().check_species(numbers, where=where)
 
     @classmethod

@@ -53,8 +53,8 @@ from torch import nn
 from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
 from ase_bptt.errors import AseBpttError
-from ase_bptt.models.adapt import fit_output_standardisation, token_encoder
-from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
+from ase_bptt.models.adapt import check_descriptor_range, fit_output_standardisation, token_encoder
+from ase_bptt.models.base import ForceModel, ModelOutput
 
 __all__ = ["MinImageADAPTConfig", "MinImageADAPT", "CutoffTooLargeError", "cell_heights", "reciprocal_cell"]
 
@@ -219,14 +219,7 @@ class MinImageADAPT(ForceModel):
 
     def check_species(self, numbers: torch.Tensor | list[int], where: str = "input") -> None:
         """Raise ``UnknownElementError`` for an untrained element, or one beyond Z = 94."""
-        beyond = sorted({int(z) for z in torch.as_tensor(numbers).flatten().tolist() if int(z) > MAX_Z})
-        if beyond:
-            from ase.data import chemical_symbols
-
-            names = ", ".join(chemical_symbols[z] if z < len(chemical_symbols) else f"Z={z}" for z in beyond)
-            raise UnknownElementError(
-                f"{where} contains {names}; the element descriptors of {self.model_name} cover Z = 1..{MAX_Z} only"
-            )
+        check_descriptor_range(numbers, where, f"the element descriptors of {self.model_name}")
         super().check_species(numbers, where=where)
 
     @classmethod
