@@ -46,6 +46,16 @@ def test_protocol_groups():
     assert ex.hold_outs("random", labels) == {"random": None}
 
 
+def test_adapt_mi_settings_are_settings():
+    """``--model adapt-mi`` replaces fields of Settings (a typo would fail here, not an hour into a run)."""
+    from dataclasses import replace
+
+    ex = _example()
+    s = replace(ex.FULL, **ex.ADAPT_MI)
+    assert s.model["model_name"] == "adapt-mi" and s.pretrain_steps == 3000 and s.bptt_steps == 150
+    assert s.finetune["eval_every"] == 15 and s.n_train == ex.FULL.n_train
+
+
 def test_quick_run_holds_the_element_out(tmp_path):
     out = tmp_path / "gen"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

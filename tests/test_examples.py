@@ -65,7 +65,7 @@ def test_report_files_and_tables(quick_run):
     tables = _tables(md)
     table3 = next(rows for h, rows in tables.items() if h.startswith("## Table 3"))
     assert table3[0][:2] == ["method", "mean Dq"]
-    assert [r[0].split(" ")[0] for r in table3[1:]] == ["ADAPT", "ADAPT,", "ADAPT,", "BPTT"]
+    assert [r[0].split(" ")[0] for r in table3[1:]] == ["ADAPT", "ADAPT,", "ADAPT,", "BPTT", "BPTT-tuned"]
     for row in table3[1:]:
         assert math.isfinite(float(row[1])), row
     table4 = next(rows for h, rows in tables.items() if h.startswith("## Table 4"))
@@ -100,6 +100,11 @@ def test_report_numbers_match_an_independent_recomputation(quick_run):
     t3 = report["si"]["table3"]
     assert report["ratios"]["bptt_over_fixed"] == pytest.approx(t3["bptt"] / t3["fixed_val"], rel=1e-12)
     assert report["ratios"]["bptt_over_fire"] == pytest.approx(t3["bptt"] / t3["fire"], rel=1e-12)
+    # The tuned model with ASE FIRE, from the evaluation report, over the pretrained model with ASE FIRE.
+    ev = json.loads((quick_run / "eval-si" / "report.json").read_text())
+    by_name = {c["name"]: c for c in ev["checkpoints"]}
+    tuned_fire = by_name["BPTT"]["fire"]["dq"]["mean"]
+    assert report["ratios"]["tuned_fire_over_fire"] == pytest.approx(tuned_fire / t3["fire"], rel=1e-12)
     counts = report["settings"]["si_counts"]
     assert len(db.trajectories(split="test")) == counts["test"]
     assert len(db.trajectories(split="train")) == counts["train"]
@@ -122,9 +127,11 @@ def test_report_only_rerenders_the_same_tables_without_evaluating(quick_run):
 
 
 def test_seed_is_a_new_experiment_and_no_ablations_keeps_the_main_tables(quick_run, tmp_path):
+    """Also ``--step fire``: the main BPTT run goes through the differentiable FIRE."""
     from ase_bptt.data.db import TrajectoryDB
 
-    args = ["--quick", "--seed", "1", "--no-ablations", "--no-alloys", "--threads", "1", "--out", str(tmp_path)]
+    args = ["--quick", "--seed", "1", "--no-ablations", "--no-alloys", "--step", "fire", "--threads", "1"]
+    args += ["--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=QUICK_LIMIT_S, env=env, cwd=ROOT
@@ -144,3 +151,7 @@ def test_seed_is_a_new_experiment_and_no_ablations_keeps_the_main_tables(quick_r
     seed1 = [t.initial.positions for t in TrajectoryDB(tmp_path / "si.db", create=False).trajectories(split="test")]
     assert len(seed1) == len(seed0)
     assert not any(a.shape == b.shape and np.allclose(a, b) for a in seed0 for b in seed1)
+    # --step fire: the main run is tuned through the FIRE rule, tol FIRE_TOL, and the report says so.
+    finetune = json.loads((tmp_path / "report.json").read_text())["settings"]["finetune"]
+    assert finetune["step"] == "fire" and finetune["eta"] is None and finetune["tol"] == 1e-5
+    assert "BPTT-tuned model + ASE FIRE" in md and "deployed with ASE FIRE" in md
