@@ -49,7 +49,7 @@ alone may then carry a (physical) net force.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
 import torch
@@ -59,7 +59,7 @@ from torch import nn
 from ase_bptt import metrics
 from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
-from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
+from ase_bptt.models.base import ForceModel, ModelConfig, ModelOutput, UnknownElementError
 
 __all__ = ["ADAPTConfig", "ADAPT", "fit_output_standardisation"]
 
@@ -67,7 +67,7 @@ _COORDINATES = ("periodic", "cartesian")
 
 
 @dataclass
-class ADAPTConfig:
+class ADAPTConfig(ModelConfig):
     """Size and features of an ADAPT model (JSON-like via :meth:`to_dict`).
 
     Attributes:
@@ -107,27 +107,6 @@ class ADAPTConfig:
             raise ValueError("periodic coordinates need at least one frequency")
         if self.species is not None and not all(1 <= z <= MAX_Z for z in self.species):
             raise ValueError(f"species must be atomic numbers 1..{MAX_Z}, got {self.species}")
-
-    def to_dict(self) -> dict:
-        """JSON-like dict (tuples become lists)."""
-        d = asdict(self)
-        d["frequencies"] = list(self.frequencies)
-        d["species"] = None if self.species is None else list(self.species)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ADAPTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer model)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ADAPTConfig keys {unknown}; upgrade ase-bptt to load this model")
-        d = dict(d)
-        if d.get("frequencies") is not None:
-            d["frequencies"] = tuple(d["frequencies"])
-        if d.get("species") is not None:
-            d["species"] = tuple(d["species"])
-        return cls(**d)
 
     @property
     def n_inputs(self) -> int:

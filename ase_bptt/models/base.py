@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import asdict, fields
+from typing import Any, NamedTuple, Self
 
 import torch
 from torch import nn
@@ -10,7 +11,28 @@ from torch import nn
 from ase_bptt.batch import Batch
 from ase_bptt.errors import AseBpttError
 
-__all__ = ["ModelOutput", "ForceModel", "UnknownElementError"]
+__all__ = ["ModelConfig", "ModelOutput", "ForceModel", "UnknownElementError"]
+
+
+class ModelConfig:
+    """JSON-like round trip of a model's config dataclass (stored in checkpoints).
+
+    Tuples become lists in :meth:`to_dict`; the subclass's ``__post_init__``
+    turns them back into tuples, so :meth:`from_dict` only refuses unknown keys.
+    Subclasses are dataclasses (the ignores below: mypy cannot know that here).
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-like dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer model)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; upgrade ase-bptt to load this model")
+        return cls(**d)
 
 
 class ModelOutput(NamedTuple):

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -54,7 +54,7 @@ from ase_bptt.batch import Batch
 from ase_bptt.elements import MAX_Z, N_FEATURES, standardised_element_table
 from ase_bptt.errors import AseBpttError
 from ase_bptt.models.adapt import check_descriptor_range, fit_output_standardisation, token_encoder
-from ase_bptt.models.base import ForceModel, ModelOutput
+from ase_bptt.models.base import ForceModel, ModelConfig, ModelOutput
 
 __all__ = ["MinImageADAPTConfig", "MinImageADAPT", "CutoffTooLargeError", "cell_heights", "reciprocal_cell"]
 
@@ -68,7 +68,7 @@ class CutoffTooLargeError(AseBpttError, ValueError):
 
 
 @dataclass
-class MinImageADAPTConfig:
+class MinImageADAPTConfig(ModelConfig):
     """Size of a :class:`MinImageADAPT` model (JSON-like via :meth:`to_dict`).
 
     Attributes:
@@ -107,24 +107,6 @@ class MinImageADAPTConfig:
             raise ValueError(f"n_rbf must be at least 2, got {self.n_rbf}")
         if self.species is not None and not all(1 <= z <= MAX_Z for z in self.species):
             raise ValueError(f"species must be atomic numbers 1..{MAX_Z}, got {self.species}")
-
-    def to_dict(self) -> dict:
-        """JSON-like dict (tuples become lists)."""
-        d = asdict(self)
-        d["species"] = None if self.species is None else list(self.species)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MinImageADAPTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer model)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MinImageADAPTConfig keys {unknown}; upgrade ase-bptt to load this model")
-        d = dict(d)
-        if d.get("species") is not None:
-            d["species"] = tuple(d["species"])
-        return cls(**d)
 
     @property
     def n_inputs(self) -> int:
