@@ -176,8 +176,7 @@ def group_db(pool: TrajectoryDB, out: Path, name: str, hold: HoldOut | None, s: 
 
 
 def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, Any]:
-    info = db.split_info()
-    counts = {sp: sum(1 for _, x, _ in info.values() if x == sp) for sp in ("train", "val", "test")}
+    counts = split_counts(db)
     log(f"    splits: {counts}")
     pre = gdir / "pretrained.pt"
     if not pre.exists():
@@ -220,22 +219,42 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
             device="cpu",
             progress=False,
         )
+    return {
+        "splits": counts,
+        "val_eta_curve": curve,
+        "eta_bptt": eta_bptt,
+        "report": str(gdir / "eval" / "report.md"),
+        **test_numbers(res),
+    }
+
+
+def test_numbers(res: dict[str, Any]) -> dict[str, Any]:
+    """A group's test numbers from its evaluation report: overall, per kind, force MAE."""
     by_name = {ck["name"]: ck for ck in res["checkpoints"]}
     fire = by_name["pretrained"]["fire"]["dq"]["mean"]
     fixed_entry = by_name["pretrained"]["fixed_step_selected"]
     own = by_name["BPTT"]["own_rule"]["dq"]["mean"]
     fixed = fixed_entry["dq"]["mean"]
+    kinds: dict[str, dict[str, float]] = {}
+    for label, n in res["label_counts"].items():  # label means weighted by their counts
+        k = kinds.setdefault(kind_of(label), {"n": 0, "fixed": 0.0, "bptt": 0.0})
+        k["n"] += n
+        k["fixed"] += n * fixed_entry["dq"]["per_label"][label]["mean"]
+        k["bptt"] += n * by_name["BPTT"]["own_rule"]["dq"]["per_label"][label]["mean"]
+    per_kind = {
+        kind: {"n": k["n"], "fixed": k["fixed"] / k["n"], "bptt": k["bptt"] / k["n"], "ratio": k["bptt"] / k["fixed"]}
+        for kind, k in sorted(kinds.items())
+    }
+    forces = {name: by_name[name]["forces"]["mae"] for name in ("pretrained", "BPTT")}
     return {
-        "splits": counts,
         "test_labels": res["label_counts"],
         "n": res["n_structures"],
-        "val_eta_curve": curve,
-        "eta_bptt": eta_bptt,
         "eta_fixed": fixed_entry["eta"],
         "dq": {"do_nothing": res["do_nothing"]["dq"]["mean"], "fire": fire, "fixed": fixed, "bptt": own},
         "bptt_over_fixed": own / fixed,
         "bptt_over_fire": own / fire,
-        "report": str(gdir / "eval" / "report.md"),
+        "per_kind": per_kind,
+        "force_mae": {**forces, "ratio": forces["BPTT"] / forces["pretrained"]},
     }
 
 
@@ -245,15 +264,69 @@ def summary(results: dict[str, Any]) -> str:
         if "skipped" in g:
             rows.append([name, g["skipped"], None, None, None, None, 0])
             continue
-        d = g["dq"]
-        rows.append([name, g["held_out"], d["bptt"], d["fixed"], g["bptt_over_fixed"], g["bptt_over_fire"], g["n"]])
-    head = ["group", "held out", "BPTT Dq", "best fixed step Dq", "BPTT / best fixed step", "BPTT / ASE FIRE", "n"]
+        d, f = g["dq"], g["force_mae"]
+        rows.append(
+            [name, g["held_out"], d["bptt"], d["fixed"], g["bptt_over_fixed"], g["bptt_over_fire"], f["ratio"], g["n"]]
+        )
+    head = [
+        "group",
+        "held out",
+        "BPTT Dq",
+        "best fixed step Dq",
+        "BPTT / best fixed step",
+        "BPTT / ASE FIRE",
+        "force MAE tuned / pretrained",
+        "n",
+    ]
     title = f"# Generalisation: protocol {results['protocol']}, seed {results['settings']['seed']}"
     note = (
         "Dq (amu^1/2 A) on each group's held-out test structures; the fixed step's eta is chosen on val, "
         "ASE FIRE and the fixed step use the pretrained model."
     )
-    return "\n\n".join([title, note, table(head, rows)]) + "\n"
+    ratios = [g["bptt_over_fixed"] for g in results["groups"].values() if "skipped" not in g]
+    mean = f"Mean over the groups of BPTT / best fixed step: {fmt(sum(ratios) / len(ratios), 3)}." if ratios else ""
+    kinds = sorted({k for g in results["groups"].values() for k in g.get("per_kind", {})})
+    kind_rows = [
+        [name] + [g["per_kind"][k]["ratio"] if k in g.get("per_kind", {}) else None for k in kinds]
+        for name, g in results["groups"].items()
+        if "skipped" not in g
+    ]
+    kind_note = "BPTT / best fixed step per defect kind on each group's test structures (- : none of that kind):"
+    return "\n\n".join([title, note, table(head, rows), mean, kind_note, table(["group", *kinds], kind_rows)]) + "\n"
+
+
+def split_counts(db: TrajectoryDB) -> dict[str, int]:
+    splits = [split for _, split, _ in db.split_info().values()]
+    return {sp: splits.count(sp) for sp in ("train", "val", "test")}
+
+
+def write_results(out: Path, results: dict[str, Any]) -> str:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = summary(results)
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def rewrite_summary(out: Path, protocol: str, seed: int) -> int:
+    """summary.md and results.json again from each group's ``eval/report.json`` (the test is not re-run).
+
+    Groups evaluated by a run that was stopped before it wrote ``results.json`` are found by their folders.
+    """
+    path = out / "results.json"
+    fresh = {"protocol": protocol, "settings": {"seed": seed}, "groups": {}}
+    results = json.loads(path.read_text()) if path.exists() else fresh
+    pool = TrajectoryDB(out / "pool.db", create=False)
+    labels = {label for label, _, _ in pool.split_info().values() if label}
+    for name, hold in hold_outs(results["protocol"], labels).items():
+        report = out / name / "eval" / "report.json"
+        if name not in results["groups"] and report.exists():
+            counts = split_counts(TrajectoryDB(out / name / "fcc.db", create=False))
+            results["groups"][name] = {"held_out": str(hold) if hold else "random", "splits": counts}
+    for name, g in results["groups"].items():
+        if "skipped" not in g:
+            g.update(test_numbers(json.loads((out / name / "eval" / "report.json").read_text())))
+    print(write_results(out, results))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         "--force-weight", type=float, default=None, help="BPTT force-matching weight (finetune --force-weight)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="rewrite summary.md and results.json from the groups' saved evaluations (no training, no evaluation)",
+    )
     args = parser.parse_args(argv)
+    if args.summary_only:
+        return rewrite_summary(Path(args.out), args.protocol, args.seed)
 
     torch.set_num_threads(args.threads)
     s = replace(QUICK if args.quick else FULL, seed=args.seed)
@@ -318,12 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"    BPTT / best fixed step {fmt(entry['bptt_over_fixed'], 3)}, BPTT / ASE FIRE {fmt(entry['bptt_over_fire'], 3)}"
             )
         results["groups"][name] = entry
-    results["elapsed_s"] = log.elapsed
-    results["log"] = log.lines
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    text = summary(results)
-    (out / "summary.md").write_text(text)
-    print(text)
+        results["elapsed_s"] = log.elapsed
+        results["log"] = log.lines
+        write_results(out, results)  # after every group: a stopped run keeps what it finished
+    print(summary(results))
     log(f"done in {log.elapsed / 60:.1f} min: {out / 'summary.md'}")
     return 0
 

@@ -83,3 +83,34 @@ def test_quick_run_holds_the_element_out(tmp_path):
     assert report["per_element"]["counts"]["Pd"] == g["n"]  # every test structure holds Pd
     summary = (out / "summary.md").read_text()
     assert "| Pd | element Pd |" in summary and "BPTT / ASE FIRE" in summary
+    # Per kind: label means weighted by their counts, recomputed here from the evaluation report.
+    fixed = next(c for c in report["checkpoints"] if c["name"] == "pretrained")["fixed_step_selected"]["dq"]
+    tuned = next(c for c in report["checkpoints"] if c["name"] == "BPTT")["own_rule"]["dq"]
+    for kind, k in g["per_kind"].items():
+        labels = [lab for lab in report["label_counts"] if ex_kind(lab) == kind]
+        n = sum(report["label_counts"][lab] for lab in labels)
+        want = sum(tuned["per_label"][lab]["mean"] * report["label_counts"][lab] for lab in labels) / n
+        base = sum(fixed["per_label"][lab]["mean"] * report["label_counts"][lab] for lab in labels) / n
+        assert k["n"] == n and math.isclose(k["bptt"], want, rel_tol=1e-12), kind
+        assert math.isclose(k["fixed"], base, rel_tol=1e-12), kind
+        assert math.isclose(k["ratio"], k["bptt"] / k["fixed"], rel_tol=1e-12)
+    assert sum(k["n"] for k in g["per_kind"].values()) == g["n"]
+    assert g["force_mae"]["ratio"] > 0 and "force MAE tuned / pretrained" in summary
+    # --summary-only rewrites the summary from the saved evaluation without evaluating again.
+    stamp = (out / "Pd" / "eval" / "report.json").stat().st_mtime_ns
+    (out / "summary.md").unlink()
+    proc = subprocess.run([*args, "--out", str(out), "--summary-only"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "summary.md").read_text() == summary
+    # ... and without results.json (a run stopped before its end): the groups are found by their folders.
+    (out / "results.json").unlink()
+    proc = subprocess.run([*args, "--out", str(out), "--summary-only"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "summary.md").read_text() == summary
+    assert json.loads((out / "results.json").read_text())["groups"]["Pd"]["splits"] == g["splits"]
+    assert (out / "Pd" / "eval" / "report.json").stat().st_mtime_ns == stamp
+
+
+def ex_kind(label: str) -> str:
+    """The example's kind_of, written again independently: drop every ':Element'."""
+    return "+".join(part.split(":")[0] for part in label.split("+"))
