@@ -311,6 +311,13 @@ def test_evaluate_writes_the_report(files, tmp_path):
         "eta_curve.png",
         "training_curves.png",
     ]
+    # --no-plots: the same numbers, no PNG.
+    args = ["--db", files["db"], "--eta-grid", "0.01,0.04", "--fire-steps", "5", "--max-steps", "10", "--no-plots"]
+    result = run("evaluate", files["model"], "-o", tmp_path / "bare", *args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["report.json", "report.md"]
+    bare = json.loads((tmp_path / "bare" / "report.json").read_text())
+    assert bare["checkpoints"][0]["own_rule"] == report["checkpoints"][0]["own_rule"]
 
 
 def test_relax_learned_follows_the_checkpoint_step_rule(files, tmp_path):

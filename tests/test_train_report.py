@@ -7,6 +7,7 @@ holding nickel, an element the checkpoints were never trained on.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,23 @@ def test_no_evaluable_structure_is_a_clear_error(report, tmp_path):
     with pytest.raises(EmptySplitError, match="no structure of split 'test'.*can be evaluated.*contains Ni"):
         evaluate([root / "tuned.pt"], db, tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_no_plots_writes_the_same_report_without_pngs(report, tmp_path):
+    """``write_report(plots=False)``: the same report.json, report.md without images, no PNG on disk."""
+    from ase_bptt.train.report import report_files, write_report
+
+    root, _, result = report
+    paths = write_report(result, tmp_path / "bare", plots=False)
+    assert paths == report_files(tmp_path / "bare", plots=False) and set(paths) == {"markdown", "json"}
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["report.json", "report.md"]
+    md = (tmp_path / "bare" / "report.md").read_text()
+    assert "![" not in md and "--no-plots" in md
+    full = (root / "out" / "report.md").read_text()
+    assert md.split("## Plots")[0] == full.split("## Plots")[0]  # every table is kept
+    assert json.loads((tmp_path / "bare" / "report.json").read_text()) == json.loads(
+        (root / "out" / "report.json").read_text()
+    )
+    # The full report's own file list names exactly what it wrote.
+    on_disk = json.loads((root / "out" / "report.json").read_text())
+    assert {Path(p).name for p in on_disk["files"].values()} == {"report.md", "report.json", *PLOT_FILES.values()}

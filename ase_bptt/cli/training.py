@@ -357,6 +357,12 @@ def finetune_cmd(
     show_default=True,
     help="RMS per-atom distance to the reference (A) within which a structure counts as in the right basin.",
 )
+@click.option(
+    "--plots/--no-plots",
+    default=True,
+    show_default=True,
+    help="Draw the PNG plots (--no-plots: report.md and report.json only; the plots are most of a small run's time).",
+)
 @runtime_options()
 @click.pass_context
 def evaluate_cmd(
@@ -375,6 +381,7 @@ def evaluate_cmd(
     batch_size,
     baselines,
     basin_rms,
+    plots,
     device,
     dtype,
 ):
@@ -402,6 +409,7 @@ def evaluate_cmd(
         device=device,
         dtype=dtype,
         progress=progress_enabled(ctx),
+        plots=plots,
     )
     click.echo(summary_text(result))
     for line in worse_label_lines(result):

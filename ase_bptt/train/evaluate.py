@@ -207,6 +207,7 @@ def evaluate(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "float32",
     progress: bool = True,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Evaluate checkpoints (and baseline calculators) on one split and write the report.
 
@@ -235,6 +236,7 @@ def evaluate(
         device: torch device (None: CUDA if available, else CPU).
         dtype: "float32" or "float64".
         progress: show tqdm progress bars on stderr.
+        plots: draw the PNG plots beside report.md (False: report.md and report.json only).
 
     Returns:
         The result dict written to ``report.json``. Structures holding an
@@ -433,11 +435,11 @@ def evaluate(
     result["per_element"] = per_element(result)
     result["worse_labels"] = worse_labels(result)
     if out_dir is not None:
-        from ase_bptt.train.report import write_report
+        from ase_bptt.train.report import report_files, write_report
 
-        result["files"] = {k: str(v) for k, v in write_report(result, out_dir).items()}
-        # Rewrite so report.json also lists its sibling files.
-        write_report(result, out_dir)
+        # report.json lists its sibling files, so they are named before anything is written.
+        result["files"] = {k: str(v) for k, v in report_files(out_dir, plots=plots).items()}
+        write_report(result, out_dir, plots=plots)
     return result
 
 
