@@ -218,6 +218,7 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
             names=["pretrained", "BPTT"],
             device="cpu",
             progress=False,
+            plots=False,  # report.md and report.json; the summary is this script's figure
         )
     return {
         "splits": counts,
