@@ -57,7 +57,7 @@ from ase.data import atomic_numbers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reproduce_paper import Log, eta_curve, fmt, stable_eta, table  # noqa: E402
+from reproduce_paper import Log, eta_curve, fmt, model_options, stable_eta, table  # noqa: E402
 
 from ase_bptt.data.db import TrajectoryDB  # noqa: E402
 from ase_bptt.data.generate import generate  # noqa: E402
@@ -358,12 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     s = replace(QUICK if args.quick else FULL, seed=args.seed)
-    if args.model == "adapt-mi" and not args.quick:
-        s = replace(s, **ADAPT_MI)
-    elif args.model == "adapt-mi":
-        s = replace(s, model={**s.model, "model_name": "adapt-mi"})
-    if args.force_weight is not None:
-        s = replace(s, finetune={**s.finetune, "force_weight": args.force_weight})
+    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight)
     for key in ("n_train", "pretrain_steps", "bptt_steps"):
         if getattr(args, key) is not None:
             s = replace(s, **{key: getattr(args, key)})

@@ -147,6 +147,19 @@ FIRE_TOL = 1e-5
 
 
 # ------------------------------------------------------------------ helpers
+def model_options(s: Any, model: str, quick: bool, adapt_mi: dict[str, Any], force_weight: float | None) -> Any:
+    """``--model`` and ``--force-weight`` applied to a Settings dataclass (also generalisation.py's).
+
+    ``adapt_mi``: the fields ADAPT-MI replaces in a full run; a quick run keeps its sizes and only
+    switches the model.
+    """
+    if model == "adapt-mi":
+        s = replace(s, **adapt_mi) if not quick else replace(s, model={**s.model, "model_name": "adapt-mi"})
+    if force_weight is not None:
+        s = replace(s, finetune={**s.finetune, "force_weight": force_weight})
+    return s
+
+
 class Log:
     """Prints stages with elapsed time and keeps them for the report."""
 
@@ -438,12 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(s, seed=args.seed)
     if args.n_train:
         s = replace(s, si_counts={**s.si_counts, "train": args.n_train})
-    if args.model == "adapt-mi" and not args.quick:
-        s = replace(s, **ADAPT_MI)
-    elif args.model == "adapt-mi":
-        s = replace(s, model={**s.model, "model_name": "adapt-mi"})
-    if args.force_weight is not None:
-        s = replace(s, finetune={**s.finetune, "force_weight": args.force_weight})
+    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight)
     if args.bptt_steps is not None:
         s = replace(s, finetune={**s.finetune, "max_batches": args.bptt_steps})
     if args.step == "fire":

@@ -48,12 +48,14 @@ def test_protocol_groups():
 
 def test_adapt_mi_settings_are_settings():
     """``--model adapt-mi`` replaces fields of Settings (a typo would fail here, not an hour into a run)."""
-    from dataclasses import replace
-
     ex = _example()
-    s = replace(ex.FULL, **ex.ADAPT_MI)
+    s = ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, 10.0)
     assert s.model["model_name"] == "adapt-mi" and s.pretrain_steps == 3000 and s.bptt_steps == 150
-    assert s.finetune["eval_every"] == 15 and s.n_train == ex.FULL.n_train
+    assert s.finetune["eval_every"] == 15 and s.finetune["force_weight"] == 10.0 and s.n_train == ex.FULL.n_train
+    # --quick keeps its tiny sizes and only switches the model; --model adapt (the default) changes nothing.
+    q = ex.model_options(ex.QUICK, "adapt-mi", True, ex.ADAPT_MI, None)
+    assert q.model == {**ex.QUICK.model, "model_name": "adapt-mi"} and q.pretrain_steps == ex.QUICK.pretrain_steps
+    assert ex.model_options(ex.FULL, "adapt", False, ex.ADAPT_MI, None) == ex.FULL
 
 
 def test_quick_run_holds_the_element_out(tmp_path):
