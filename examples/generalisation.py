@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--groups {','.join(unknown)}: the {args.protocol} groups are {', '.join(groups)}")
         groups = {g: groups[g] for g in wanted}
 
+    text = ""
     results: dict[str, Any] = {"protocol": args.protocol, "quick": args.quick, "settings": asdict(s), "groups": {}}
     for name, hold in groups.items():
         log(f"group {name}: test = {hold if hold else f'a random {s.random_test:.2g} of the pool'}")
@@ -396,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         results["groups"][name] = entry
         results["elapsed_s"] = log.elapsed
         results["log"] = log.lines
-        write_results(out, results)  # after every group: a stopped run keeps what it finished
-    print(summary(results))
+        text = write_results(out, results)  # after every group: a stopped run keeps what it finished
+    print(text)
     log(f"done in {log.elapsed / 60:.1f} min: {out / 'summary.md'}")
     return 0
 
