@@ -29,6 +29,7 @@ time but not as an update.
 
     python benchmarks/bench_throughput.py --threads 1
     python benchmarks/bench_throughput.py --device cuda --max-batch 4096
+    python benchmarks/bench_throughput.py --device cuda --sizes 1 32 256 1024 4096
     python benchmarks/bench_throughput.py --quick
 """
 
@@ -152,6 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=None, help="most frames per relaxation (default 75; quick 5)")
     parser.add_argument("--time-limit", type=float, default=30.0, help="stop growing after a run this long (s)")
     parser.add_argument("--baseline-max", type=int, default=16, help="time one-at-a-time ASE rows up to this size")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="explicit batch sizes (run smallest first) instead of 1, 4, 16, ...; memory and --time-limit still stop it",
+    )
     args = C.finish_args(parser.parse_args(argv))
     args.max_batch = args.max_batch or (4 if args.quick else 4096)
     args.max_steps = args.max_steps or (5 if args.quick else 75)
@@ -169,7 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
         if mode != "torchsim_fire" or torchsim:
             fn(model, warm, 2, args.device, dtype)
 
-    rows, stop_reason, size = [], "max_batch", 1
+    sizes = sorted(set(args.sizes)) if args.sizes else []
+    if sizes and min(sizes) < 1:
+        raise SystemExit("--sizes must be positive")
+    if sizes:
+        args.max_batch = max(sizes)
+    rows, stop_reason, size = [], "max_batch", sizes.pop(0) if sizes else 1
     while size <= args.max_batch:
         if size > memory_cap:
             stop_reason = f"memory: the automatic batch size allows {memory_cap}"
@@ -180,6 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         for mode, r in _time_modes(modes, model, cells, args, dtype).items():
             rows.append({"batch": size, "mode": mode, **r})
+            # One line per row as it is measured, so a run cut off by a time limit still leaves its figures.
+            print(
+                f"  B={size} {mode}: {r['structures_per_s']:.1f} structures/s, "
+                f"{r['ms_per_structure_frame']:.4f} ms/structure-frame, median of {len(r['time']['samples_s'])}",
+                flush=True,
+            )
         fire = {r["mode"]: r for r in rows if r["batch"] == size}
         if "torchsim_fire" in fire:
             fire["torchsim_fire"]["max_position_difference_vs_fire_A"] = TS.max_position_difference(
@@ -192,7 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
         ):
             stop_reason = f"time: a run at batch {size} took over {args.time_limit:g} s"
             break
-        size *= 4
+        if args.sizes:
+            if not sizes:
+                break
+            size = sizes.pop(0)
+        else:
+            size *= 4
     for r in rows:
         r.pop("_positions")
         r["speedup_vs_torchsim_fire"] = None
@@ -226,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_steps": args.max_steps,
             "time_limit_s": args.time_limit,
             "baseline_max": args.baseline_max,
+            "sizes": sorted(set(args.sizes)) if args.sizes else None,
             "memory_cap": memory_cap,
         },
         "torchsim_available": torchsim,
