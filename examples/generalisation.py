@@ -8,7 +8,10 @@
 
 ``--model adapt-mi`` trains the translation-invariant ADAPT-MI with its own budgets
 (``ADAPT_MI`` below; the 108-site cells are wide enough for its 5 A cutoff, the
-``--quick`` cells are not) and ``--force-weight`` adds the force-matching term.
+``--quick`` cells are not), ``--force-weight`` adds the force-matching term,
+``--proximal`` the pull towards the pretrained weights, ``--label-weight`` weights
+the Dq of some labels (e.g. ``'sub:??=3'``: single substitutions), and ``--step fire``
+tunes through the differentiable FIRE (tol 1e-5) instead of the fixed step.
 
 Data: the built-in ``fcc-defects`` recipe (a Cu host with vacancies, divacancies,
 and Ni, Pd, Ag, Pt, Au, Al substitutions, interstitials and pairs, EMT reference),
@@ -52,6 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 from ase.data import atomic_numbers
 
@@ -59,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce_paper import Log, eta_curve, fmt, model_options, stable_eta, table  # noqa: E402
 
+from ase_bptt.cli.options import parse_label_weights  # noqa: E402
 from ase_bptt.data.db import TrajectoryDB  # noqa: E402
 from ase_bptt.data.generate import generate  # noqa: E402
 from ase_bptt.data.recipes import RECIPES  # noqa: E402
@@ -175,6 +180,16 @@ def group_db(pool: TrajectoryDB, out: Path, name: str, hold: HoldOut | None, s: 
     return db
 
 
+def bptt_config(s: Settings, eta_bptt: float) -> FinetuneConfig:
+    """The group's BPTT run: the fixed step starts at the val-chosen eta; ``--step fire`` sets step
+    "fire" and eta None in ``s.finetune``, which wins."""
+    return FinetuneConfig(
+        **{"epochs": 100000, "eta": eta_bptt, "step": "fixed", **s.finetune, "max_batches": s.bptt_steps},
+        seed=s.seed,
+        device="cpu",
+    )
+
+
 def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, Any]:
     counts = split_counts(db)
     log(f"    splits: {counts}")
@@ -192,14 +207,7 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
     eta_bptt = stable_eta(curve, s.eta_slack)
     bptt = gdir / "bptt.pt"
     if not bptt.exists():
-        cfg = FinetuneConfig(
-            **{"epochs": 100000, **s.finetune, "max_batches": s.bptt_steps},
-            eta=eta_bptt,
-            step="fixed",
-            seed=s.seed,
-            device="cpu",
-        )
-        finetune(db, bptt, init=pre, config=cfg, progress=False)
+        finetune(db, bptt, init=pre, config=bptt_config(s, eta_bptt), progress=False)
     cached = gdir / "eval" / "report.json"
     if cached.exists() and cached.stat().st_mtime > bptt.stat().st_mtime:
         log("    test: reusing the evaluation (the test group is evaluated once)")
@@ -346,6 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force-weight", type=float, default=None, help="BPTT force-matching weight (finetune --force-weight)"
     )
+    parser.add_argument(
+        "--step",
+        choices=("fixed", "fire"),
+        default="fixed",
+        help="BPTT step rule (fire: through the differentiable FIRE, tol 1e-5; for ASE FIRE users)",
+    )
+    parser.add_argument("--proximal", type=float, default=None, help="BPTT proximal weight (finetune --proximal)")
+    parser.add_argument(
+        "--label-weight",
+        action="append",
+        default=[],
+        metavar="LABEL=W",
+        help="BPTT weight of a label or fnmatch pattern, e.g. 'int:*=3' (repeatable; finetune --label-weight)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--summary-only",
@@ -358,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     s = replace(QUICK if args.quick else FULL, seed=args.seed)
-    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight)
+    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight, args.step, args.proximal)
+    if args.label_weight:
+        try:  # the package's own parser of finetune --label-weight
+            weights = parse_label_weights(None, None, tuple(args.label_weight))  # type: ignore[arg-type]
+        except click.BadParameter as exc:
+            parser.error(f"--label-weight: {exc.message}")
+        s = replace(s, finetune={**s.finetune, "label_weights": weights})
     for key in ("n_train", "pretrain_steps", "bptt_steps"):
         if getattr(args, key) is not None:
             s = replace(s, **{key: getattr(args, key)})

@@ -147,16 +147,29 @@ FIRE_TOL = 1e-5
 
 
 # ------------------------------------------------------------------ helpers
-def model_options(s: Any, model: str, quick: bool, adapt_mi: dict[str, Any], force_weight: float | None) -> Any:
-    """``--model`` and ``--force-weight`` applied to a Settings dataclass (also generalisation.py's).
+def model_options(
+    s: Any,
+    model: str,
+    quick: bool,
+    adapt_mi: dict[str, Any],
+    force_weight: float | None,
+    step: str = "fixed",
+    proximal: float | None = None,
+) -> Any:
+    """``--model``, ``--force-weight``, ``--step`` and ``--proximal`` applied to a Settings dataclass
+    (also generalisation.py's).
 
     ``adapt_mi``: the fields ADAPT-MI replaces in a full run; a quick run keeps its sizes and only
-    switches the model.
+    switches the model. ``step="fire"``: BPTT through the differentiable FIRE (no eta, ``FIRE_TOL``).
     """
     if model == "adapt-mi":
         s = replace(s, **adapt_mi) if not quick else replace(s, model={**s.model, "model_name": "adapt-mi"})
     if force_weight is not None:
         s = replace(s, finetune={**s.finetune, "force_weight": force_weight})
+    if proximal is not None:
+        s = replace(s, finetune={**s.finetune, "proximal": proximal})
+    if step == "fire":
+        s = replace(s, finetune={**s.finetune, "step": "fire", "eta": None, "tol": FIRE_TOL})
     return s
 
 
@@ -451,11 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(s, seed=args.seed)
     if args.n_train:
         s = replace(s, si_counts={**s.si_counts, "train": args.n_train})
-    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight)
+    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight, args.step)
     if args.bptt_steps is not None:
         s = replace(s, finetune={**s.finetune, "max_batches": args.bptt_steps})
-    if args.step == "fire":
-        s = replace(s, finetune={**s.finetune, "step": "fire", "eta": None, "tol": FIRE_TOL})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log()

@@ -58,6 +58,18 @@ def test_adapt_mi_settings_are_settings():
     assert ex.model_options(ex.FULL, "adapt", False, ex.ADAPT_MI, None) == ex.FULL
 
 
+def test_step_fire_and_proximal_reach_the_bptt_config():
+    """``--step fire --proximal 0.1`` build a valid FinetuneConfig: FIRE, no eta, tol 1e-5, the proximal term;
+    without them the group tunes the fixed step from the val-chosen eta."""
+    ex = _example()
+    s = ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, 10.0, "fire", 0.1)
+    cfg = ex.bptt_config(s, eta_bptt=0.05)
+    assert (cfg.step, cfg.eta, cfg.tol, cfg.proximal, cfg.force_weight) == ("fire", None, 1e-5, 0.1, 10.0)
+    assert cfg.max_batches == ex.ADAPT_MI["bptt_steps"]
+    fixed = ex.bptt_config(ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, None), eta_bptt=0.05)
+    assert (fixed.step, fixed.eta, fixed.proximal) == ("fixed", 0.05, 0.0)
+
+
 def test_quick_run_holds_the_element_out(tmp_path):
     out = tmp_path / "gen"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -170,6 +170,21 @@ def key_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
     return out
 
 
+def parse_label_weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, float] | None:
+    """``('int:*=3', 'sub:Ni=2')`` -> ``{'int:*': 3.0, 'sub:Ni': 2.0}`` (None when not given)."""
+    out: dict[str, float] = {}
+    for item in value:
+        label, sep, raw = item.rpartition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not label or not (weight >= 0 and weight != float("inf")):
+            raise click.BadParameter(f"{item!r} is not LABEL=WEIGHT with a weight >= 0, e.g. 'int:*=3'")
+        out[label] = weight
+    return out or None
+
+
 def split_options(f: Callable) -> Callable:
     """``--val``, ``--test``, ``--hold-out-label`` and ``--hold-out-element``: how trajectories are split."""
     opts = [

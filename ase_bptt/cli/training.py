@@ -13,6 +13,7 @@ from ase_bptt.cli.options import (
     config_from,
     float_list,
     given_options,
+    parse_label_weights,
     progress_enabled,
     runtime_options,
     step_rule_names,
@@ -172,6 +173,15 @@ def pretrain_cmd(
     "added to the BPTT loss; keeps the tuned model a usable force field  [default: 0 = off]",
 )
 @click.option(
+    "--label-weight",
+    "label_weights",
+    multiple=True,
+    callback=parse_label_weights,
+    metavar="LABEL=W",
+    help="Weight of the Dq of train structures with this label or fnmatch pattern, e.g. 'int:*=3' "
+    "(repeatable; like MACE's config_type_weights; scaled to mean 1)  [default: all 1]",
+)
+@click.option(
     "--force-frames",
     type=click.IntRange(min=1),
     default=None,
@@ -226,6 +236,7 @@ def finetune_cmd(
     lr,
     proximal,
     force_weight,
+    label_weights,
     force_frames,
     checkpoint_frames,
     eval_every,
@@ -266,6 +277,7 @@ def finetune_cmd(
         lr=lr,
         proximal=proximal,
         force_weight=force_weight,
+        label_weights=label_weights,
         force_frames=force_frames,
         checkpoint_frames=checkpoint_frames,
         eval_every=eval_every,

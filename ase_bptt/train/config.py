@@ -43,6 +43,10 @@ __all__ = [
 #: the run, not its result).
 RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batch_size"})
 
+#: Fields added after state files were in use, left out of the hash at these default values,
+#: so a run interrupted before the upgrade still resumes (its config had no such key).
+ADDED_LATER: dict[str, object] = {"label_weights": {}}
+
 _Config = TypeVar("_Config", bound="TrainConfig")
 
 
@@ -143,8 +147,9 @@ class TrainConfig:
 
 
 def config_hash(config_dict: dict, *, ignore: frozenset[str] | set[str] = frozenset()) -> str:
-    """sha256 of the config without run-control fields (device, time budget, ...)."""
-    kept = {k: v for k, v in config_dict.items() if k not in ignore}
+    """sha256 of the config without run-control fields (device, time budget, ...) and without the
+    :data:`ADDED_LATER` fields at their defaults."""
+    kept = {k: v for k, v in config_dict.items() if k not in ignore and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -37,7 +37,7 @@ from ase_bptt.train.config import seed_generator
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.no_harm import no_harm_decision
-from ase_bptt.train.objectives import ForceTerm
+from ase_bptt.train.objectives import ForceTerm, structure_weights, weight_summary
 from ase_bptt.train.pretrain import pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
@@ -198,6 +198,10 @@ class FinetuneRun(TrainingRun):
         if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
             log.info("augment_cubic: %d of %d train structures have no cubic cell, not moved", odd, len(self.train))
         self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype)
+        weights = structure_weights(self.train.labels, config.label_weights)
+        self.structure_weights = None if weights is None else weights.to(device, dtype)
+        if weights is not None and self.ctx.is_main:
+            log.info("label_weights: %s", weight_summary(self.train.labels, weights))
 
     def _search_eta(self) -> float:
         """The initial eta: a grid search on the TRAIN split (never test)."""
@@ -273,6 +277,8 @@ class FinetuneRun(TrainingRun):
             sync_active=ctx.sync_active if ctx.enabled else None,
         )
         per = self.loss_fn(res.positions, relaxed, batch) * weight
+        if self.structure_weights is not None:
+            per = per * self.structure_weights[index[shares].to(self.structure_weights.device)]
         loss = per.sum() / len(index)
         if self.anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(self.model_params, self.anchor))

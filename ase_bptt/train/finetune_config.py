@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.relax.registry import step_rule_names
 from ase_bptt.train.config import TrainConfig
+from ase_bptt.train.objectives import check_label_weights
 from ase_bptt.train.pretrain import PretrainConfig
 
 __all__ = ["FinetuneConfig"]
@@ -61,6 +62,10 @@ class FinetuneConfig(TrainConfig):
             (0: off). The paper uses it as an alternative to clipping.
         force_weight: weight (amu^1/2 A per (eV/A)^2; 0: off) of the force term (train/objectives.py).
         force_frames: train frames drawn per optimiser step for it.
+        label_weights: weight of each train structure's Dq by its label, like
+            MACE's ``config_type_weights``: ``{"int:*": 3, "sub:Ni": 2}`` (exact
+            label first, else the first matching ``fnmatch`` pattern, else 1;
+            scaled to mean 1 over the train split; val selection stays unweighted).
         checkpoint_frames: recompute each frame in backward (less memory).
         rollout_dropout: keep the model's dropout on during training rollouts.
         converged_only: train only on trajectories whose last frame is relaxed.
@@ -105,6 +110,7 @@ class FinetuneConfig(TrainConfig):
     proximal: float = 0.0
     force_weight: float = 0.0
     force_frames: int = 16
+    label_weights: dict[str, float] = field(default_factory=dict)
     checkpoint_frames: bool = False
     rollout_dropout: bool = False
     converged_only: bool = True
@@ -152,3 +158,8 @@ class FinetuneConfig(TrainConfig):
         if not (self.force_weight >= 0 and math.isfinite(self.force_weight)):
             raise self._fail("force_weight", "a finite number >= 0")
         self._at_least_one(("force_frames",))
+        if not isinstance(self.label_weights, dict):
+            raise self._fail("label_weights", "a mapping of label or pattern -> weight")
+        if problem := check_label_weights(self.label_weights):
+            raise self._fail("label_weights", problem)
+        self.label_weights = {k: float(v) for k, v in self.label_weights.items()}

@@ -1,4 +1,4 @@
-"""Extra terms of the BPTT loss: force matching on reference frames.
+"""Extra terms of the BPTT loss: force matching on reference frames, and per-label weights.
 
 BPTT scores only the final structure of a relaxation, so the tuned model
 drifts away from the reference forces (measured: force MAE on test frames
@@ -10,18 +10,26 @@ frames pretraining fits (:func:`~ase_bptt.data.datasets.load_frames`), so the
 draw is the same on every rank and in a resumed run. ``force_weight`` is in
 amu^1/2 A per (eV/A)^2: Dq per squared force error. With weight 0 nothing is
 loaded or drawn and the run is unchanged.
+
+:func:`structure_weights` turns ``label_weights`` (like MACE's
+``config_type_weights``: a label or an ``fnmatch`` pattern such as ``"int:*"``
+-> weight) into one weight per train structure of the Dq term, so rare defect
+kinds can count more than the common ones.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ase_bptt.data.datasets import FrameDataset, load_frames
 from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import seed_generator
+from ase_bptt.train.config import ConfigError, seed_generator
 from ase_bptt.train.distributed import DistContext
 from ase_bptt.train.loop import local_share
 from ase_bptt.train.pretrain import force_metrics
@@ -29,7 +37,15 @@ from ase_bptt.train.pretrain import force_metrics
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
 
-__all__ = ["FORCE_SALT", "ForceTerm", "draw_force_frames"]
+__all__ = [
+    "FORCE_SALT",
+    "ForceTerm",
+    "LabelWeightError",
+    "check_label_weights",
+    "draw_force_frames",
+    "structure_weights",
+    "weight_summary",
+]
 
 log = logging.getLogger("ase_bptt.train")
 
@@ -42,6 +58,57 @@ def draw_force_frames(seed: int, epoch: int, batch: int, n_frames: int, n_availa
     distinct frames, seeded by ``(seed, epoch, batch, FORCE_SALT)`` (sorted, so batches pad alike)."""
     gen = seed_generator(seed, epoch, batch, FORCE_SALT)
     return torch.randperm(n_available, generator=gen)[: min(n_frames, n_available)].sort().values
+
+
+class LabelWeightError(ConfigError):
+    """A ``label_weights`` key that matches no train structure (a typo would otherwise do nothing)."""
+
+
+def check_label_weights(label_weights: Mapping[str, float]) -> str | None:
+    """What a ``label_weights`` mapping must be, if it is not (None: it is fine)."""
+    for key, value in label_weights.items():
+        ok_value = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        if not isinstance(key, str) or not key or not ok_value or value < 0:
+            return f"label or pattern -> finite weight >= 0 ({key!r}: {value!r} is not)"
+    return None
+
+
+def structure_weights(labels: Sequence[str], label_weights: Mapping[str, float] | None) -> torch.Tensor | None:
+    """The Dq term's weight of each train structure, scaled to mean 1 over them (so ``lr`` keeps its meaning).
+
+    A structure's weight is that of its exact label, else of the first key (in the mapping's order) that
+    matches it as an ``fnmatch`` pattern (``"sub:*"`` matches ``sub:Ni`` and ``sub:Ni+vacancy``), else 1.
+    None (nothing to weight) when ``label_weights`` is empty. A key matching no label is a
+    :class:`LabelWeightError`, as is a weighting that gives every structure weight 0.
+    """
+    if not label_weights:
+        return None
+    keys = list(label_weights)
+    unused = [k for k in keys if not any(lab == k or fnmatchcase(lab, k) for lab in labels)]
+    if unused:
+        shown = ", ".join(sorted(set(labels))[:12]) or "(none)"
+        raise LabelWeightError(
+            f"label_weights {', '.join(map(repr, unused))} match(es) no train structure; its labels are: {shown}"
+        )
+
+    def weight(label: str) -> float:
+        if label in label_weights:
+            return float(label_weights[label])
+        return next((float(label_weights[k]) for k in keys if fnmatchcase(label, k)), 1.0)
+
+    w = torch.tensor([weight(lab) for lab in labels], dtype=torch.float64)
+    if not float(w.sum()) > 0:
+        raise LabelWeightError("label_weights give every train structure weight 0")
+    return w * (len(w) / w.sum())
+
+
+def weight_summary(labels: Sequence[str], weights: torch.Tensor) -> str:
+    """``label xcount: weight`` for each label (weights after scaling), for the log."""
+    seen: dict[str, tuple[int, float]] = {}
+    for label, w in zip(labels, weights.tolist()):
+        n, _ = seen.get(label, (0, w))
+        seen[label] = (n + 1, w)
+    return ", ".join(f"{lab or '(no label)'} x{n}: {w:.3g}" for lab, (n, w) in sorted(seen.items()))
 
 
 class ForceTerm:
