@@ -67,6 +67,16 @@ def test_help_lists_every_command_with_an_example():
         assert f"e.g. ase-bptt {name}" in result.output, name
 
 
+def test_python_dash_m_runs_the_cli():
+    """``python -m ase_bptt.cli`` (what ``torchrun ... -m ase_bptt.cli`` runs) is the same command."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ase_bptt.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"e.g. ase-bptt {name}" in " ".join(proc.stdout.split()) for name in COMMANDS)
+
+
 @pytest.mark.parametrize("name", COMMANDS)
 def test_each_command_help_has_an_example(name):
     result = CliRunner().invoke(cli, [name, "--help"])
