@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ase_bptt.data.db import TrajectoryDB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +130,21 @@ def test_quick_run_holds_the_element_out(tmp_path):
 def ex_kind(label: str) -> str:
     """The example's kind_of, written again independently: drop every ':Element'."""
     return "+".join(part.split(":")[0] for part in label.split("+"))
+
+
+def test_interstitial_shell_displacement_hand_computed():
+    """examples/interstitial_shells.py: radial moves of the first shell count, tangential ones and farther
+    atoms do not, across the periodic boundary too."""
+    spec = importlib.util.spec_from_file_location("interstitial_shells", SCRIPT.parent / "interstitial_shells.py")
+    shells = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shells)
+    from ase import Atoms
+
+    # Ni at the origin of a 10 A cube; neighbours at +x (2.5 A), at -y through the boundary (y = 7.5), and far.
+    initial = Atoms("NiCu3", positions=[(0, 0, 0), (2.5, 0, 0), (0, 7.5, 0), (5, 5, 5)], cell=[10, 10, 10], pbc=True)
+    final = initial.copy()
+    final.positions[1] += (0.1, 0.3, 0)  # 0.1 A outward, 0.3 A tangential
+    final.positions[2] += (0, -0.05, 0)  # -y is outward for the image at y = -2.5: +0.05 A
+    final.positions[3] += (1.0, 1.0, 1.0)  # beyond the shell
+    assert shells.interstitial_index(initial, "int:Ni") == 0
+    assert shells.shell_displacement(initial, final, 0, 2.9) == pytest.approx(0.075, abs=1e-12)
