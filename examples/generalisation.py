@@ -231,7 +231,7 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
     return {
         "splits": counts,
         "val_eta_curve": curve,
-        "eta_bptt": eta_bptt,
+        "eta_bptt": eta_bptt if bptt_config(s, eta_bptt).step == "fixed" else None,  # FIRE has no eta
         "report": str(gdir / "eval" / "report.md"),
         **test_numbers(res),
     }
