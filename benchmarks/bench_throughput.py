@@ -35,6 +35,7 @@ time but not as an update.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -177,13 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
         if mode != "torchsim_fire" or torchsim:
             fn(model, warm, 2, args.device, dtype)
 
-    sizes = sorted(set(args.sizes)) if args.sizes else []
-    if sizes and min(sizes) < 1:
-        raise SystemExit("--sizes must be positive")
-    if sizes:
+    if args.sizes:
+        if min(args.sizes) < 1:
+            raise SystemExit("--sizes must be positive")
+        sizes = sorted(set(args.sizes))
         args.max_batch = max(sizes)
-    rows, stop_reason, size = [], "max_batch", sizes.pop(0) if sizes else 1
-    while size <= args.max_batch:
+    else:  # 1, 4, 16, ... up to --max-batch
+        sizes = list(itertools.takewhile(lambda b: b <= args.max_batch, (4**i for i in itertools.count())))
+    rows, stop_reason = [], "max_batch"
+    for size in sizes:
         if size > memory_cap:
             stop_reason = f"memory: the automatic batch size allows {memory_cap}"
             break
@@ -211,12 +214,6 @@ def main(argv: list[str] | None = None) -> dict:
         ):
             stop_reason = f"time: a run at batch {size} took over {args.time_limit:g} s"
             break
-        if args.sizes:
-            if not sizes:
-                break
-            size = sizes.pop(0)
-        else:
-            size *= 4
     for r in rows:
         r.pop("_positions")
         r["speedup_vs_torchsim_fire"] = None
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_steps": args.max_steps,
             "time_limit_s": args.time_limit,
             "baseline_max": args.baseline_max,
-            "sizes": sorted(set(args.sizes)) if args.sizes else None,
+            "sizes": sizes if args.sizes else None,
             "memory_cap": memory_cap,
         },
         "torchsim_available": torchsim,

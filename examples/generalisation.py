@@ -205,9 +205,9 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
     max_steps = s.finetune.get("max_steps", 75)
     curve = eta_curve(load_model(pre), load_relaxations(db, "val"), s.eta_grid, metric="dq", max_steps=max_steps)
     eta_bptt = stable_eta(curve, s.eta_slack)
-    bptt = gdir / "bptt.pt"
+    bptt, cfg = gdir / "bptt.pt", bptt_config(s, eta_bptt)
     if not bptt.exists():
-        finetune(db, bptt, init=pre, config=bptt_config(s, eta_bptt), progress=False)
+        finetune(db, bptt, init=pre, config=cfg, progress=False)
     cached = gdir / "eval" / "report.json"
     if cached.exists() and cached.stat().st_mtime > bptt.stat().st_mtime:
         log("    test: reusing the evaluation (the test group is evaluated once)")
@@ -231,7 +231,7 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
     return {
         "splits": counts,
         "val_eta_curve": curve,
-        "eta_bptt": eta_bptt if bptt_config(s, eta_bptt).step == "fixed" else None,  # FIRE has no eta
+        "eta_bptt": eta_bptt if cfg.step == "fixed" else None,  # FIRE has no eta
         "report": str(gdir / "eval" / "report.md"),
         **test_numbers(res),
     }
