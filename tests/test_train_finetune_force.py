@@ -53,8 +53,9 @@ def test_force_term_is_the_mean_squared_error_of_the_drawn_frames(emt_db, init_m
 
     model = load_model(init_model).eval()
     term = ForceTerm(open_db(emt_db), weight=1.0, n_frames=3, seed=5, device="cpu", dtype=torch.float32)
-    value_t, value = term.mse(model, 2, 1, DistContext())
-    assert float(value_t.detach()) == pytest.approx(value, rel=1e-12)
+    value_t, value, energy_value = term.loss(model, 2, 1, DistContext())
+    assert float(value_t.detach()) == pytest.approx(value, rel=1e-12)  # weight 1
+    assert energy_value == 0.0  # energy_weight 0: not computed
     # The same frames by (trajectory, frame index) in the database's ASE frames.
     dataset = load_frames(open_db(emt_db), "train")
     index = draw_force_frames(5, 2, 1, 3, len(dataset)).tolist()

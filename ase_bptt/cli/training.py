@@ -173,6 +173,14 @@ def pretrain_cmd(
     "added to the BPTT loss; keeps the tuned model a usable force field  [default: 0 = off]",
 )
 @click.option(
+    "--energy-weight",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Weight of an energy-matching term (mean squared per-atom energy error on the force term's frames, "
+    "amu^1/2 A per (eV/atom)^2; needs reference energies); keeps the tuned model's energies usable  "
+    "[default: 0 = off]",
+)
+@click.option(
     "--label-weight",
     "label_weights",
     multiple=True,
@@ -236,6 +244,7 @@ def finetune_cmd(
     lr,
     proximal,
     force_weight,
+    energy_weight,
     label_weights,
     force_frames,
     checkpoint_frames,
@@ -277,6 +286,7 @@ def finetune_cmd(
         lr=lr,
         proximal=proximal,
         force_weight=force_weight,
+        energy_weight=energy_weight,
         label_weights=label_weights,
         force_frames=force_frames,
         checkpoint_frames=checkpoint_frames,

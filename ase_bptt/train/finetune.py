@@ -197,7 +197,7 @@ class FinetuneRun(TrainingRun):
         self.total = min(self.total, config.max_batches or self.total)
         if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
             log.info("augment_cubic: %d of %d train structures have no cubic cell, not moved", odd, len(self.train))
-        self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype)
+        self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype, model=self.model)
         weights = structure_weights(self.train.labels, config.label_weights)
         self.structure_weights = None if weights is None else weights.to(device, dtype)
         if weights is not None and self.ctx.is_main:
@@ -283,10 +283,10 @@ class FinetuneRun(TrainingRun):
         if self.anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(self.model_params, self.anchor))
             loss = loss + (config.proximal / ctx.world_size) * prox
-        force_mse = 0.0
+        force_mse = energy_mse = 0.0
         if self.forces is not None:
-            force_sq, force_mse = self.forces.mse(model, epoch, b, ctx)
-            loss = loss + config.force_weight * force_sq
+            reference_term, force_mse, energy_mse = self.forces.loss(model, epoch, b, ctx)
+            loss = loss + reference_term
         loss.backward()
         ctx.sync_gradients(self.model_params + self.step_params)
         stats = ctx.all_reduce_sum(
@@ -294,7 +294,7 @@ class FinetuneRun(TrainingRun):
         )
         mean_loss, mean_frames = float(stats[0]) / len(index), float(stats[1]) / len(index)
         norm = torch.nn.utils.clip_grad_norm_(self.model_params, config.grad_clip or float("inf"))
-        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm)) and math.isfinite(force_mse)
+        finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm)) and math.isfinite(force_mse + energy_mse)
         if self.step_params:
             step_norm = torch.nn.utils.clip_grad_norm_(self.step_params, config.step_grad_clip or float("inf"))
             finite = finite and bool(torch.isfinite(step_norm))
@@ -310,8 +310,10 @@ class FinetuneRun(TrainingRun):
         self.running["n"] += 1
         out_metrics = {"loss": mean_loss, "frames": mean_frames}
         if self.forces is not None:
-            self.forces.record(force_mse)
+            self.forces.record(force_mse, energy_mse)
             out_metrics["force_mse"] = force_mse
+            if config.energy_weight > 0:
+                out_metrics["energy_mse"] = energy_mse
         eta = _current_eta(self.rule)
         if eta is not None and self.step_params:
             out_metrics["eta"] = eta

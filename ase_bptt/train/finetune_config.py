@@ -62,6 +62,9 @@ class FinetuneConfig(TrainConfig):
             (0: off). The paper uses it as an alternative to clipping.
         force_weight: weight (amu^1/2 A per (eV/A)^2; 0: off) of the force term (train/objectives.py).
         force_frames: train frames drawn per optimiser step for it.
+        energy_weight: weight (amu^1/2 A per (eV/atom)^2; 0: off) of the
+            per-atom energy error on the same frames (needs reference energies);
+            keeps the energy head, which shares the tuned encoder, usable.
         label_weights: weight of each train structure's Dq by its label, like
             MACE's ``config_type_weights``: ``{"int:*": 3, "sub:Ni": 2}`` (exact
             label first, else the first matching ``fnmatch`` pattern, else 1;
@@ -110,6 +113,7 @@ class FinetuneConfig(TrainConfig):
     proximal: float = 0.0
     force_weight: float = 0.0
     force_frames: int = 16
+    energy_weight: float = 0.0
     label_weights: dict[str, float] = field(default_factory=dict)
     checkpoint_frames: bool = False
     rollout_dropout: bool = False
@@ -157,6 +161,8 @@ class FinetuneConfig(TrainConfig):
             raise self._fail("proximal", ">= 0")
         if not (self.force_weight >= 0 and math.isfinite(self.force_weight)):
             raise self._fail("force_weight", "a finite number >= 0")
+        if not (self.energy_weight >= 0 and math.isfinite(self.energy_weight)):
+            raise self._fail("energy_weight", "a finite number >= 0")
         self._at_least_one(("force_frames",))
         if not isinstance(self.label_weights, dict):
             raise self._fail("label_weights", "a mapping of label or pattern -> weight")

@@ -1,4 +1,4 @@
-"""Extra terms of the BPTT loss: force matching on reference frames, and per-label weights.
+"""Extra terms of the BPTT loss: force (and energy) matching on reference frames, and per-label weights.
 
 BPTT scores only the final structure of a relaxation, so the tuned model
 drifts away from the reference forces (measured: force MAE on test frames
@@ -8,8 +8,12 @@ drifts away from the reference forces (measured: force MAE on test frames
 with a generator seeded by ``(seed, epoch, batch, FORCE_SALT)`` from the
 frames pretraining fits (:func:`~ase_bptt.data.datasets.load_frames`), so the
 draw is the same on every rank and in a resumed run. ``force_weight`` is in
-amu^1/2 A per (eV/A)^2: Dq per squared force error. With weight 0 nothing is
-loaded or drawn and the run is unchanged.
+amu^1/2 A per (eV/A)^2: Dq per squared force error. ``energy_weight`` (amu^1/2 A
+per (eV/atom)^2) adds the mean squared per-atom energy error of the same
+frames: the energy head shares the encoder the Dq term moves, so without it
+the energy drifts (measured: energy MAE 3.6 -> 28 meV/atom on fcc defects with
+force weight 10). With both weights 0 nothing is loaded or drawn and the run
+is unchanged.
 
 :func:`structure_weights` turns ``label_weights`` (like MACE's
 ``config_type_weights``: a label or an ``fnmatch`` pattern such as ``"int:*"``
@@ -112,71 +116,111 @@ def weight_summary(labels: Sequence[str], weights: torch.Tensor) -> str:
 
 
 class ForceTerm:
-    """The force-matching term of the BPTT loss and its logging.
+    """The force (and energy) matching term of the BPTT loss and its logging.
 
     Args:
         db: the database (its train split's frames are loaded once).
-        weight: ``force_weight`` (> 0).
+        weight: ``force_weight`` (>= 0).
         n_frames: reference frames per optimiser step.
         seed: the run's seed.
         device, dtype: where the frames go.
+        energy_weight: ``energy_weight`` (>= 0); > 0 needs a reference energy
+            on every train frame (else :class:`~ase_bptt.train.config.ConfigError`).
 
-    The val split's frames are loaded too: their force MAE is reported at each
-    evaluation (the train frames' when there is no val split).
+    The val split's frames are loaded too: their force MAE (and energy MAE)
+    is reported at each evaluation (the train frames' when there is no val split).
     """
 
-    def __init__(self, db, *, weight: float, n_frames: int, seed: int, device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, db, *, weight: float, n_frames: int, seed: int, device, dtype: torch.dtype, energy_weight: float = 0.0
+    ) -> None:
         frames = load_frames(db, "train")
         if frames is None:
             raise EmptySplitError("the train split has no frames to match forces on")
+        if energy_weight > 0 and not frames.has_energy:
+            raise ConfigError(
+                "energy_weight needs a reference energy on every train frame, and some have none: "
+                "leave --energy-weight at 0 or import the energies"
+            )
         self.train: FrameDataset = frames.to(device, dtype)
         val = load_frames(db, "val")
         self.val: FrameDataset | None = None if val is None else val.to(device, dtype)
         self.weight, self.n_frames, self.seed = float(weight), int(n_frames), int(seed)
-        self.running = {"sum": 0.0, "n": 0}
+        self.energy_weight = float(energy_weight)
+        self.running = {"sum": 0.0, "energy_sum": 0.0, "n": 0}
 
     @classmethod
-    def from_config(cls, db, config, *, device, dtype: torch.dtype) -> ForceTerm | None:
-        """The term of a :class:`~ase_bptt.train.finetune.FinetuneConfig`; None when ``force_weight`` is 0
-        (then nothing is loaded or drawn)."""
-        if not config.force_weight > 0:
+    def from_config(cls, db, config, *, device, dtype: torch.dtype, model: ForceModel) -> ForceTerm | None:
+        """The term of a :class:`~ase_bptt.train.finetune.FinetuneConfig` for ``model``; None when
+        ``force_weight`` and ``energy_weight`` are 0 (then nothing is loaded or drawn)."""
+        if not (config.force_weight > 0 or config.energy_weight > 0):
             return None
-        return cls(
-            db, weight=config.force_weight, n_frames=config.force_frames, seed=config.seed, device=device, dtype=dtype
+        term = cls(
+            db,
+            weight=config.force_weight,
+            n_frames=config.force_frames,
+            seed=config.seed,
+            device=device,
+            dtype=dtype,
+            energy_weight=config.energy_weight,
         )
+        if term.energy_weight > 0:
+            with torch.no_grad():
+                if model(term.train.take(torch.arange(1)).batch).energy is None:
+                    raise ConfigError("energy_weight > 0 but the model predicts no energy: leave --energy-weight at 0")
+        return term
 
-    def mse(self, model: ForceModel, epoch: int, batch: int, ctx: DistContext) -> tuple[torch.Tensor, float]:
-        """``(this rank's share of the mean squared force error, the global value)`` on the drawn frames.
+    def loss(self, model: ForceModel, epoch: int, batch: int, ctx: DistContext) -> tuple[torch.Tensor, float, float]:
+        """``(this rank's share of the weighted term, global force MSE, global per-atom energy MSE)``.
 
-        The first is differentiable and sums over ranks to the global mean, like
-        the Dq term of :meth:`~ase_bptt.train.finetune.FinetuneRun.train_batch`.
+        The term is ``weight * force MSE (per component, (eV/A)^2) + energy_weight * energy MSE
+        ((eV/atom)^2)`` on the drawn frames; it is differentiable and sums over ranks to the global
+        value, like the Dq term of :meth:`~ase_bptt.train.finetune.FinetuneRun.train_batch`. The energy
+        MSE is 0.0 when ``energy_weight`` is 0 (not computed).
         """
         index = draw_force_frames(self.seed, epoch, batch, self.n_frames, len(self.train))
         local, share = local_share(index, ctx)
-        frames, forces, _ = self.train.take(local)
+        frames, forces, energy = self.train.take(local)
         mask = frames.mask.unsqueeze(-1)
-        components = ctx.all_reduce_sum(
-            torch.tensor([3.0 * float(frames.mask.sum()) * share], dtype=torch.float64, device=ctx.device)
+        counts = ctx.all_reduce_sum(
+            torch.tensor(
+                [3.0 * float(frames.mask.sum()) * share, float(len(local)) * share],
+                dtype=torch.float64,
+                device=ctx.device,
+            )
         )
         out = model(frames)
-        sq = ((out.forces - forces) * mask).pow(2).sum() * share / float(components[0])
-        value = float(ctx.all_reduce_sum(sq.detach().double().reshape(1).to(ctx.device))[0])
-        return sq, value
+        force_sq = ((out.forces - forces) * mask).pow(2).sum() * share / float(counts[0])
+        parts = [force_sq]
+        term = self.weight * force_sq
+        if self.energy_weight > 0:
+            assert out.energy is not None  # checked by from_config
+            energy_sq = ((out.energy - energy) / frames.mask.sum(1)).pow(2).sum() * share / float(counts[1])
+            parts.append(energy_sq)
+            term = term + self.energy_weight * energy_sq
+        values = ctx.all_reduce_sum(torch.stack([p.detach().double() for p in parts]).to(ctx.device)).tolist()
+        return term, values[0], values[1] if len(values) > 1 else 0.0
 
-    def record(self, value: float) -> None:
-        """Count one optimiser step's mean squared force error (for the history)."""
-        self.running["sum"] += value
+    def record(self, force_mse: float, energy_mse: float = 0.0) -> None:
+        """Count one optimiser step's mean squared force (and energy) error (for the history)."""
+        self.running["sum"] += force_mse
+        self.running["energy_sum"] += energy_mse
         self.running["n"] += 1
 
     def history_entry(self, model: ForceModel, ctx: DistContext, *, batch_size: int) -> dict[str, Any]:
-        """``train_force_mse`` (mean over the steps since the last evaluation) and the force
-        MAE/RMSE (eV/A) on the val frames (the train frames without a val split)."""
+        """``train_force_mse`` (mean over the steps since the last evaluation; ``train_energy_mse`` too
+        when energies are matched) and the force MAE/RMSE (eV/A) and energy MAE (meV/atom, when the
+        frames have energies) on the val frames (the train frames without a val split)."""
         entry: dict[str, Any] = {}
         if self.running["n"]:
             entry["train_force_mse"] = self.running["sum"] / self.running["n"]
-        self.running.update(sum=0.0, n=0)
+            if self.energy_weight > 0:
+                entry["train_energy_mse"] = self.running["energy_sum"] / self.running["n"]
+        self.running.update(sum=0.0, energy_sum=0.0, n=0)
         split, frames = ("val", self.val) if self.val is not None else ("train", self.train)
         result = force_metrics(model, frames, torch.arange(len(frames)), batch_size=batch_size, ctx=ctx)
         entry[f"{split}_force_mae"] = result["force_mae"]
         entry[f"{split}_force_rmse"] = result["force_rmse"]
+        if result["energy_mae_mev_per_atom"] is not None:
+            entry[f"{split}_energy_mae_mev_per_atom"] = result["energy_mae_mev_per_atom"]
         return entry

@@ -1,0 +1,176 @@
+"""The energy-matching part of the BPTT reference term (``energy_weight``, ``--energy-weight``).
+
+Values are checked against hand computations on the database's ASE frames (the
+model's energy one frame at a time against ``atoms.get_potential_energy()``), not
+against the code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.singlepoint import SinglePointCalculator
+from conftest import emt_cu_relaxation
+from test_train_finetune import config, emt_db, init_model  # noqa: F401 (fixtures)
+from test_train_finetune_force import split_frames
+
+from ase_bptt.batch import Batch
+from ase_bptt.train.config import ConfigError
+
+
+def frame_energy_errors(model, frames) -> np.ndarray:
+    """Per-atom energy errors (model - reference, eV/atom) of ASE frames, one frame at a time, float64."""
+    with torch.no_grad():
+        return np.array(
+            [
+                (
+                    float(model(Batch.from_atoms(a, dtype=torch.float32, constraints=False)).energy[0])
+                    - a.get_potential_energy()
+                )
+                / len(a)
+                for a in frames
+            ]
+        )
+
+
+def test_energy_term_is_the_per_atom_energy_mse_of_the_drawn_frames(emt_db, init_model):  # noqa: F811
+    from ase_bptt.data.datasets import load_frames, open_db
+    from ase_bptt.models.checkpoint import load_model
+    from ase_bptt.train.distributed import DistContext
+    from ase_bptt.train.objectives import ForceTerm, draw_force_frames
+
+    model = load_model(init_model).eval()
+    term = ForceTerm(
+        open_db(emt_db), weight=0.0, n_frames=3, seed=5, device="cpu", dtype=torch.float32, energy_weight=2.0
+    )
+    value_t, force_mse, energy_mse = term.loss(model, 2, 1, DistContext())
+    dataset = load_frames(open_db(emt_db), "train")
+    index = draw_force_frames(5, 2, 1, 3, len(dataset)).tolist()
+    trajs = {str(t.traj_id): t for t in split_trajectories(emt_db)}
+    frames = [trajs[dataset.traj_ids[i]].frames[dataset.frame_index[i]] for i in index]
+    by_hand = float(np.mean(frame_energy_errors(model, frames) ** 2))
+    assert by_hand > 0
+    assert energy_mse == pytest.approx(by_hand, rel=1e-4)
+    assert float(value_t.detach()) == pytest.approx(2.0 * energy_mse, rel=1e-6)  # force weight 0: energy only
+    assert force_mse > 0  # still measured (logged) with weight 0
+    value_t.backward()
+    assert float(model.energy_head.weight.grad.abs().sum()) > 0  # the energy head is trained
+
+
+def split_trajectories(db_path):
+    from ase_bptt.data.db import TrajectoryDB
+
+    return TrajectoryDB(db_path, create=False).trajectories("train", converged_only=False)
+
+
+def test_energy_term_keeps_the_energy_error_from_drifting(emt_db, init_model, tmp_path):  # noqa: F811
+    from ase_bptt.models.checkpoint import load_checkpoint, load_model
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    train = split_frames(emt_db, "train")
+
+    def run(energy_weight: float) -> tuple[float, dict]:
+        out = tmp_path / f"e{energy_weight}.pt"
+        cfg = config(
+            eta=0.05, epochs=8, lr=1e-2, force_weight=1.0, force_frames=10000, energy_weight=energy_weight, seed=2
+        )
+        finetune(emt_db, out, init=init_model, config=cfg, progress=False)
+        model = load_model(init_model)
+        model.load_state_dict(load_state(state_path(out))["model"])
+        mae = float(np.mean(np.abs(frame_energy_errors(model.eval(), train))))
+        return mae, load_checkpoint(out)["metadata"]["history"]
+
+    initial = float(np.mean(np.abs(frame_energy_errors(load_model(init_model).eval(), train))))
+    (weighted, h_weighted), (unweighted, h_unweighted) = run(1e3), run(0.0)
+    # Measured on the train frames (the ones the term fits), meV/atom: initial 32, weighted 20, unweighted 62
+    # (this seed's BPTT steps push the energy away; seeds 0 and 1: 20 vs 23 and 20 vs 25).
+    assert weighted < initial and weighted < 0.6 * unweighted
+    energy_mse = [h["train_energy_mse"] for h in h_weighted[1:]]
+    assert energy_mse[-1] < 0.5 * energy_mse[0]  # measured 2.8e-3 -> 8.6e-4 (eV/atom)^2
+    assert not any("train_energy_mse" in h for h in h_unweighted)
+
+
+def test_energy_weight_zero_keeps_the_config_hash_of_older_state_files():
+    """A run interrupted before energy_weight existed (no such key in its config) still resumes."""
+    from ase_bptt.train.config import RUN_CONTROL, config_hash
+
+    new = config().to_dict()
+    old = {k: v for k, v in new.items() if k != "energy_weight"}
+    assert config_hash(new, ignore=RUN_CONTROL) == config_hash(old, ignore=RUN_CONTROL)
+    assert config_hash(config(energy_weight=1.0).to_dict(), ignore=RUN_CONTROL) != config_hash(new, ignore=RUN_CONTROL)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_config_rejects_a_bad_energy_weight(value):
+    with pytest.raises(ConfigError, match="energy_weight"):
+        config(energy_weight=value)
+
+
+@pytest.fixture(scope="module")
+def no_energy_db(tmp_path_factory):
+    """Cu relaxations whose frames carry forces but no energy (as from a code that wrote none)."""
+    from ase_bptt.data.db import TrajectoryDB
+
+    path = tmp_path_factory.mktemp("noenergy") / "noe.db"
+    db = TrajectoryDB(path)
+    for k, split in enumerate(("train", "train", "val")):
+        frames = []
+        for a in emt_cu_relaxation(100 + k):
+            b = a.copy()
+            b.calc = SinglePointCalculator(b, forces=a.get_forces())
+            frames.append(b)
+        db.add_trajectory(frames, label="vacancy", source="test", split=split)
+    return path
+
+
+def test_energy_weight_without_reference_energies_is_one_error_line_and_writes_nothing(
+    no_energy_db,
+    init_model,
+    tmp_path,  # noqa: F811
+):
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+
+    out = tmp_path / "run" / "x.pt"
+    out.parent.mkdir()
+    args = ["--quiet", "finetune", str(no_energy_db), "-o", str(out), "--init", str(init_model), "--eta", "0.05"]
+    args += ["--epochs", "1", "--max-steps", "5"]
+    result = CliRunner().invoke(cli, [*args, "--energy-weight", "1"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "energy_weight" in lines[0] and "--energy-weight" in lines[0], result.output
+    assert list(out.parent.iterdir()) == []
+    # The same run with forces only works on this database.
+    ok = CliRunner().invoke(cli, [*args, "--force-weight", "1"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_cli_rejects_a_negative_energy_weight_before_writing(emt_db, init_model, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+
+    out = tmp_path / "x.pt"
+    args = ["--quiet", "finetune", str(emt_db), "-o", str(out), "--init", str(init_model), "--energy-weight", "-1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--energy-weight" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_passes_the_energy_weight(emt_db, init_model, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+    from ase_bptt.models.checkpoint import load_checkpoint
+
+    out = tmp_path / "cli.pt"
+    args = ["--quiet", "finetune", str(emt_db), "-o", str(out), "--init", str(init_model), "--eta", "0.05"]
+    args += ["--epochs", "1", "--max-steps", "5", "--energy-weight", "3", "--force-frames", "4"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(out)["metadata"]
+    assert meta["config"]["energy_weight"] == 3.0 and meta["config"]["force_weight"] == 0.0
+    assert "train_energy_mse" in meta["history"][-1] and "val_energy_mae_mev_per_atom" in meta["history"][-1]
