@@ -127,8 +127,8 @@ def no_energy_db(tmp_path_factory):
 
 def test_energy_weight_without_reference_energies_is_one_error_line_and_writes_nothing(
     no_energy_db,
-    init_model,
-    tmp_path,  # noqa: F811
+    init_model,  # noqa: F811
+    tmp_path,
 ):
     from click.testing import CliRunner
 
