@@ -13,7 +13,7 @@ import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from conftest import emt_cu_relaxation
 from test_train_finetune import config, emt_db, init_model  # noqa: F401 (fixtures)
-from test_train_finetune_force import split_frames
+from test_train_finetune_force import drawn_frames, finetune_cli, split_frames
 
 from ase_bptt.batch import Batch
 from ase_bptt.train.config import ConfigError
@@ -35,33 +35,23 @@ def frame_energy_errors(model, frames) -> np.ndarray:
 
 
 def test_energy_term_is_the_per_atom_energy_mse_of_the_drawn_frames(emt_db, init_model):  # noqa: F811
-    from ase_bptt.data.datasets import load_frames, open_db
+    from ase_bptt.data.datasets import open_db
     from ase_bptt.models.checkpoint import load_model
     from ase_bptt.train.distributed import DistContext
-    from ase_bptt.train.objectives import ForceTerm, draw_force_frames
+    from ase_bptt.train.objectives import ForceTerm
 
     model = load_model(init_model).eval()
     term = ForceTerm(
         open_db(emt_db), weight=0.0, n_frames=3, seed=5, device="cpu", dtype=torch.float32, energy_weight=2.0
     )
     value_t, force_mse, energy_mse = term.loss(model, 2, 1, DistContext())
-    dataset = load_frames(open_db(emt_db), "train")
-    index = draw_force_frames(5, 2, 1, 3, len(dataset)).tolist()
-    trajs = {str(t.traj_id): t for t in split_trajectories(emt_db)}
-    frames = [trajs[dataset.traj_ids[i]].frames[dataset.frame_index[i]] for i in index]
-    by_hand = float(np.mean(frame_energy_errors(model, frames) ** 2))
+    by_hand = float(np.mean(frame_energy_errors(model, drawn_frames(emt_db, 5, 2, 1, 3)) ** 2))
     assert by_hand > 0
     assert energy_mse == pytest.approx(by_hand, rel=1e-4)
     assert float(value_t.detach()) == pytest.approx(2.0 * energy_mse, rel=1e-6)  # force weight 0: energy only
     assert force_mse > 0  # still measured (logged) with weight 0
     value_t.backward()
     assert float(model.energy_head.weight.grad.abs().sum()) > 0  # the energy head is trained
-
-
-def split_trajectories(db_path):
-    from ase_bptt.data.db import TrajectoryDB
-
-    return TrajectoryDB(db_path, create=False).trajectories("train", converged_only=False)
 
 
 def test_energy_term_keeps_the_energy_error_from_drifting(emt_db, init_model, tmp_path):  # noqa: F811
@@ -130,21 +120,15 @@ def test_energy_weight_without_reference_energies_is_one_error_line_and_writes_n
     init_model,  # noqa: F811
     tmp_path,
 ):
-    from click.testing import CliRunner
-
-    from ase_bptt.cli import cli
-
     out = tmp_path / "run" / "x.pt"
     out.parent.mkdir()
-    args = ["--quiet", "finetune", str(no_energy_db), "-o", str(out), "--init", str(init_model), "--eta", "0.05"]
-    args += ["--epochs", "1", "--max-steps", "5"]
-    result = CliRunner().invoke(cli, [*args, "--energy-weight", "1"])
+    result = finetune_cli(no_energy_db, init_model, out, "--energy-weight", "1")
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "energy_weight" in lines[0] and "--energy-weight" in lines[0], result.output
     assert list(out.parent.iterdir()) == []
     # The same run with forces only works on this database.
-    ok = CliRunner().invoke(cli, [*args, "--force-weight", "1"])
+    ok = finetune_cli(no_energy_db, init_model, out, "--force-weight", "1")
     assert ok.exit_code == 0, ok.output
 
 
@@ -161,15 +145,10 @@ def test_cli_rejects_a_negative_energy_weight_before_writing(emt_db, init_model,
 
 
 def test_cli_passes_the_energy_weight(emt_db, init_model, tmp_path):  # noqa: F811
-    from click.testing import CliRunner
-
-    from ase_bptt.cli import cli
     from ase_bptt.models.checkpoint import load_checkpoint
 
     out = tmp_path / "cli.pt"
-    args = ["--quiet", "finetune", str(emt_db), "-o", str(out), "--init", str(init_model), "--eta", "0.05"]
-    args += ["--epochs", "1", "--max-steps", "5", "--energy-weight", "3", "--force-frames", "4"]
-    result = CliRunner().invoke(cli, args)
+    result = finetune_cli(emt_db, init_model, out, "--energy-weight", "3", "--force-frames", "4")
     assert result.exit_code == 0, result.output
     meta = load_checkpoint(out)["metadata"]
     assert meta["config"]["energy_weight"] == 3.0 and meta["config"]["force_weight"] == 0.0

@@ -33,6 +33,28 @@ def split_frames(db_path, split: str) -> list:
     return [a for t in TrajectoryDB(db_path, create=False).trajectories(split, converged_only=False) for a in t.frames]
 
 
+def drawn_frames(db_path, seed: int, epoch: int, batch: int, n_frames: int) -> list:
+    """The train frames ForceTerm draws at ``(epoch, batch)``, as the database's ASE frames (by trajectory
+    and frame index)."""
+    from ase_bptt.data.datasets import load_frames, open_db
+    from ase_bptt.train.objectives import draw_force_frames
+
+    dataset = load_frames(open_db(db_path), "train")
+    index = draw_force_frames(seed, epoch, batch, n_frames, len(dataset)).tolist()
+    trajs = {str(t.traj_id): t for t in TrajectoryDB(db_path, create=False).trajectories("train", converged_only=False)}
+    return [trajs[dataset.traj_ids[i]].frames[dataset.frame_index[i]] for i in index]
+
+
+def finetune_cli(db_path, init_path, out, *options: str):
+    """``ase-bptt --quiet finetune DB -o OUT --init INIT --eta 0.05 --epochs 1 --max-steps 5 OPTIONS``."""
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+
+    args = ["--quiet", "finetune", str(db_path), "-o", str(out), "--init", str(init_path), "--eta", "0.05"]
+    return CliRunner().invoke(cli, [*args, "--epochs", "1", "--max-steps", "5", *options])
+
+
 def test_force_frames_are_drawn_seeded_distinct_and_capped():
     from ase_bptt.train.objectives import draw_force_frames
 
@@ -46,10 +68,10 @@ def test_force_frames_are_drawn_seeded_distinct_and_capped():
 
 
 def test_force_term_is_the_mean_squared_error_of_the_drawn_frames(emt_db, init_model):  # noqa: F811
-    from ase_bptt.data.datasets import load_frames, open_db
+    from ase_bptt.data.datasets import open_db
     from ase_bptt.models.checkpoint import load_model
     from ase_bptt.train.distributed import DistContext
-    from ase_bptt.train.objectives import ForceTerm, draw_force_frames
+    from ase_bptt.train.objectives import ForceTerm
 
     model = load_model(init_model).eval()
     term = ForceTerm(open_db(emt_db), weight=1.0, n_frames=3, seed=5, device="cpu", dtype=torch.float32)
@@ -57,10 +79,7 @@ def test_force_term_is_the_mean_squared_error_of_the_drawn_frames(emt_db, init_m
     assert float(value_t.detach()) == pytest.approx(value, rel=1e-12)  # weight 1
     assert energy_value == 0.0  # energy_weight 0: not computed
     # The same frames by (trajectory, frame index) in the database's ASE frames.
-    dataset = load_frames(open_db(emt_db), "train")
-    index = draw_force_frames(5, 2, 1, 3, len(dataset)).tolist()
-    trajs = {str(t.traj_id): t for t in TrajectoryDB(emt_db, create=False).trajectories("train", converged_only=False)}
-    frames = [trajs[dataset.traj_ids[i]].frames[dataset.frame_index[i]] for i in index]
+    frames = drawn_frames(emt_db, 5, 2, 1, 3)
     assert value == pytest.approx(float(np.mean(frame_errors(model, frames) ** 2)), rel=1e-4)
     value_t.backward()  # differentiable in the model's parameters
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
@@ -207,15 +226,10 @@ def test_cli_rejects_bad_force_options_before_writing(emt_db, init_model, tmp_pa
 
 
 def test_cli_passes_the_force_options(emt_db, init_model, tmp_path):  # noqa: F811
-    from click.testing import CliRunner
-
-    from ase_bptt.cli import cli
     from ase_bptt.models.checkpoint import load_checkpoint
 
     out = tmp_path / "cli.pt"
-    args = ["--quiet", "finetune", str(emt_db), "-o", str(out), "--init", str(init_model), "--eta", "0.05"]
-    args += ["--epochs", "1", "--max-steps", "5", "--force-weight", "0.25", "--force-frames", "4"]
-    result = CliRunner().invoke(cli, args)
+    result = finetune_cli(emt_db, init_model, out, "--force-weight", "0.25", "--force-frames", "4")
     assert result.exit_code == 0, result.output
     meta = load_checkpoint(out)["metadata"]
     assert meta["config"]["force_weight"] == 0.25 and meta["config"]["force_frames"] == 4

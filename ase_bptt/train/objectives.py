@@ -191,15 +191,15 @@ class ForceTerm:
         )
         out = model(frames)
         force_sq = ((out.forces - forces) * mask).pow(2).sum() * share / float(counts[0])
-        parts = [force_sq]
-        term = self.weight * force_sq
+        energy_sq = torch.zeros_like(force_sq)
         if self.energy_weight > 0:
             assert out.energy is not None  # checked by from_config
             energy_sq = ((out.energy - energy) / frames.mask.sum(1)).pow(2).sum() * share / float(counts[1])
-            parts.append(energy_sq)
-            term = term + self.energy_weight * energy_sq
-        values = ctx.all_reduce_sum(torch.stack([p.detach().double() for p in parts]).to(ctx.device)).tolist()
-        return term, values[0], values[1] if len(values) > 1 else 0.0
+        term = self.weight * force_sq + self.energy_weight * energy_sq
+        force_mse, energy_mse = ctx.all_reduce_sum(
+            torch.stack([force_sq, energy_sq]).detach().double().to(ctx.device)
+        ).tolist()
+        return term, force_mse, energy_mse
 
     def record(self, force_mse: float, energy_mse: float = 0.0) -> None:
         """Count one optimiser step's mean squared force (and energy) error (for the history)."""
