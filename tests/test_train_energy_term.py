@@ -132,18 +132,6 @@ def test_energy_weight_without_reference_energies_is_one_error_line_and_writes_n
     assert ok.exit_code == 0, ok.output
 
 
-def test_cli_rejects_a_negative_energy_weight_before_writing(emt_db, init_model, tmp_path):  # noqa: F811
-    from click.testing import CliRunner
-
-    from ase_bptt.cli import cli
-
-    out = tmp_path / "x.pt"
-    args = ["--quiet", "finetune", str(emt_db), "-o", str(out), "--init", str(init_model), "--energy-weight", "-1"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 2 and "--energy-weight" in result.output
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_cli_passes_the_energy_weight(emt_db, init_model, tmp_path):  # noqa: F811
     from ase_bptt.models.checkpoint import load_checkpoint
 

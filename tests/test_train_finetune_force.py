@@ -210,7 +210,12 @@ def test_no_harm_is_skipped_without_a_val_split(init_model, tmp_path, caplog):  
 
 # ---------------------------------------------------------------------- CLI
 @pytest.mark.parametrize(
-    "args, hint", [(["--force-weight", "-1"], "--force-weight"), (["--force-frames", "0"], "--force-frames")]
+    "args, hint",
+    [
+        (["--force-weight", "-1"], "--force-weight"),
+        (["--force-frames", "0"], "--force-frames"),
+        (["--energy-weight", "-1"], "--energy-weight"),
+    ],
 )
 def test_cli_rejects_bad_force_options_before_writing(emt_db, init_model, tmp_path, args, hint):  # noqa: F811
     from click.testing import CliRunner
