@@ -115,17 +115,30 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def build_model(*, quick: bool, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """An untrained ADAPT in eval mode: the default config (the demo's size), or a tiny one for --quick.
+def build_model(
+    *,
+    quick: bool,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    name: str = "adapt",
+):
+    """An untrained ADAPT (``name="adapt-mi"``: ADAPT-MI) in eval mode: the default config, or a tiny one
+    for --quick.
 
     Untrained weights cost the same time as trained ones; the benchmarks time
     work, not accuracy.
     """
     from ase_bptt.models.adapt import ADAPT, ADAPTConfig
+    from ase_bptt.models.mi_attention import MinImageADAPT, MinImageADAPTConfig
 
     torch.manual_seed(seed)
-    config = ADAPTConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2) if quick else ADAPTConfig()
-    model = ADAPT(config).to(device=device, dtype=dtype)
+    tiny = {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2}
+    if name == "adapt-mi":
+        model = MinImageADAPT(MinImageADAPTConfig(**(tiny if quick else {})))
+    else:
+        model = ADAPT(ADAPTConfig(**tiny) if quick else ADAPTConfig())
+    model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
 

@@ -16,7 +16,11 @@ and divides it by ``ase_bptt.relax.batching.estimate_structure_bytes`` times
 the batch size. Goal: every ratio <= 1 (the estimate is an upper bound) and
 >= 1 / ESTIMATE_FACTOR (it is not uselessly loose).
 
+``--model adapt-mi`` measures ADAPT-MI instead (its per-pair tensors dominate;
+the smallest cell here, 10.9 A high, fits its 5 A cutoff).
+
     python benchmarks/bench_memory_estimate.py --threads 1
+    python benchmarks/bench_memory_estimate.py --threads 1 --model adapt-mi --out benchmarks/results/bench_memory_estimate-adapt-mi.json
     python benchmarks/bench_memory_estimate.py --quick
 """
 
@@ -56,7 +60,7 @@ def _measure(spec: dict) -> dict:
     from ase_bptt.relax.steps import FixedStep
 
     dtype = C.torch_dtype(spec["dtype"])
-    model = C.build_model(quick=False, device=spec["device"], dtype=dtype)
+    model = C.build_model(quick=False, device=spec["device"], dtype=dtype, name=spec.get("model", "adapt"))
     cells = [C.silicon_cell(spec["n_sites"]) for _ in range(spec["batch"])]
     for i, atoms in enumerate(cells):
         if i % 2:  # a vacancy in every other cell: the batch pads, as mixed defect sets do
@@ -88,11 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ase_bptt.relax.batching import ESTIMATE_FACTOR
 
     parser = C.make_parser("bench_memory_estimate", __doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("adapt", "adapt-mi"), default="adapt", help="force model measured")
     args = C.finish_args(parser.parse_args(argv))
     if args.worker:
         C.worker_entry(args.worker, _measure)
         return {}
-    common = {"device": args.device, "dtype": args.dtype, "threads": args.threads}
+    common = {"device": args.device, "dtype": args.dtype, "threads": args.threads, "model": args.model}
     specs = [{**cfg, **common} for cfg in _configs(args.quick)]
     if args.quick:  # in this process, the high-water mark reset before each: CI-sized
         rows = [_measure(spec) for spec in specs]

@@ -15,7 +15,8 @@ blocks on CUDA; ``MemAvailable`` and the cgroup limit on CPU). An explicit
 structures that way and says which batch size it chose.
 
 The per-atom coefficients below count the tensors ADAPT's forward keeps for
-backward (or holds at once without gradients), rounded up; they were checked
+backward (or holds at once without gradients), rounded up, plus the per-pair
+tensors of a pair model (ADAPT-MI); they were checked
 against measured peaks (``benchmarks/bench_memory_estimate.py``: the estimate
 is an upper bound within :data:`ESTIMATE_FACTOR` of the measured peak on CPU).
 """
@@ -72,6 +73,14 @@ _LAYER_D, _LAYER_FF, _LAYER_ATTN = 12, 2, 1
 _OUTER_INPUTS, _OUTER_D, _OUTER_FIXED = 4, 8, 64
 # Floats per atom a recomputed segment keeps between segments (positions, forces, step-rule state).
 _SEGMENT_INPUTS = 24
+# Floats per atom *pair* per frame of a pair model (ADAPT-MI: every ordered pair carries its
+# minimum-image geometry, ~6 n_rbf for the radial basis and the moments' copies, 2 d_pair for the pair
+# MLP's hidden layer before and after SiLU, ~5 per head and layer for the attention biases, logits and
+# probabilities, and ~48 of displacements, distances, unit vectors, envelope and masks). Counted from
+# MinImageADAPT's forward and checked against the bytes autograd saves (tests/test_relax_batching.py):
+# without it the estimate was 3-5x under ADAPT-MI's need at 64-128 atoms. Without gradients the same
+# tensors are alive at once within a frame, so the count is used for both.
+_PAIR_RBF, _PAIR_HIDDEN, _PAIR_BIAS, _PAIR_FIXED = 6, 2, 5, 48
 
 
 class BatchMemoryError(AseBpttError, MemoryError):
@@ -93,12 +102,15 @@ class ModelSize:
     n_inputs: int
     n_parameters: int
     itemsize: int
+    #: floats per atom pair per frame (0 for a model without pair tensors, such as ADAPT)
+    pair_floats: int = 0
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ModelSize:
         """Read ADAPT's config; for other models, the widest linear layer stands in for both widths.
 
-        A model wrapped by ``ConservativeForces`` is looked up through its ``energy_model``.
+        A model wrapped by ``ConservativeForces`` is looked up through its ``energy_model``; a config
+        with ``n_rbf`` and ``d_pair`` (ADAPT-MI) adds the pair tensors (``pair_floats``).
         """
         params = [p for p in model.parameters() if p.is_floating_point()]
         itemsize = params[0].element_size() if params else 8
@@ -106,6 +118,14 @@ class ModelSize:
         inner = getattr(model, "energy_model", None)
         config = getattr(model, "config", None) or getattr(inner, "config", None)
         if config is not None and hasattr(config, "d_model"):
+            pair_floats = 0
+            if hasattr(config, "n_rbf") and hasattr(config, "d_pair"):
+                pair_floats = (
+                    _PAIR_RBF * int(config.n_rbf)
+                    + _PAIR_HIDDEN * int(config.d_pair)
+                    + _PAIR_BIAS * int(config.n_heads) * int(config.n_layers)
+                    + _PAIR_FIXED
+                )
             return cls(
                 d_model=int(config.d_model),
                 d_ff=int(config.d_ff),
@@ -114,6 +134,7 @@ class ModelSize:
                 n_inputs=int(getattr(config, "n_inputs", config.d_model)),
                 n_parameters=n_parameters,
                 itemsize=itemsize,
+                pair_floats=pair_floats,
             )
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         width = max((max(m.in_features, m.out_features) for m in linears), default=64)
@@ -122,11 +143,11 @@ class ModelSize:
     def floats_per_atom_frame(self, n_atoms: int, *, grad: bool = True) -> int:
         """Floats per atom one frame keeps for backward (``grad``) or holds at once (without).
 
-        The attention term grows with the padded atom count ``n_atoms``.
+        The attention and pair terms grow with the padded atom count ``n_atoms``.
         """
         layer = _LAYER_D * self.d_model + _LAYER_FF * self.d_ff + _LAYER_ATTN * self.n_heads * n_atoms
         outer = _OUTER_INPUTS * self.n_inputs + _OUTER_D * self.d_model + _OUTER_FIXED
-        return (self.n_layers if grad else 1) * layer + outer
+        return (self.n_layers if grad else 1) * layer + outer + self.pair_floats * n_atoms
 
 
 def estimate_structure_bytes(
