@@ -9,7 +9,8 @@
 ``--model adapt-mi`` trains the translation-invariant ADAPT-MI with its own budgets
 (``ADAPT_MI`` below; the 108-site cells are wide enough for its 5 A cutoff, the
 ``--quick`` cells are not), ``--force-weight`` adds the force-matching term,
-``--proximal`` the pull towards the pretrained weights, ``--label-weight`` weights
+``--proximal`` the pull towards the pretrained weights, ``--energy-weight`` the
+per-atom energy match on the force term's frames, ``--label-weight`` weights
 the Dq of some labels (e.g. ``'sub:??=3'``: single substitutions), and ``--step fire``
 tunes through the differentiable FIRE (tol 1e-5) instead of the fixed step.
 
@@ -362,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--proximal", type=float, default=None, help="BPTT proximal weight (finetune --proximal)")
     parser.add_argument(
+        "--energy-weight",
+        type=float,
+        default=None,
+        help="BPTT energy-matching weight (finetune --energy-weight; needs --force-weight's frames)",
+    )
+    parser.add_argument(
         "--label-weight",
         action="append",
         default=[],
@@ -380,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     s = replace(QUICK if args.quick else FULL, seed=args.seed)
-    s = model_options(s, args.model, args.quick, ADAPT_MI, args.force_weight, args.step, args.proximal)
+    s = model_options(
+        s, args.model, args.quick, ADAPT_MI, args.force_weight, args.step, args.proximal, args.energy_weight
+    )
     if args.label_weight:
         try:  # the package's own parser of finetune --label-weight
             weights = parse_label_weights(None, None, tuple(args.label_weight))  # type: ignore[arg-type]

@@ -155,9 +155,10 @@ def model_options(
     force_weight: float | None,
     step: str = "fixed",
     proximal: float | None = None,
+    energy_weight: float | None = None,
 ) -> Any:
-    """``--model``, ``--force-weight``, ``--step`` and ``--proximal`` applied to a Settings dataclass
-    (also generalisation.py's).
+    """``--model``, ``--force-weight``, ``--step``, ``--proximal`` and ``--energy-weight`` applied to a
+    Settings dataclass (also generalisation.py's).
 
     ``adapt_mi``: the fields ADAPT-MI replaces in a full run; a quick run keeps its sizes and only
     switches the model. ``step="fire"``: BPTT through the differentiable FIRE (no eta, ``FIRE_TOL``).
@@ -168,6 +169,8 @@ def model_options(
         s = replace(s, finetune={**s.finetune, "force_weight": force_weight})
     if proximal is not None:
         s = replace(s, finetune={**s.finetune, "proximal": proximal})
+    if energy_weight is not None:
+        s = replace(s, finetune={**s.finetune, "energy_weight": energy_weight})
     if step == "fire":
         s = replace(s, finetune={**s.finetune, "step": "fire", "eta": None, "tol": FIRE_TOL})
     return s

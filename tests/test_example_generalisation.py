@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from ase.geometry import find_mic
 
 from ase_bptt.data.db import TrajectoryDB
 
@@ -61,15 +63,16 @@ def test_adapt_mi_settings_are_settings():
 
 
 def test_step_fire_and_proximal_reach_the_bptt_config():
-    """``--step fire --proximal 0.1`` build a valid FinetuneConfig: FIRE, no eta, tol 1e-5, the proximal term;
-    without them the group tunes the fixed step from the val-chosen eta."""
+    """``--step fire --proximal 0.1 --energy-weight 30`` build a valid FinetuneConfig: FIRE, no eta, tol 1e-5,
+    the proximal and energy terms; without them the group tunes the fixed step from the val-chosen eta."""
     ex = _example()
-    s = ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, 10.0, "fire", 0.1)
+    s = ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, 10.0, "fire", 0.1, 30.0)
     cfg = ex.bptt_config(s, eta_bptt=0.05)
     assert (cfg.step, cfg.eta, cfg.tol, cfg.proximal, cfg.force_weight) == ("fire", None, 1e-5, 0.1, 10.0)
+    assert cfg.energy_weight == 30.0
     assert cfg.max_batches == ex.ADAPT_MI["bptt_steps"]
     fixed = ex.bptt_config(ex.model_options(ex.FULL, "adapt-mi", False, ex.ADAPT_MI, None), eta_bptt=0.05)
-    assert (fixed.step, fixed.eta, fixed.proximal) == ("fixed", 0.05, 0.0)
+    assert (fixed.step, fixed.eta, fixed.proximal, fixed.energy_weight) == ("fixed", 0.05, 0.0, 0.0)
 
 
 def test_quick_run_holds_the_element_out(tmp_path):
@@ -132,19 +135,56 @@ def ex_kind(label: str) -> str:
     return "+".join(part.split(":")[0] for part in label.split("+"))
 
 
-def test_interstitial_shell_displacement_hand_computed():
-    """examples/interstitial_shells.py: radial moves of the first shell count, tangential ones and farther
-    atoms do not, across the periodic boundary too."""
-    spec = importlib.util.spec_from_file_location("interstitial_shells", SCRIPT.parent / "interstitial_shells.py")
+def _defect_shells():
+    spec = importlib.util.spec_from_file_location("defect_shells", SCRIPT.parent / "defect_shells.py")
     shells = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shells)
+    return shells
+
+
+def test_shell_displacements_hand_computed():
+    """examples/defect_shells.py: radial moves count in their shell, tangential ones do not, across the
+    periodic boundary too; an empty shell is NaN."""
+    shells = _defect_shells()
     from ase import Atoms
 
-    # Ni at the origin of a 10 A cube; neighbours at +x (2.5 A), at -y through the boundary (y = 7.5), and far.
-    initial = Atoms("NiCu3", positions=[(0, 0, 0), (2.5, 0, 0), (0, 7.5, 0), (5, 5, 5)], cell=[10, 10, 10], pbc=True)
+    # Ni at the origin of a 10 A cube; neighbours at +x (2.5 A), at -y through the boundary (y = 7.5), and
+    # one at 4.33 A (second shell).
+    initial = Atoms("NiCu3", positions=[(0, 0, 0), (2.5, 0, 0), (0, 7.5, 0), (2.5, 2.5, 2.5)], cell=[10] * 3, pbc=True)
     final = initial.copy()
     final.positions[1] += (0.1, 0.3, 0)  # 0.1 A outward, 0.3 A tangential
     final.positions[2] += (0, -0.05, 0)  # -y is outward for the image at y = -2.5: +0.05 A
-    final.positions[3] += (1.0, 1.0, 1.0)  # beyond the shell
+    final.positions[3] -= (0.03, 0.03, 0.03)  # inward by 0.03 * sqrt(3) A
     assert shells.interstitial_index(initial, "int:Ni") == 0
-    assert shells.shell_displacement(initial, final, 0, 2.9) == pytest.approx(0.075, abs=1e-12)
+    centre = shells.defect_centre(initial, "int:Ni")
+    first, second, empty = shells.shell_displacements(initial, final, centre, [2.9, 5.0, 6.0])
+    assert first == pytest.approx(0.075, abs=1e-12)
+    assert second == pytest.approx(-0.03 * np.sqrt(3), abs=1e-12)
+    assert np.isnan(empty)
+
+
+def test_defect_centre_of_vacancies_and_substitutions():
+    """The centre of a vacancy is its empty site, of a divacancy across the boundary the midpoint of the
+    two sites by minimum image, of a substitution + vacancy the midpoint of the substituent and the hole."""
+    shells = _defect_shells()
+    from ase.build import bulk
+
+    a = 3.6
+    perfect = bulk("Cu", "fcc", a=a, cubic=True) * (3, 3, 3)
+    cell = perfect.cell.array
+    # Site 0 is at the origin; its nearest neighbour through the boundary is at (-a/2, -a/2, 0).
+    wrapped = [i for i, p in enumerate(perfect.positions) if np.allclose(p, (2.5 * a, 2.5 * a, 0))][0]
+    vacancy = perfect.copy()
+    del vacancy[[0]]
+    assert shells.defect_centre(vacancy, "vacancy") == pytest.approx(np.zeros(3), abs=1e-9)
+    divacancy = perfect.copy()
+    del divacancy[[0, wrapped]]
+    centre = shells.defect_centre(divacancy, "divacancy")
+    expected = np.array([-a / 4, -a / 4, 0.0])  # the midpoint, either image of it
+    assert np.linalg.norm(find_mic(centre - expected, cell, True)[0]) == pytest.approx(0.0, abs=1e-9)
+    pair = perfect.copy()
+    pair.numbers[1] = 79  # Au at (0, a/2, a/2) beside the vacancy at site 0
+    del pair[[0]]
+    assert shells.defect_centre(pair, "sub:Au+vacancy") == pytest.approx([0, a / 4, a / 4], abs=1e-9)
+    with pytest.raises(ValueError, match="no empty site"):
+        shells.defect_centre(perfect, "vacancy")
