@@ -47,6 +47,18 @@ def test_import_with_an_element_hold_out(tmp_path, traj_files):
         "sub:Ni+sub:Pd": "test",
     }
     assert db.metadata["splits"]["hold_out"] == [{"kind": "element", "values": ["Pd"]}]
+    # A later import without --hold-out-element keeps Pd out of train and says so.
+    more = tmp_path / "more"
+    more.mkdir()
+    frames = make_frames("CuPd", 20)
+    for f in frames:
+        f.info["label"] = "sub:Pd"
+    ase.io.write(more / "t20.extxyz", frames)
+    result = run("import", str(more), "--db", str(path), "--val", "0", "--test", "0")
+    assert result.exit_code == 0, result.output
+    assert "held out in test: element Pd" in result.output
+    db = TrajectoryDB(path, create=False)
+    assert {t.label: t.split for t in db.trajectories(converged_only=False)}["sub:Pd"] == "test"
 
 
 @pytest.mark.parametrize(

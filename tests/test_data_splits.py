@@ -148,6 +148,27 @@ def test_existing_splits_need_reassign(db):
     assert splits_of(db)["t10"] == "test"
 
 
+def test_recorded_hold_out_stays_in_force_until_reassigned(db):
+    """A later assign_splits without a hold-out (a later import) keeps the recorded one: a new Ni
+    trajectory goes to test, not to train by its hash; reassign without a hold-out forgets it."""
+    db.assign_splits(val=0.0, hold_out=HoldOut("element", ("Ni",)))
+    assert db.recorded_hold_out() == (HoldOut("element", ("Ni",)),)
+    # t10 and t11 would go to train by the hash (val 0, test 0): only the Ni one must not.
+    db.add_trajectory(make_frames("CuNi", 10), traj_id="t10", label="sub:Ni")
+    db.add_trajectory(make_frames("Cu2", 11), traj_id="t11", label="vacancy")
+    db.assign_splits(val=0.0, test=0.0)
+    got = splits_of(db)
+    assert (got["t10"], got["t11"]) == ("test", "train")
+    assert db.metadata["splits"]["hold_out"] == [{"kind": "element", "values": ["Ni"]}]
+    # A second hold-out joins the recorded one.
+    db.add_trajectory(make_frames("CuAg", 12), traj_id="t12", label="sub:Ag")
+    db.assign_splits(val=0.0, hold_out=HoldOut("element", ("Ag",)))
+    assert splits_of(db)["t12"] == "test"
+    assert db.recorded_hold_out() == (HoldOut("element", ("Ni",)), HoldOut("element", ("Ag",)))
+    db.assign_splits(val=0.0, test=0.0, reassign=True)
+    assert set(splits_of(db).values()) == {"train"} and db.recorded_hold_out() == ()
+
+
 def test_hold_out_checks_itself():
     with pytest.raises(HoldOutError, match="'Xx' is not a chemical symbol"):
         HoldOut("element", ("Ni", "Xx"))
@@ -176,6 +197,20 @@ def test_generated_multi_element_set(tmp_path):
     for split in ("train", "val"):
         for t in db.trajectories(split, converged_only=False):
             assert all("Pd" not in f.get_chemical_symbols() for f in t.frames)
+
+
+def test_generate_more_keeps_the_recorded_hold_out(tmp_path):
+    """generate n=3 with Pd held out, then n=8 into the same database without a hold-out: every
+    structure with Pd, old or new, is in test (the new ones are split while they are written)."""
+    db = TrajectoryDB(tmp_path / "fcc.db")
+    hold = (HoldOut("element", ("Pd",)),)
+    generate("fcc-defects", db, n=3, progress=False, size=2, splits=SplitFractions(0.0, 0.0, 0, hold))
+    first = set(db.split_info())
+    generate("fcc-defects", db, n=8, progress=False, size=2, splits=SplitFractions(0.0, 0.0, 0))
+    info = db.split_info()
+    with_pd = {t for t, (_, _, el) in info.items() if "Pd" in el}
+    assert with_pd - first, "seed 0's structures 3-7 hold no Pd: the test would check nothing new"
+    assert {t for t, (_, s, _) in info.items() if s == "test"} == with_pd
 
 
 def test_generate_checks_the_hold_out_before_relaxing(tmp_path):

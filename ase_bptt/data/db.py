@@ -30,6 +30,7 @@ from ase_bptt.data.splits import (
     SplitFractions,
     TrajectoryInfo,
     check_split_fractions,
+    merge_hold_outs,
     settings_lines,
     split_changes,
     split_table,
@@ -391,6 +392,11 @@ class TrajectoryDB:
         have a split keep it unless ``reassign``. The settings are recorded in
         the metadata entry ``splits``.
 
+        A hold-out is recorded with the splits and stays in force: without
+        ``reassign``, the recorded hold-out joins ``hold_out`` (so trajectories
+        imported later that contain a held-out element or label go to test,
+        never to train); ``reassign`` replaces it with ``hold_out``.
+
         Args:
             val: expected fraction for validation.
             test: expected fraction for test; None: 0.1, or 0 with a ``hold_out``
@@ -398,7 +404,8 @@ class TrajectoryDB:
             seed: changes the assignment as a whole.
             hold_out: one :class:`HoldOut` or several (their union): the
                 trajectories they match go to test, the others are split as above.
-            reassign: recompute the split of every trajectory.
+            reassign: recompute the split of every trajectory (and forget the
+                recorded hold-out).
 
         Returns:
             The number of trajectories per split after the call.
@@ -409,6 +416,8 @@ class TrajectoryDB:
                 (without ``reassign``); nothing is written then.
         """
         hold = (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
+        if not reassign:
+            hold = merge_hold_outs(self.recorded_hold_out(), hold)
         test = (0.0 if hold else 0.1) if test is None else test
         check_split_fractions(val, test, train_left=False)
         with self.transaction():
@@ -418,6 +427,11 @@ class TrajectoryDB:
             self.update_metadata(splits={"val": val, "test": test, "seed": seed, "hold_out": held})
         counts = Counter(s for s in (self._final_rows_split()))
         return {s: counts.get(s, 0) for s in SPLITS}
+
+    def recorded_hold_out(self) -> tuple[HoldOut, ...]:
+        """The hold-out the last :meth:`assign_splits` recorded (empty when none)."""
+        recorded = (self.metadata.get("splits") or {}).get("hold_out") or []
+        return tuple(HoldOut(h["kind"], tuple(h["values"])) for h in recorded)
 
     def split_info(self) -> dict[str, TrajectoryInfo]:
         """``{traj_id: (label, split, elements)}`` of every trajectory (one query)."""

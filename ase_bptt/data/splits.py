@@ -29,6 +29,7 @@ __all__ = [
     "SplitFractionError",
     "SplitFractions",
     "check_split_fractions",
+    "merge_hold_outs",
     "split_of",
     "target_splits",
 ]
@@ -100,6 +101,14 @@ class HoldOut:
 
     def __str__(self) -> str:
         return f"{self.kind} {', '.join(self.values)}"
+
+
+def merge_hold_outs(*groups: Sequence[HoldOut]) -> tuple[HoldOut, ...]:
+    """The union of hold-outs (each once, in order): a database's recorded one and a command's."""
+    out: list[HoldOut] = []
+    for group in groups:
+        out.extend(h for h in group if h not in out)
+    return tuple(out)
 
 
 def held_out(info: Mapping[str, TrajectoryInfo], hold_out: Sequence[HoldOut]) -> set[str]:
