@@ -9,7 +9,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.generate import generate
-from ase_bptt.data.splits import HoldOut, HoldOutError, SplitFractions, split_of
+from ase_bptt.data.splits import HoldOut, HoldOutError, SplitFractions, recorded_hold_out, split_of
 
 #: (traj_id, label, symbols) of a hand-built database with several elements.
 TRAJS = [
@@ -152,7 +152,7 @@ def test_recorded_hold_out_stays_in_force_until_reassigned(db):
     """A later assign_splits without a hold-out (a later import) keeps the recorded one: a new Ni
     trajectory goes to test, not to train by its hash; reassign without a hold-out forgets it."""
     db.assign_splits(val=0.0, hold_out=HoldOut("element", ("Ni",)))
-    assert db.recorded_hold_out() == (HoldOut("element", ("Ni",)),)
+    assert recorded_hold_out(db.metadata) == (HoldOut("element", ("Ni",)),)
     # t10 and t11 would go to train by the hash (val 0, test 0): only the Ni one must not.
     db.add_trajectory(make_frames("CuNi", 10), traj_id="t10", label="sub:Ni")
     db.add_trajectory(make_frames("Cu2", 11), traj_id="t11", label="vacancy")
@@ -164,9 +164,9 @@ def test_recorded_hold_out_stays_in_force_until_reassigned(db):
     db.add_trajectory(make_frames("CuAg", 12), traj_id="t12", label="sub:Ag")
     db.assign_splits(val=0.0, hold_out=HoldOut("element", ("Ag",)))
     assert splits_of(db)["t12"] == "test"
-    assert db.recorded_hold_out() == (HoldOut("element", ("Ni",)), HoldOut("element", ("Ag",)))
+    assert recorded_hold_out(db.metadata) == (HoldOut("element", ("Ni",)), HoldOut("element", ("Ag",)))
     db.assign_splits(val=0.0, test=0.0, reassign=True)
-    assert set(splits_of(db).values()) == {"train"} and db.recorded_hold_out() == ()
+    assert set(splits_of(db).values()) == {"train"} and recorded_hold_out(db.metadata) == ()
 
 
 def test_hold_out_checks_itself():

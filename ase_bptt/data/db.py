@@ -30,7 +30,7 @@ from ase_bptt.data.splits import (
     SplitFractions,
     TrajectoryInfo,
     check_split_fractions,
-    merge_hold_outs,
+    hold_out_in_force,
     settings_lines,
     split_changes,
     split_table,
@@ -390,12 +390,9 @@ class TrajectoryDB:
         (a hash mapped to [0, 1)), so it is deterministic and does not change
         when more trajectories are imported later. Trajectories that already
         have a split keep it unless ``reassign``. The settings are recorded in
-        the metadata entry ``splits``.
-
-        A hold-out is recorded with the splits and stays in force: without
-        ``reassign``, the recorded hold-out joins ``hold_out`` (so trajectories
-        imported later that contain a held-out element or label go to test,
-        never to train); ``reassign`` replaces it with ``hold_out``.
+        the metadata entry ``splits``, and a recorded hold-out stays in force:
+        without ``reassign`` it joins ``hold_out`` (later trajectories that match
+        it go to test).
 
         Args:
             val: expected fraction for validation.
@@ -404,8 +401,7 @@ class TrajectoryDB:
             seed: changes the assignment as a whole.
             hold_out: one :class:`HoldOut` or several (their union): the
                 trajectories they match go to test, the others are split as above.
-            reassign: recompute the split of every trajectory (and forget the
-                recorded hold-out).
+            reassign: recompute every split; forget the recorded hold-out.
 
         Returns:
             The number of trajectories per split after the call.
@@ -415,9 +411,7 @@ class TrajectoryDB:
                 all, or names trajectories that already have a train/val split
                 (without ``reassign``); nothing is written then.
         """
-        hold = (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
-        if not reassign:
-            hold = merge_hold_outs(self.recorded_hold_out(), hold)
+        hold = hold_out_in_force(self.metadata, hold_out, reassign=reassign)
         test = (0.0 if hold else 0.1) if test is None else test
         check_split_fractions(val, test, train_left=False)
         with self.transaction():
@@ -427,11 +421,6 @@ class TrajectoryDB:
             self.update_metadata(splits={"val": val, "test": test, "seed": seed, "hold_out": held})
         counts = Counter(s for s in (self._final_rows_split()))
         return {s: counts.get(s, 0) for s in SPLITS}
-
-    def recorded_hold_out(self) -> tuple[HoldOut, ...]:
-        """The hold-out the last :meth:`assign_splits` recorded (empty when none)."""
-        recorded = (self.metadata.get("splits") or {}).get("hold_out") or []
-        return tuple(HoldOut(h["kind"], tuple(h["values"])) for h in recorded)
 
     def split_info(self) -> dict[str, TrajectoryInfo]:
         """``{traj_id: (label, split, elements)}`` of every trajectory (one query)."""

@@ -33,7 +33,7 @@ from ase.optimize import FIRE
 
 from ase_bptt.data.db import TrajectoryDB
 from ase_bptt.data.recipes import RECIPES, Recipe, resolve_reference
-from ase_bptt.data.splits import SplitFractions, merge_hold_outs, target_splits
+from ase_bptt.data.splits import SplitFractions, hold_out_in_force, target_splits
 
 __all__ = ["generate", "relax_frames", "make_trajectory", "traj_id_for"]
 
@@ -179,7 +179,7 @@ def generate(
     existing = db.traj_ids()
     missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
     if splits is not None:  # a hold-out recorded in db stays in force (TrajectoryDB.assign_splits)
-        splits = replace(splits, hold_out=merge_hold_outs(db.recorded_hold_out(), splits.hold_out))
+        splits = replace(splits, hold_out=hold_out_in_force(db.metadata, splits.hold_out, reassign=False))
     if splits is not None and splits.hold_out:
         _check_hold_out(db, rec, seed, reference, opts, missing, splits)
     _check_same_settings(db, recipe, seed, ref_name, opts)

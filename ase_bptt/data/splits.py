@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 from ase.data import chemical_symbols
 
@@ -29,7 +30,9 @@ __all__ = [
     "SplitFractionError",
     "SplitFractions",
     "check_split_fractions",
+    "hold_out_in_force",
     "merge_hold_outs",
+    "recorded_hold_out",
     "split_of",
     "target_splits",
 ]
@@ -109,6 +112,21 @@ def merge_hold_outs(*groups: Sequence[HoldOut]) -> tuple[HoldOut, ...]:
     for group in groups:
         out.extend(h for h in group if h not in out)
     return tuple(out)
+
+
+def recorded_hold_out(metadata: Mapping[str, Any]) -> tuple[HoldOut, ...]:
+    """The hold-out a database's last split recorded (metadata entry ``splits``; empty when none)."""
+    recorded = (metadata.get("splits") or {}).get("hold_out") or []
+    return tuple(HoldOut(h["kind"], tuple(h["values"])) for h in recorded)
+
+
+def hold_out_in_force(
+    metadata: Mapping[str, Any], hold_out: HoldOut | Sequence[HoldOut] | None, *, reassign: bool
+) -> tuple[HoldOut, ...]:
+    """The hold-out a split of a database applies: ``hold_out`` joined by the recorded one, which stays in
+    force until ``reassign`` (then ``hold_out`` alone)."""
+    given = (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
+    return given if reassign else merge_hold_outs(recorded_hold_out(metadata), given)
 
 
 def held_out(info: Mapping[str, TrajectoryInfo], hold_out: Sequence[HoldOut]) -> set[str]:
