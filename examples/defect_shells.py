@@ -78,6 +78,11 @@ def defect_centre(atoms: Atoms, label: str) -> np.ndarray:
     return first + shifts.mean(0)
 
 
+def shell_bounds(edges: list[float]) -> list[tuple[float, float]]:
+    """``[(0, r1), (r1, r2), ...]``: the shells of ``--shells`` radii (A)."""
+    return list(zip([0.0, *edges[:-1]], edges, strict=True))
+
+
 def shell_displacements(initial: Atoms, final: Atoms, centre: np.ndarray, edges: list[float]) -> list[float]:
     """Mean radial displacement (A) of the atoms in each shell ``[0, e1), [e1, e2), ...`` around
     ``centre`` (minimum image; an atom at the centre itself is left out); NaN for an empty shell."""
@@ -85,7 +90,7 @@ def shell_displacements(initial: Atoms, final: Atoms, centre: np.ndarray, edges:
     r, dist = find_mic(initial.positions - centre, initial.cell, initial.pbc)
     radial = (d * r).sum(1) / np.maximum(dist, 1e-12)
     out = []
-    for lo, hi in zip([0.0, *edges[:-1]], edges, strict=True):
+    for lo, hi in shell_bounds(edges):
         near = (dist > 1e-6) & (dist >= lo) & (dist < hi)
         out.append(float(radial[near].mean()) if near.any() else float("nan"))
     return out
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no test structure of {args.group} matches {args.label}", file=sys.stderr)
         return 1
-    heads = [f"{lo:g}-{hi:g} A" for lo, hi in zip([0.0, *edges[:-1]], edges, strict=True)]
+    heads = [f"{lo:g}-{hi:g} A" for lo, hi in shell_bounds(edges)]
     print("radial displacement of each shell around the defect, mean over the test structures (A):")
     print(f"  {'label':10s} {'':38s} " + " ".join(f"{h:>10s}" for h in heads))
     for label, by_name in rows.items():

@@ -180,8 +180,8 @@ def generate(
     missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
     if splits is not None:  # a hold-out recorded in db stays in force (TrajectoryDB.assign_splits)
         splits = replace(splits, hold_out=hold_out_in_force(db.metadata, splits.hold_out, reassign=False))
-    if splits is not None and splits.hold_out:
-        _check_hold_out(db, rec, seed, reference, opts, missing, splits)
+        if splits.hold_out:
+            _check_hold_out(db, rec, seed, reference, opts, missing, splits)
     _check_same_settings(db, recipe, seed, ref_name, opts)
     source = f"generate:{recipe}:{ref_name}"
     added = 0

@@ -102,8 +102,18 @@ class HoldOut:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "values": list(self.values)}
 
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> HoldOut:
+        """The inverse of :meth:`to_dict` (a hold-out as the metadata records it)."""
+        return cls(record["kind"], tuple(record["values"]))
+
     def __str__(self) -> str:
         return f"{self.kind} {', '.join(self.values)}"
+
+
+def as_hold_outs(hold_out: HoldOut | Sequence[HoldOut] | None) -> tuple[HoldOut, ...]:
+    """One hold-out, several or none, as a tuple."""
+    return (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
 
 
 def merge_hold_outs(*groups: Sequence[HoldOut]) -> tuple[HoldOut, ...]:
@@ -117,7 +127,7 @@ def merge_hold_outs(*groups: Sequence[HoldOut]) -> tuple[HoldOut, ...]:
 def recorded_hold_out(metadata: Mapping[str, Any]) -> tuple[HoldOut, ...]:
     """The hold-out a database's last split recorded (metadata entry ``splits``; empty when none)."""
     recorded = (metadata.get("splits") or {}).get("hold_out") or []
-    return tuple(HoldOut(h["kind"], tuple(h["values"])) for h in recorded)
+    return tuple(HoldOut.from_dict(h) for h in recorded)
 
 
 def hold_out_in_force(
@@ -125,7 +135,7 @@ def hold_out_in_force(
 ) -> tuple[HoldOut, ...]:
     """The hold-out a split of a database applies: ``hold_out`` joined by the recorded one, which stays in
     force until ``reassign`` (then ``hold_out`` alone)."""
-    given = (hold_out,) if isinstance(hold_out, HoldOut) else tuple(hold_out or ())
+    given = as_hold_outs(hold_out)
     return given if reassign else merge_hold_outs(recorded_hold_out(metadata), given)
 
 
@@ -216,8 +226,7 @@ class SplitFractions:
 
     def __post_init__(self) -> None:
         check_split_fractions(self.val, self.test)
-        hold = self.hold_out
-        object.__setattr__(self, "hold_out", (hold,) if isinstance(hold, HoldOut) else tuple(hold))
+        object.__setattr__(self, "hold_out", as_hold_outs(self.hold_out))
 
     def split_of(self, traj_id: str, label: str | None = None, elements: Iterable[str] = ()) -> str:
         """The split of ``traj_id`` (see :meth:`TrajectoryDB.assign_splits`)."""
@@ -277,7 +286,7 @@ def settings_lines(settings: Mapping | None) -> list[str]:
     if not settings:
         return []
     line = f"splits: val={settings['val']:g}, test={settings['test']:g}, seed={settings['seed']}"
-    held = [f"{h['kind']} {', '.join(h['values'])}" for h in settings.get("hold_out") or []]
+    held = [str(HoldOut.from_dict(h)) for h in settings.get("hold_out") or []]
     return [line + (f"; held out in test: {'; '.join(held)}" if held else "")]
 
 
