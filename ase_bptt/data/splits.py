@@ -29,6 +29,7 @@ __all__ = [
     "HoldOutError",
     "SplitFractionError",
     "SplitFractions",
+    "as_hold_outs",
     "check_split_fractions",
     "hold_out_in_force",
     "merge_hold_outs",
