@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "generalisation.py"
 #: The quick run takes about 45 s on an idle 2-core machine; the limit leaves room for load.
 QUICK_LIMIT_S = 240
+#: The evaluation report and examples/weight_interpolation.py relax the same float32 structures through
+#: different code (batch padding, summation order), so their Dq agree to float32 noise, not bitwise.
+REPORT_RTOL = 1e-4
 
 
 def _example():
@@ -128,6 +131,24 @@ def test_quick_run_holds_the_element_out(tmp_path):
     assert (out / "summary.md").read_text() == summary
     assert json.loads((out / "results.json").read_text())["groups"]["Pd"]["splits"] == g["splits"]
     assert (out / "Pd" / "eval" / "report.json").stat().st_mtime_ns == stamp
+    # examples/weight_interpolation.py on the same group: its two ends are the report's two rows (the
+    # evaluation's own code path).
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "weight_interpolation.py"), str(out / "Pd"), "--alphas", "0,0.5,1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {
+        (r["alpha"], r["rule"].split()[0]): r
+        for r in json.loads((out / "Pd" / "interpolation.json").read_text())["rows"]
+    }
+    assert rows[0.0, "fixed"]["test"] == pytest.approx(fixed["mean"], rel=REPORT_RTOL)
+    assert rows[1.0, "own"]["test"] == pytest.approx(tuned["mean"], rel=REPORT_RTOL)
+    for lab, v in rows[1.0, "own"]["test_per_label"].items():
+        assert v == pytest.approx(tuned["per_label"][lab]["mean"], rel=REPORT_RTOL), lab
 
 
 def ex_kind(label: str) -> str:
@@ -188,3 +209,19 @@ def test_defect_centre_of_vacancies_and_substitutions():
     assert shells.defect_centre(pair, "sub:Au+vacancy") == pytest.approx([0, a / 4, a / 4], abs=1e-9)
     with pytest.raises(ValueError, match="no empty site"):
         shells.defect_centre(perfect, "vacancy")
+
+
+def test_weight_interpolation_hand_computed():
+    """examples/weight_interpolation.py: pretrained + alpha (tuned - pretrained) per float tensor, the tuned
+    model's integer buffers kept."""
+    spec = importlib.util.spec_from_file_location("weight_interpolation", SCRIPT.parent / "weight_interpolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    pre = {"w": torch.tensor([1.0, -2.0]), "n": torch.tensor(3)}
+    tuned = {"w": torch.tensor([3.0, 2.0]), "n": torch.tensor(5)}
+    half = module.interpolate(pre, tuned, 0.5)
+    assert half["w"].tolist() == [2.0, 0.0] and half["n"].item() == 5
+    assert module.interpolate(pre, tuned, 0.0)["w"].tolist() == [1.0, -2.0]
+    assert module.interpolate(pre, tuned, 1.25)["w"].tolist() == [3.5, 3.0]
