@@ -134,21 +134,34 @@ def test_quick_run_holds_the_element_out(tmp_path):
     # examples/weight_interpolation.py on the same group: its two ends are the report's two rows (the
     # evaluation's own code path).
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "weight_interpolation.py"), str(out / "Pd"), "--alphas", "0,0.5,1"],
+        [
+            sys.executable,
+            str(SCRIPT.parent / "weight_interpolation.py"),
+            str(out / "Pd"),
+            "--alphas",
+            "0,0.5,1",
+            "--fmax",
+            "0.05",
+            "--tight-reference",
+        ],
         capture_output=True,
         text=True,
         env=env,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {
-        (r["alpha"], r["rule"].split()[0]): r
-        for r in json.loads((out / "Pd" / "interpolation.json").read_text())["rows"]
-    }
-    assert rows[0.0, "fixed"]["test"] == pytest.approx(fixed["mean"], rel=REPORT_RTOL)
-    assert rows[1.0, "own"]["test"] == pytest.approx(tuned["mean"], rel=REPORT_RTOL)
-    for lab, v in rows[1.0, "own"]["test_per_label"].items():
+    interpolation = json.loads((out / "Pd" / "interpolation.json").read_text())
+    rows = {(r["alpha"], r["rule"]): r for r in interpolation["rows"]}
+    assert interpolation["baseline"]["eta"] == report["checkpoints"][0]["fixed_step_selected"]["eta"]
+    own, at_fixed, at_fmax = "own rule", f"fixed step {interpolation['baseline']['eta']:g}", "own rule to fmax 0.05"
+    assert set(rows) == {(a, r) for a in (0.0, 0.5, 1.0) for r in (own, at_fixed, at_fmax)}
+    assert rows[0.0, at_fixed]["test"] == pytest.approx(fixed["mean"], rel=REPORT_RTOL)
+    assert rows[1.0, own]["test"] == pytest.approx(tuned["mean"], rel=REPORT_RTOL)
+    for lab, v in rows[1.0, own]["test_per_label"].items():
         assert v == pytest.approx(tuned["per_label"][lab]["mean"], rel=REPORT_RTOL), lab
+    # The recipe's references stop at fmax 0.01 eV/A: EMT's own minimum lies near them, not on them.
+    assert 0 < interpolation["tight_reference"]["stored_vs_tight"] < 1
+    assert all(math.isfinite(r["test_vs_tight_reference"]) for r in rows.values())
 
 
 def ex_kind(label: str) -> str:
