@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +52,8 @@ FMAX_FRAMES = 2000
 
 def interpolate(pretrained: dict, tuned: dict, alpha: float) -> dict:
     """State dict ``pretrained + alpha (tuned - pretrained)``; non-float entries are the tuned model's."""
+    if pretrained.keys() != tuned.keys() or any(pretrained[k].shape != v.shape for k, v in tuned.items()):
+        raise SystemExit("pretrained.pt and bptt.pt hold different architectures: there is no line between them")
     return {k: pretrained[k] + alpha * (v - pretrained[k]) if v.is_floating_point() else v for k, v in tuned.items()}
 
 
@@ -64,20 +67,23 @@ def dq_per_structure(
     max_steps: int,
     fmax: float | None = None,
     tight: torch.Tensor | None = None,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], float]:
     """Dq (amu^1/2 A) of every structure of ``data`` relaxed by ``model`` with a fresh ``rule_of()``: against
-    the stored reference, and against ``tight`` (padded positions, one row per structure; empty without)."""
+    the stored reference, against ``tight`` (padded positions, one row per structure; empty without), and
+    the fraction of structures the rule stopped before ``max_steps``."""
     stored: list[float] = []
     against_tight: list[float] = []
+    converged = 0
     for index in torch.split(torch.arange(len(data)), BATCH):
         batch, relaxed = data.take(index)
         res = rollout(model, batch, rule_of(), tol=tol, max_steps=max_steps, fmax=fmax)
         batch = batch.to(res.positions.device, res.positions.dtype)
         stored += metrics.dq(res.positions, relaxed.to(res.positions), batch).tolist()
+        converged += int(res.converged.sum())
         if tight is not None:
             ref = tight[index, : res.positions.shape[1]].to(res.positions)
             against_tight += metrics.dq(res.positions, ref, batch).tolist()
-    return stored, against_tight
+    return stored, against_tight, converged / len(data)
 
 
 def tight_references(data: RelaxationDataset) -> torch.Tensor:
@@ -168,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             row: dict = {"alpha": alpha, "rule": name}
             for split, d in data.items():
                 on_test = split == "test"
-                dq, dq_tight = dq_per_structure(
+                dq, dq_tight, converged = dq_per_structure(
                     model, rule_of, d, tol=tol, max_steps=max_steps, fmax=fmax, tight=tight if on_test else None
                 )
+                if not all(math.isfinite(v) for v in dq + dq_tight):
+                    raise SystemExit(f"alpha {alpha:g}, {name}, {split}: a relaxation diverged (non-finite Dq)")
                 row[split] = mean(dq)
+                row[f"{split}_converged"] = converged
                 if on_test:
                     row["test_per_label"] = per_label(dq, d.labels)
                     if dq_tight:
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"alpha {alpha:<5g} {name:<24} val {row['val']:.3f}  test {row['test']:.3f}  "
-                f"test / baseline {row['test_over_baseline']:.3f}"
+                f"test / baseline {row['test_over_baseline']:.3f}  converged {row['test_converged']:.2f}"
                 + (f"  test vs EMT minimum {row['test_vs_tight_reference']:.3f}" if tight is not None else ""),
                 flush=True,
             )

@@ -161,7 +161,7 @@ def test_quick_run_holds_the_element_out(tmp_path):
         assert v == pytest.approx(tuned["per_label"][lab]["mean"], rel=REPORT_RTOL), lab
     # The recipe's references stop at fmax 0.01 eV/A: EMT's own minimum lies near them, not on them.
     assert 0 < interpolation["tight_reference"]["stored_vs_tight"] < 1
-    assert all(math.isfinite(r["test_vs_tight_reference"]) for r in rows.values())
+    assert all(math.isfinite(r["test_vs_tight_reference"]) and 0 <= r["test_converged"] <= 1 for r in rows.values())
 
 
 def ex_kind(label: str) -> str:
