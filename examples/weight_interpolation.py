@@ -21,8 +21,8 @@ stopped. ``--tight-reference`` also scores the test split against its references
 0.01) lie from those: the floor of any Dq on the group.
 
 The val column is what a rule choosing alpha could see; the test column is a diagnostic (the test
-split was already evaluated by the group's run). Writes ``<group>/interpolation.json`` and prints
-the tables.
+split was already evaluated by the group's run). Writes ``<group>/interpolation.json`` (or ``--out``)
+and prints the tables.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ BATCH = 16  # structures per rollout, as the evaluation report
 TIGHT_FMAX = 1e-4
 #: ``--fmax``: frames allowed to reach the force criterion (FIRE needs a few hundred at 1e-3 eV/A).
 FMAX_FRAMES = 2000
+#: What a group folder of examples/generalisation.py holds and this script reads.
+NEEDED = ("pretrained.pt", "bptt.pt", "fcc.db", "eval/report.json")
 
 
 def interpolate(pretrained: dict, tuned: dict, alpha: float) -> dict:
@@ -132,12 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score the test split against its references relaxed further with EMT to fmax 1e-4 eV/A",
     )
+    p.add_argument("-o", "--out", type=Path, default=None, help="JSON to write (default <group>/interpolation.json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
-    alphas = [float(a) for a in args.alphas.split(",")]
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")]
+    except ValueError:
+        p.error(f"--alphas {args.alphas!r}: give comma-separated numbers, e.g. 0,0.5,1")
+    if not all(math.isfinite(a) for a in alphas) or any(f <= 0 or not math.isfinite(f) for f in args.fmax):
+        p.error("--alphas must be finite numbers and every --fmax a positive number (eV/A)")
+    g = args.group
+    missing = [name for name in NEEDED if not (g / name).is_file()]
+    if missing:
+        p.error(f"{g} lacks {', '.join(missing)}: give a group folder written by examples/generalisation.py")
+    out = args.out or g / "interpolation.json"
     if args.threads:
         torch.set_num_threads(args.threads)
-    g = args.group
     report = json.loads((g / "eval" / "report.json").read_text())
     settings = report["settings"]
     baseline = next(c for c in report["checkpoints"] if c["name"] == "pretrained")["fixed_step_selected"]
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"group": str(g), "baseline": {"eta": eta, "test": base_mean}, "own_relax": own, "rows": rows}
     if tight is not None:
         result["tight_reference"] = {"fmax": TIGHT_FMAX, "stored_vs_tight": floor}
-    (g / "interpolation.json").write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

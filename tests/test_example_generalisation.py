@@ -238,3 +238,21 @@ def test_weight_interpolation_hand_computed():
     assert half["w"].tolist() == [2.0, 0.0] and half["n"].item() == 5
     assert module.interpolate(pre, tuned, 0.0)["w"].tolist() == [1.0, -2.0]
     assert module.interpolate(pre, tuned, 1.25)["w"].tolist() == [3.5, 3.0]
+
+
+def test_weight_interpolation_bad_input_is_one_line(tmp_path, capsys):
+    """A folder that is not a group, unparsable --alphas and a non-positive --fmax: one error line each,
+    before anything is loaded, and nothing written."""
+    spec = importlib.util.spec_from_file_location("weight_interpolation", SCRIPT.parent / "weight_interpolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for argv, needle in (
+        ([str(tmp_path)], "lacks pretrained.pt, bptt.pt, fcc.db, eval/report.json"),
+        ([str(tmp_path), "--alphas", "0,half"], "--alphas '0,half': give comma-separated numbers"),
+        ([str(tmp_path), "--fmax", "0"], "every --fmax a positive number"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            module.main(argv)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
