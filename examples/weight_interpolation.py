@@ -31,8 +31,8 @@ import argparse
 import json
 import math
 import sys
-from collections import defaultdict
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -42,6 +42,7 @@ from ase_bptt.models.checkpoint import load_checkpoint, load_model
 from ase_bptt.relax.registry import step_rule_from_dict
 from ase_bptt.relax.rollout import rollout
 from ase_bptt.relax.steps import FixedStep
+from ase_bptt.train.eval_data import summary
 
 BATCH = 16  # structures per rollout, as the evaluation report
 #: ``--tight-reference``: EMT's minimum, 100x below the recipe's fmax 0.01 eV/A.
@@ -106,17 +107,6 @@ def tight_references(data: RelaxationDataset) -> torch.Tensor:
     return tight
 
 
-def per_label(values: list[float], labels: list[str]) -> dict[str, float]:
-    groups: dict[str, list[float]] = defaultdict(list)
-    for v, lab in zip(values, labels, strict=True):
-        groups[lab].append(v)
-    return {lab: sum(v) / len(v) for lab, v in sorted(groups.items())}
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("group", type=Path, help="an examples/generalisation.py group folder")
@@ -176,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if tight is not None:
         d = data["test"]
         batch, relaxed = d.take(torch.arange(len(d)))
-        floor = mean(metrics.dq(relaxed, tight, batch).tolist())
+        floor = fmean(metrics.dq(relaxed, tight, batch).tolist())
         print(f"stored test references vs EMT's minimum (fmax {TIGHT_FMAX:g}): mean Dq {floor:.3f}", flush=True)
     rows = []
     for alpha in alphas:
@@ -191,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if not all(math.isfinite(v) for v in dq + dq_tight):
                     raise SystemExit(f"alpha {alpha:g}, {name}, {split}: a relaxation diverged (non-finite Dq)")
-                row[split] = mean(dq)
+                stats = summary(dq, d.labels)  # as the evaluation report's dq entries
+                row[split] = stats["mean"]
                 row[f"{split}_converged"] = converged
                 if on_test:
-                    row["test_per_label"] = per_label(dq, d.labels)
+                    row["test_per_label"] = {lab: v["mean"] for lab, v in stats["per_label"].items()}
                     if dq_tight:
-                        row["test_vs_tight_reference"] = mean(dq_tight)
+                        row["test_vs_tight_reference"] = fmean(dq_tight)
             row["test_over_baseline"] = row["test"] / base_mean
             rows.append(row)
             print(
