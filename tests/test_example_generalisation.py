@@ -26,13 +26,18 @@ QUICK_LIMIT_S = 240
 REPORT_RTOL = 1e-4
 
 
-def _example():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("generalisation", SCRIPT)
+def _script(stem: str):
+    """examples/<stem>.py imported as a module (registered, since dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(stem, SCRIPT.parent / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _example():
+    sys.path.insert(0, str(SCRIPT.parent))
+    return _script("generalisation")
 
 
 def test_protocol_groups():
@@ -169,17 +174,10 @@ def ex_kind(label: str) -> str:
     return "+".join(part.split(":")[0] for part in label.split("+"))
 
 
-def _defect_shells():
-    spec = importlib.util.spec_from_file_location("defect_shells", SCRIPT.parent / "defect_shells.py")
-    shells = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shells)
-    return shells
-
-
 def test_shell_displacements_hand_computed():
     """examples/defect_shells.py: radial moves count in their shell, tangential ones do not, across the
     periodic boundary too; an empty shell is NaN."""
-    shells = _defect_shells()
+    shells = _script("defect_shells")
     from ase import Atoms
 
     # Ni at the origin of a 10 A cube; neighbours at +x (2.5 A), at -y through the boundary (y = 7.5), and
@@ -200,7 +198,7 @@ def test_shell_displacements_hand_computed():
 def test_defect_centre_of_vacancies_and_substitutions():
     """The centre of a vacancy is its empty site, of a divacancy across the boundary the midpoint of the
     two sites by minimum image, of a substitution + vacancy the midpoint of the substituent and the hole."""
-    shells = _defect_shells()
+    shells = _script("defect_shells")
     from ase.build import bulk
 
     a = 3.6
@@ -227,9 +225,7 @@ def test_defect_centre_of_vacancies_and_substitutions():
 def test_weight_interpolation_hand_computed():
     """examples/weight_interpolation.py: pretrained + alpha (tuned - pretrained) per float tensor, the tuned
     model's integer buffers kept."""
-    spec = importlib.util.spec_from_file_location("weight_interpolation", SCRIPT.parent / "weight_interpolation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("weight_interpolation")
     import torch
 
     pre = {"w": torch.tensor([1.0, -2.0]), "n": torch.tensor(3)}
@@ -243,9 +239,7 @@ def test_weight_interpolation_hand_computed():
 def test_weight_interpolation_bad_input_is_one_line(tmp_path, capsys):
     """A folder that is not a group, unparsable --alphas and a non-positive --fmax: one error line each,
     before anything is loaded, and nothing written."""
-    spec = importlib.util.spec_from_file_location("weight_interpolation", SCRIPT.parent / "weight_interpolation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("weight_interpolation")
     for argv, needle in (
         ([str(tmp_path)], "lacks pretrained.pt, bptt.pt, fcc.db, eval/report.json"),
         ([str(tmp_path), "--alphas", "0,half"], "--alphas '0,half': give comma-separated numbers"),
