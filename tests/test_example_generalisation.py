@@ -167,6 +167,28 @@ def test_quick_run_holds_the_element_out(tmp_path):
     # The recipe's references stop at fmax 0.01 eV/A: EMT's own minimum lies near them, not on them.
     assert 0 < interpolation["tight_reference"]["stored_vs_tight"] < 1
     assert all(math.isfinite(r["test_vs_tight_reference"]) and 0 <= r["test_converged"] <= 1 for r in rows.values())
+    # examples/applicability_gate.py on the same group: gated Dq recomputed from its excursions and the
+    # report's per-structure rows; val's largest excursion flags no val structure.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "applicability_gate.py"), str(out / "Pd")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gate = json.loads((out / "Pd" / "applicability_gate.json").read_text())
+    base = next(c for c in report["checkpoints"] if c["name"] == "pretrained")["fixed_step_selected"]["per_structure"]
+    own = next(c for c in report["checkpoints"] if c["name"] == "BPTT")["own_rule"]["per_structure"]
+    assert gate["tuned_over_baseline"] == pytest.approx(tuned["mean"] / fixed["mean"], rel=1e-12)
+    excursions = list(gate["test_excursions"].values())
+    assert len(excursions) == g["n"] and all(x >= 0 for x in excursions)
+    for name, threshold in (("any excursion", 0.0), ("beyond val's largest", max(gate["val_excursions"]))):
+        entry = gate["gates"][name]
+        gated = [b if x > threshold else t for x, b, t in zip(excursions, base, own)]
+        assert entry["threshold"] == threshold and entry["test_flagged"] == sum(x > threshold for x in excursions)
+        assert entry["test_over_baseline"] == pytest.approx(sum(gated) / sum(base), rel=1e-12)
+    assert gate["gates"]["beyond val's largest"]["val_flagged"] == 0
 
 
 def ex_kind(label: str) -> str:
@@ -249,4 +271,28 @@ def test_weight_interpolation_bad_input_is_one_line(tmp_path, capsys):
             module.main(argv)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_applicability_gate_excursion_hand_computed():
+    """examples/applicability_gate.py: the largest distance outside the box, per descriptor in its scale."""
+    module = _script("applicability_gate")
+    import torch
+
+    low, high, scale = torch.tensor([0.0, -1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 2.0])
+    inside = torch.tensor([[0.0, 1.0], [0.5, -1.0]])
+    assert module.excursion(inside, low, high, scale) == 0.0
+    # row 1: 0.3 above high in column 0 (0.6 scales); row 2: 3 below low in column 1 (1.5 scales)
+    outside = torch.tensor([[1.3, 0.0], [0.5, -4.0]])
+    assert module.excursion(outside, low, high, scale) == pytest.approx(1.5)
+    assert module.excursion(torch.empty(0, 2), low, high, scale) == 0.0
+
+
+def test_applicability_gate_bad_input_is_one_line(tmp_path, capsys):
+    """A folder that is not a group: one error line naming what it lacks, nothing written."""
+    module = _script("applicability_gate")
+    with pytest.raises(SystemExit) as e:
+        module.main([str(tmp_path)])
+    assert e.value.code == 2
+    assert "lacks fcc.db, eval/report.json" in capsys.readouterr().err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []

@@ -156,6 +156,41 @@ def test_forces_are_continuous_at_the_cutoff():
     assert (outs[0] - outs[1]).abs().max() < CONTINUITY_TOL
 
 
+def test_neighbourhood_descriptors_match_ase_neighbour_lists(si_vacancy):
+    """Radial density, dipole and quadrupole norms per RBF, recomputed from ase.neighborlist (its own
+    periodic images) for every atom of a rattled vacancy cell; a padded batch gives the same rows."""
+    from ase.neighborlist import neighbor_list
+
+    model = tiny()
+    c = model.config
+    i, j, d, vec = neighbor_list("ijdD", si_vacancy, c.cutoff)
+    # The model builds its centres in float32 (then casts them): the same rounding here.
+    centres = torch.linspace(0.0, c.cutoff, c.n_rbf, dtype=torch.float32).double().numpy()
+    width = c.cutoff / (c.n_rbf - 1)
+    envelope = 0.5 * (1 + np.cos(np.pi * d / c.cutoff))
+    rbf = np.exp(-(((d[:, None] - centres) / width) ** 2)) * envelope[:, None]  # (pairs, K)
+    u = vec / d[:, None]
+    n = len(si_vacancy)
+    rho = np.exp(-((centres / width) ** 2)) + np.zeros((n, c.n_rbf))  # the atom itself: rbf(0)
+    dipole_vec = np.zeros((n, c.n_rbf, 3))
+    second = np.zeros((n, c.n_rbf, 3, 3))
+    np.add.at(rho, i, rbf)
+    np.add.at(dipole_vec, i, rbf[:, :, None] * u[:, None, :])
+    np.add.at(second, i, rbf[:, :, None, None] * (u[:, :, None] * u[:, None, :])[:, None])
+    traceless = second - np.eye(3) * np.trace(second, axis1=2, axis2=3)[..., None, None] / 3
+    want = np.log1p(
+        np.concatenate([rho, (dipole_vec**2).sum(-1), np.clip((traceless**2).sum((-1, -2)), 0, None)], axis=1)
+    )
+    small = si_vacancy[:20]
+    small.cell = si_vacancy.cell
+    got, padded = model.neighbourhood_descriptors(Batch.from_atoms([si_vacancy, small]))
+    assert got.shape == (n, 3 * c.n_rbf) and padded.shape == (20, 3 * c.n_rbf)
+    assert np.abs(got.numpy() - want).max() < TOL64
+    alone = model.neighbourhood_descriptors(Batch.from_atoms(small))[0]
+    assert (alone - padded).abs().max() < TOL64
+    assert float(got[:, c.n_rbf :].max()) > 0.1  # the vacancy's neighbours see a dipole: not vacuous
+
+
 def test_position_gradients_are_finite_with_padding(si_vacancy):
     model = tiny()
     batch = Batch.from_atoms([si_vacancy, silicon_vacancy(seed=2)[:-3]])

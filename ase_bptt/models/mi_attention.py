@@ -265,6 +265,25 @@ class MinImageADAPT(ForceModel):
         energy = (per_atom * real.squeeze(-1)).sum(-1)
         return ModelOutput(forces=forces, energy=energy)
 
+    @torch.no_grad()
+    def neighbourhood_descriptors(self, batch: Batch, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The invariant neighbourhood descriptors of :meth:`_geometry`, before standardisation: one
+        ``(n_atoms, 3 n_rbf)`` tensor per structure (real atoms only), float64 on the model's device.
+
+        What the tokens see of each atom's surroundings, without the element; evaluated 16 structures
+        at a time (the pair tensors grow with N^2). The cutoff check of :meth:`forward` applies.
+        """
+        batch = batch.to(device=self.energy_head.weight.device, dtype=torch.float64)
+        self.check_cell(batch, where="the structures to describe")
+        pos = batch.positions if positions is None else positions.to(batch.positions)
+        out: list[torch.Tensor] = []
+        for chunk in torch.arange(len(batch)).split(16):
+            sub = batch.select(chunk)
+            unit, _, rbf, _ = self._pairs(sub, pos[chunk.to(pos.device), : sub.positions.shape[1]])
+            geometry = self._geometry(unit, rbf)
+            out += [geometry[k][sub.mask[k]] for k in range(len(chunk))]
+        return out
+
     # ------------------------------------------------------------ internals
     def _pairs(self, batch: Batch, pos: torch.Tensor):
         """Minimum-image pair geometry.
@@ -348,12 +367,7 @@ class MinImageADAPT(ForceModel):
         ref = self.energy_head.weight
         batch = batch.to(device=ref.device, dtype=torch.float64)
         self.check_cell(batch, where="the standardisation frames")
-        features = []
-        for chunk in torch.arange(len(batch)).split(16):  # bounded memory: pair tensors grow with N^2
-            sub = batch.select(chunk)
-            unit, _, rbf, _ = self._pairs(sub, sub.positions)
-            features.append(self._geometry(unit, rbf)[sub.mask])
-        geometry = torch.cat(features)
+        geometry = torch.cat(self.neighbourhood_descriptors(batch))
         self.geometry_mean.copy_(geometry.mean(0))
         if len(geometry) > 1:
             self.geometry_std.copy_(geometry.std(0, unbiased=False).clamp(min=1e-2))
