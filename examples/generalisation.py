@@ -9,7 +9,7 @@
 ``--model adapt-mi`` trains the translation-invariant ADAPT-MI with its own budgets
 (``ADAPT_MI`` below; the 108-site cells are wide enough for its 5 A cutoff, the
 ``--quick`` cells are not), ``--force-weight`` adds the force-matching term,
-``--proximal`` the pull towards the pretrained weights, ``--energy-weight`` the
+``--proximal`` the pull towards the pretrained weights, ``--freeze`` the parameters BPTT leaves alone, ``--energy-weight`` the
 per-atom energy match on the force term's frames, ``--label-weight`` weights
 the Dq of some labels (e.g. ``'sub:??=3'``: single substitutions), and ``--step fire``
 tunes through the differentiable FIRE (tol 1e-5) instead of the fixed step.
@@ -71,9 +71,10 @@ from ase_bptt.data.recipes import RECIPES  # noqa: E402
 from ase_bptt.data.splits import HoldOut  # noqa: E402
 from ase_bptt.models.checkpoint import load_model  # noqa: E402
 from ase_bptt.train.common import load_relaxations  # noqa: E402
+from ase_bptt.train.config import ConfigError  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
-from ase_bptt.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from ase_bptt.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from ase_bptt.train.finetune import FinetuneConfig, finetune, freeze_parameters  # noqa: E402
+from ase_bptt.train.pretrain import PretrainConfig, architecture, pretrain  # noqa: E402
 
 ELEMENTS = tuple(RECIPES["fcc-defects"].defaults["elements"])  # Ni, Pd, Ag, Pt, Au, Al
 #: The model may meet every element of the recipe: ADAPT describes an element by its
@@ -375,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL=W",
         help="BPTT weight of a label or fnmatch pattern, e.g. 'int:*=3' (repeatable; finetune --label-weight)",
     )
+    parser.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="BPTT keeps parameters named PREFIX* at their pretrained values, e.g. --freeze embed --freeze blocks "
+        "(repeatable; finetune --freeze)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--summary-only",
@@ -396,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         except click.BadParameter as exc:
             parser.error(f"--label-weight: {exc.message}")
         s = replace(s, finetune={**s.finetune, "label_weights": weights})
+    if args.freeze:
+        model_config = dict(s.model)
+        model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
+        try:  # the package's own check, before any pool or model is made
+            freeze_parameters(model_cls(config_cls.from_dict(model_config)), tuple(args.freeze))
+        except ConfigError as exc:
+            parser.error(f"--freeze: {exc}")
+        s = replace(s, finetune={**s.finetune, "freeze": tuple(args.freeze)})
     for key in ("n_train", "pretrain_steps", "bptt_steps"):
         if getattr(args, key) is not None:
             s = replace(s, **{key: getattr(args, key)})

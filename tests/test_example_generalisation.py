@@ -296,3 +296,15 @@ def test_applicability_gate_bad_input_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     assert "lacks fcc.db, eval/report.json" in capsys.readouterr().err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generalisation_freeze_is_checked_before_anything_is_made(tmp_path, capsys):
+    """``--freeze`` with a prefix the model lacks: one line naming the model's groups; no pool, no folder."""
+    ex = _example()
+    out = tmp_path / "gen"
+    with pytest.raises(SystemExit) as e:
+        ex.main(["--model", "adapt-mi", "--freeze", "embedx", "--out", str(out)])
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--freeze: freeze: 'embedx' names no parameter" in line and "pair_out" in line
+    assert not out.exists()

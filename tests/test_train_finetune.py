@@ -381,3 +381,66 @@ def test_bad_control_values_name_the_option(changes, name):
 
     with pytest.raises(ConfigError, match=f"FinetuneConfig.{name} must be"):
         config(**changes)
+
+
+def test_freeze_keeps_the_named_parameters_and_tunes_the_rest(emt_db, init_model, tmp_path):
+    """``freeze``: the frozen groups leave BPTT bit for bit as they came; the others move."""
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    initial = load_checkpoint(init_model)["model"]["state_dict"]
+    out = tmp_path / "frozen.pt"
+    cfg = config(eta=0.05, epochs=1, batch_size=1, lr=1e-2, freeze=("embed", "blocks."))
+    finetune(emt_db, out, init=init_model, config=cfg, progress=False)
+    tuned = load_state(state_path(out))["model"]
+    frozen = [k for k in initial if k.startswith(("embed.", "blocks.")) and initial[k].is_floating_point()]
+    free = [k for k in initial if k.startswith(("force_head.", "energy_head.", "norm."))]
+    assert frozen and free
+    assert all(torch.equal(tuned[k], initial[k]) for k in frozen)
+    assert any(not torch.equal(tuned[k], initial[k]) for k in free)
+    assert load_checkpoint(out)["metadata"]["config"]["freeze"] == ["embed", "blocks"]
+
+
+def test_freeze_names_what_it_cannot_find_before_anything_is_written(emt_db, init_model, tmp_path):
+    from ase_bptt.train.config import ConfigError
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError, match="'pair_i' names no parameter of this model; its groups are embed, blocks"):
+        finetune(emt_db, tmp_path / "a.pt", init=init_model, config=config(freeze=("pair_i",)), progress=False)
+    everything = ("embed", "blocks", "norm", "force_head", "energy_head")
+    with pytest.raises(ConfigError, match="leaves no parameter to tune"):
+        finetune(emt_db, tmp_path / "b.pt", init=init_model, config=config(freeze=everything), progress=False)
+    # Without --init the check comes before pretraining, not after it.
+    pre = PretrainConfig(model=TINY_MODEL, epochs=1, batch_size=32, eval_frames=16, checkpoint_every=None)
+    with pytest.raises(ConfigError, match="'pair_i' names no parameter"):
+        finetune(emt_db, tmp_path / "c.pt", config=config(freeze=("pair_i",), pretrain=pre), progress=False)
+    assert list(tmp_path.iterdir()) == []
+    for bad in ("embed", ("",), (".",), (3,)):
+        with pytest.raises(ConfigError, match="FinetuneConfig.freeze must be a list of parameter-name prefixes"):
+            config(freeze=bad)
+
+
+def test_freeze_default_keeps_the_config_hash_of_older_state_files():
+    from ase_bptt.train.config import RUN_CONTROL, config_hash
+
+    new = config().to_dict()
+    old = {k: v for k, v in new.items() if k != "freeze"}
+    assert config_hash(new, ignore=RUN_CONTROL) == config_hash(old, ignore=RUN_CONTROL)
+    assert config_hash(config(freeze=("embed",)).to_dict(), ignore=RUN_CONTROL) != config_hash(new, ignore=RUN_CONTROL)
+
+
+def test_cli_freeze(emt_db, init_model, tmp_path):
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+    from ase_bptt.models.checkpoint import load_checkpoint
+
+    base = ["--quiet", "finetune", str(emt_db), "--init", str(init_model), "--eta", "0.05", "--epochs", "1"]
+    typo = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "typo.pt"), "--freeze", "embedd"])
+    assert typo.exit_code == 1 and "'embedd' names no parameter of this model" in typo.output
+    assert len(typo.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    ok = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "ok.pt"), "--freeze", "embed", "--freeze", "blocks"])
+    assert ok.exit_code == 0, ok.output
+    assert load_checkpoint(tmp_path / "ok.pt")["metadata"]["config"]["freeze"] == ["embed", "blocks"]

@@ -166,6 +166,14 @@ def pretrain_cmd(
     help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
 )
 @click.option(
+    "--freeze",
+    multiple=True,
+    metavar="PREFIX",
+    help="Keep the parameters whose names start with PREFIX at their initial values, e.g. --freeze embed "
+    "--freeze blocks to tune only the readout (repeatable; names as in model.named_parameters())  "
+    "[default: tune all]",
+)
+@click.option(
     "--force-weight",
     type=click.FloatRange(min=0),
     default=None,
@@ -243,6 +251,7 @@ def finetune_cmd(
     batch_size,
     lr,
     proximal,
+    freeze,
     force_weight,
     energy_weight,
     label_weights,
@@ -285,6 +294,7 @@ def finetune_cmd(
         batch_size=batch_size,
         lr=lr,
         proximal=proximal,
+        freeze=freeze or None,
         force_weight=force_weight,
         energy_weight=energy_weight,
         label_weights=label_weights,

@@ -45,7 +45,7 @@ RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batc
 
 #: Fields added after state files were in use, left out of the hash at these default values,
 #: so a run interrupted before the upgrade still resumes (its config had no such key).
-ADDED_LATER: dict[str, object] = {"label_weights": {}, "energy_weight": 0.0}
+ADDED_LATER: dict[str, object] = {"label_weights": {}, "energy_weight": 0.0, "freeze": []}
 
 _Config = TypeVar("_Config", bound="TrainConfig")
 

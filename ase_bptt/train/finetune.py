@@ -33,12 +33,12 @@ from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_trai
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.augment import augment_rollouts, cube_applies, rollout_draws
 from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import seed_generator
+from ase_bptt.train.config import ConfigError, seed_generator
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.no_harm import no_harm_decision
 from ase_bptt.train.objectives import ForceTerm, structure_weights, weight_summary
-from ase_bptt.train.pretrain import pretrain
+from ase_bptt.train.pretrain import architecture, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
 
@@ -71,6 +71,25 @@ def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float
     tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
     max_steps = int(torch.randint(config.max_steps_range[0], config.max_steps_range[1] + 1, (), generator=gen))
     return tol, max_steps
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Stop gradients to the parameters named ``prefix`` or ``prefix.*`` (``FinetuneConfig.freeze``);
+    returns how many scalars stay trainable. A prefix matching no parameter is a ConfigError naming
+    the model's top-level parameter groups."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in names))
+            raise ConfigError(f"freeze: {prefix!r} names no parameter of this model; its groups are {tops}")
+    trainable = 0
+    for name, p in model.named_parameters():
+        if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+            p.requires_grad_(False)
+        trainable += p.numel() if p.requires_grad else 0
+    if prefixes and not trainable:
+        raise ConfigError(f"freeze: {', '.join(prefixes)} leaves no parameter to tune")
+    return trainable
 
 
 def _current_eta(rule) -> float | None:
@@ -138,6 +157,10 @@ class FinetuneRun(TrainingRun):
     def prepare_init(self) -> Path:
         init, config = self.init, self.config
         if init is None:
+            if config.freeze:  # say so before pretraining, not after it
+                model_config = dict(config.pretrain.model)
+                model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
+                freeze_parameters(model_cls(config_cls.from_dict(model_config)), config.freeze)
             init = self.out.with_name(f"{self.out.stem}-pretrained.pt")
             if self.ctx.is_main:
                 log.info(
@@ -184,6 +207,10 @@ class FinetuneRun(TrainingRun):
             )
         self.rule = rule.to(device=device, dtype=dtype)
 
+        trainable = freeze_parameters(self.model, config.freeze)
+        if config.freeze and self.ctx.is_main:
+            total = sum(p.numel() for p in self.model.parameters())
+            log.info("freeze %s: %d of %d parameters tuned", ", ".join(config.freeze), trainable, total)
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_params = list(self.rule.step_parameters())
         groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay}]

@@ -60,6 +60,10 @@ class FinetuneConfig(TrainConfig):
         grad_clip: max gradient norm of the model (None: no clipping).
         proximal: weight of the L2 term ``sum (theta - theta_pretrained)^2``
             (0: off). The paper uses it as an alternative to clipping.
+        freeze: parameter-name prefixes (as ``model.named_parameters()`` spells them, e.g.
+            ``"embed"``, ``"blocks"``, ``"blocks.0"``) kept at their initial values: only
+            the other parameters are tuned (fine-tuning the readout alone distorts the
+            pretrained features less; Kumar et al., ICLR 2022). Every prefix must match.
         force_weight: weight (amu^1/2 A per (eV/A)^2; 0: off) of the force term (train/objectives.py).
         force_frames: train frames drawn per optimiser step for it.
         energy_weight: weight (amu^1/2 A per (eV/atom)^2; 0: off) of the
@@ -111,6 +115,7 @@ class FinetuneConfig(TrainConfig):
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     proximal: float = 0.0
+    freeze: tuple[str, ...] = ()
     force_weight: float = 0.0
     force_frames: int = 16
     energy_weight: float = 0.0
@@ -159,6 +164,9 @@ class FinetuneConfig(TrainConfig):
             raise self._fail("min_lr_factor", "in [0, 1]")
         if self.proximal < 0:
             raise self._fail("proximal", ">= 0")
+        if isinstance(self.freeze, str) or not all(isinstance(p, str) and p.strip(".") for p in self.freeze):
+            raise self._fail("freeze", "a list of parameter-name prefixes such as ['embed', 'blocks']")
+        self.freeze = tuple(p.strip(".") for p in self.freeze)
         if not (self.force_weight >= 0 and math.isfinite(self.force_weight)):
             raise self._fail("force_weight", "a finite number >= 0")
         if not (self.energy_weight >= 0 and math.isfinite(self.energy_weight)):
