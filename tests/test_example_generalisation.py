@@ -35,6 +35,14 @@ def _script(stem: str):
     return module
 
 
+def _run_example(stem: str, *args) -> None:
+    """Run examples/<stem>.py with ``args`` on one thread; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT.parent / f"{stem}.py"), *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def _example():
     sys.path.insert(0, str(SCRIPT.parent))
     return _script("generalisation")
@@ -138,23 +146,7 @@ def test_quick_run_holds_the_element_out(tmp_path):
     assert (out / "Pd" / "eval" / "report.json").stat().st_mtime_ns == stamp
     # examples/weight_interpolation.py on the same group: its two ends are the report's two rows (the
     # evaluation's own code path).
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT.parent / "weight_interpolation.py"),
-            str(out / "Pd"),
-            "--alphas",
-            "0,0.5,1",
-            "--fmax",
-            "0.05",
-            "--tight-reference",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_example("weight_interpolation", out / "Pd", "--alphas", "0,0.5,1", "--fmax", "0.05", "--tight-reference")
     interpolation = json.loads((out / "Pd" / "interpolation.json").read_text())
     rows = {(r["alpha"], r["rule"]): r for r in interpolation["rows"]}
     assert interpolation["baseline"]["eta"] == report["checkpoints"][0]["fixed_step_selected"]["eta"]
@@ -169,23 +161,16 @@ def test_quick_run_holds_the_element_out(tmp_path):
     assert all(math.isfinite(r["test_vs_tight_reference"]) and 0 <= r["test_converged"] <= 1 for r in rows.values())
     # examples/applicability_gate.py on the same group: gated Dq recomputed from its excursions and the
     # report's per-structure rows; val's largest excursion flags no val structure.
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "applicability_gate.py"), str(out / "Pd")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_example("applicability_gate", out / "Pd")
     gate = json.loads((out / "Pd" / "applicability_gate.json").read_text())
     base = next(c for c in report["checkpoints"] if c["name"] == "pretrained")["fixed_step_selected"]["per_structure"]
-    own = next(c for c in report["checkpoints"] if c["name"] == "BPTT")["own_rule"]["per_structure"]
+    own_dq = next(c for c in report["checkpoints"] if c["name"] == "BPTT")["own_rule"]["per_structure"]
     assert gate["tuned_over_baseline"] == pytest.approx(tuned["mean"] / fixed["mean"], rel=1e-12)
     excursions = list(gate["test_excursions"].values())
     assert len(excursions) == g["n"] and all(x >= 0 for x in excursions)
     for name, threshold in (("any excursion", 0.0), ("beyond val's largest", max(gate["val_excursions"]))):
         entry = gate["gates"][name]
-        gated = [b if x > threshold else t for x, b, t in zip(excursions, base, own)]
+        gated = [b if x > threshold else t for x, b, t in zip(excursions, base, own_dq)]
         assert entry["threshold"] == threshold and entry["test_flagged"] == sum(x > threshold for x in excursions)
         assert entry["test_over_baseline"] == pytest.approx(sum(gated) / sum(base), rel=1e-12)
     assert gate["gates"]["beyond val's largest"]["val_flagged"] == 0
