@@ -410,12 +410,14 @@ def test_freeze_names_what_it_cannot_find_before_anything_is_written(emt_db, ini
     with pytest.raises(ConfigError, match="'pair_i' names no parameter of this model; its groups are embed, blocks"):
         finetune(emt_db, tmp_path / "a.pt", init=init_model, config=config(freeze=("pair_i",)), progress=False)
     everything = ("embed", "blocks", "norm", "force_head", "energy_head")
-    with pytest.raises(ConfigError, match="leaves no parameter to tune"):
+    with pytest.raises(ConfigError, match="leaves nothing to tune .no model parameter, and the fixed step rule"):
         finetune(emt_db, tmp_path / "b.pt", init=init_model, config=config(freeze=everything), progress=False)
     # Without --init the check comes before pretraining, not after it.
     pre = PretrainConfig(model=TINY_MODEL, epochs=1, batch_size=32, eval_frames=16, checkpoint_every=None)
     with pytest.raises(ConfigError, match="'pair_i' names no parameter"):
         finetune(emt_db, tmp_path / "c.pt", config=config(freeze=("pair_i",), pretrain=pre), progress=False)
+    with pytest.raises(ConfigError, match="leaves nothing to tune"):
+        finetune(emt_db, tmp_path / "d.pt", config=config(freeze=everything, pretrain=pre), progress=False)
     assert list(tmp_path.iterdir()) == []
     for bad in ("embed", ("",), (".",), (3,)):
         with pytest.raises(ConfigError, match="FinetuneConfig.freeze must be a list of parameter-name prefixes"):
@@ -444,3 +446,19 @@ def test_cli_freeze(emt_db, init_model, tmp_path):
     ok = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "ok.pt"), "--freeze", "embed", "--freeze", "blocks"])
     assert ok.exit_code == 0, ok.output
     assert load_checkpoint(tmp_path / "ok.pt")["metadata"]["config"]["freeze"] == ["embed", "blocks"]
+
+
+def test_freezing_the_whole_model_tunes_a_learned_step_alone(emt_db, init_model, tmp_path):
+    """Every model parameter frozen with ``step="learned"``: the model leaves bit for bit, eta moves."""
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.state import load_state, state_path
+
+    initial = load_checkpoint(init_model)["model"]["state_dict"]
+    everything = ("embed", "blocks", "norm", "force_head", "energy_head")
+    out = tmp_path / "eta-only.pt"
+    cfg = config(step="learned", eta=0.05, epochs=2, batch_size=1, step_lr=1e-2, freeze=everything)
+    finetune(emt_db, out, init=init_model, config=cfg, progress=False)
+    state = load_state(state_path(out))
+    assert all(torch.equal(state["model"][k], initial[k]) for k in initial)
+    assert float(state["step_rule"]["eta"]) != pytest.approx(0.05, rel=1e-6)

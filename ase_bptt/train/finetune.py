@@ -75,8 +75,8 @@ def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float
 
 def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     """Stop gradients to the parameters named ``prefix`` or ``prefix.*`` (``FinetuneConfig.freeze``);
-    returns how many scalars stay trainable. A prefix matching no parameter is a ConfigError naming
-    the model's top-level parameter groups."""
+    returns how many scalars stay trainable (0 is allowed: a learned step rule may be all that is
+    tuned). A prefix matching no parameter is a ConfigError naming the model's top-level parameter groups."""
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
         if not any(n == prefix or n.startswith(prefix + ".") for n in names):
@@ -87,9 +87,14 @@ def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
         if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
             p.requires_grad_(False)
         trainable += p.numel() if p.requires_grad else 0
-    if prefixes and not trainable:
-        raise ConfigError(f"freeze: {', '.join(prefixes)} leaves no parameter to tune")
     return trainable
+
+
+def _nothing_to_tune(config: FinetuneConfig) -> ConfigError:
+    return ConfigError(
+        f"freeze: {', '.join(config.freeze)} leaves nothing to tune (no model parameter, and the "
+        f"{config.step} step rule has none of its own)"
+    )
 
 
 def _current_eta(rule) -> float | None:
@@ -160,7 +165,11 @@ class FinetuneRun(TrainingRun):
             if config.freeze:  # say so before pretraining, not after it
                 model_config = dict(config.pretrain.model)
                 model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
-                freeze_parameters(model_cls(config_cls.from_dict(model_config)), config.freeze)
+                from ase_bptt.relax.steps import make_step_rule
+
+                trainable = freeze_parameters(model_cls(config_cls.from_dict(model_config)), config.freeze)
+                if not (trainable or list(make_step_rule(config.step).step_parameters())):
+                    raise _nothing_to_tune(config)
             init = self.out.with_name(f"{self.out.stem}-pretrained.pt")
             if self.ctx.is_main:
                 log.info(
@@ -213,6 +222,9 @@ class FinetuneRun(TrainingRun):
             log.info("freeze %s: %d of %d parameters tuned", ", ".join(config.freeze), trainable, total)
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_params = list(self.rule.step_parameters())
+        if not (self.model_params or self.step_params):
+            raise _nothing_to_tune(config)
+        # The model's group comes first even when empty (all frozen): train_batch scales the groups in order.
         groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
         if self.step_params:
             groups.append({"params": self.step_params, "lr": config.step_lr, "weight_decay": 0.0})
