@@ -74,7 +74,7 @@ from ase_bptt.train.common import load_relaxations  # noqa: E402
 from ase_bptt.train.config import ConfigError  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
 from ase_bptt.train.finetune import FinetuneConfig, finetune, freeze_parameters  # noqa: E402
-from ase_bptt.train.pretrain import PretrainConfig, architecture, pretrain  # noqa: E402
+from ase_bptt.train.pretrain import PretrainConfig, build_model, pretrain  # noqa: E402
 
 ELEMENTS = tuple(RECIPES["fcc-defects"].defaults["elements"])  # Ni, Pd, Ag, Pt, Au, Al
 #: The model may meet every element of the recipe: ADAPT describes an element by its
@@ -406,10 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--label-weight: {exc.message}")
         s = replace(s, finetune={**s.finetune, "label_weights": weights})
     if args.freeze:
-        model_config = dict(s.model)
-        model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
         try:  # the package's own check, before any pool or model is made
-            freeze_parameters(model_cls(config_cls.from_dict(model_config)), tuple(args.freeze))
+            freeze_parameters(build_model(s.model), tuple(args.freeze), s.finetune.get("step", "fixed"))
         except ConfigError as exc:
             parser.error(f"--freeze: {exc}")
         s = replace(s, finetune={**s.finetune, "freeze": tuple(args.freeze)})

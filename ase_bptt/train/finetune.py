@@ -38,12 +38,13 @@ from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.no_harm import no_harm_decision
 from ase_bptt.train.objectives import ForceTerm, structure_weights, weight_summary
-from ase_bptt.train.pretrain import architecture, pretrain
+from ase_bptt.train.pretrain import build_model, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
 
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
+    from ase_bptt.relax.base import StepRule
 
 __all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
 
@@ -73,28 +74,33 @@ def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float
     return tol, max_steps
 
 
-def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
-    """Stop gradients to the parameters named ``prefix`` or ``prefix.*`` (``FinetuneConfig.freeze``);
-    returns how many scalars stay trainable (0 is allowed: a learned step rule may be all that is
-    tuned). A prefix matching no parameter is a ConfigError naming the model's top-level parameter groups."""
+def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...], step: str | StepRule = "fixed") -> int:
+    """Stop gradients to the parameters named ``prefix`` or ``prefix.*`` (``FinetuneConfig.freeze``) and
+    return how many model scalars stay trainable (0 is fine when the step rule ``step`` has parameters
+    of its own, as a learned step does). ConfigError for a prefix matching no parameter (the message
+    names the model's top-level parameter groups) and for a freeze that leaves nothing to tune."""
+    from ase_bptt.relax.registry import make_step_rule
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(name, prefix) for name in names):
             tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in names))
             raise ConfigError(f"freeze: {prefix!r} names no parameter of this model; its groups are {tops}")
     trainable = 0
     for name, p in model.named_parameters():
-        if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+        if any(under(name, prefix) for prefix in prefixes):
             p.requires_grad_(False)
         trainable += p.numel() if p.requires_grad else 0
+    rule = make_step_rule(step)
+    if not trainable and not list(rule.step_parameters()):
+        raise ConfigError(
+            f"freeze: {', '.join(prefixes)} leaves nothing to tune (no model parameter, and the "
+            f"{rule.name} step rule has none of its own)"
+        )
     return trainable
-
-
-def _nothing_to_tune(config: FinetuneConfig) -> ConfigError:
-    return ConfigError(
-        f"freeze: {', '.join(config.freeze)} leaves nothing to tune (no model parameter, and the "
-        f"{config.step} step rule has none of its own)"
-    )
 
 
 def _current_eta(rule) -> float | None:
@@ -163,13 +169,7 @@ class FinetuneRun(TrainingRun):
         init, config = self.init, self.config
         if init is None:
             if config.freeze:  # say so before pretraining, not after it
-                model_config = dict(config.pretrain.model)
-                model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
-                from ase_bptt.relax.steps import make_step_rule
-
-                trainable = freeze_parameters(model_cls(config_cls.from_dict(model_config)), config.freeze)
-                if not (trainable or list(make_step_rule(config.step).step_parameters())):
-                    raise _nothing_to_tune(config)
+                freeze_parameters(build_model(config.pretrain.model), config.freeze, config.step)
             init = self.out.with_name(f"{self.out.stem}-pretrained.pt")
             if self.ctx.is_main:
                 log.info(
@@ -216,14 +216,12 @@ class FinetuneRun(TrainingRun):
             )
         self.rule = rule.to(device=device, dtype=dtype)
 
-        trainable = freeze_parameters(self.model, config.freeze)
+        trainable = freeze_parameters(self.model, config.freeze, self.rule)
         if config.freeze and self.ctx.is_main:
             total = sum(p.numel() for p in self.model.parameters())
             log.info("freeze %s: %d of %d parameters tuned", ", ".join(config.freeze), trainable, total)
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_params = list(self.rule.step_parameters())
-        if not (self.model_params or self.step_params):
-            raise _nothing_to_tune(config)
         # The model's group comes first even when empty (all frozen): train_batch scales the groups in order.
         groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
         if self.step_params:

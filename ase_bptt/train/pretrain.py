@@ -32,7 +32,7 @@ from ase_bptt.train.run import TrainingRun
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
 
-__all__ = ["ARCHITECTURES", "PretrainConfig", "pretrain"]
+__all__ = ["ARCHITECTURES", "PretrainConfig", "build_model", "pretrain"]
 
 #: ``PretrainConfig.model["model_name"]`` (``ase-bptt pretrain --model``) -> (module, model class, config class).
 ARCHITECTURES = {
@@ -175,6 +175,14 @@ def architecture(name: str) -> tuple[Any, Any]:
     return getattr(loaded, model_cls), getattr(loaded, config_cls)
 
 
+def build_model(model: dict[str, Any]) -> ForceModel:
+    """A fresh model from a ``PretrainConfig.model`` dict (``model_name`` picks the architecture, the
+    rest is its config)."""
+    model_config = dict(model)
+    model_cls, config_cls = architecture(model_config.pop("model_name", "adapt"))
+    return model_cls(config_cls.from_dict(model_config))
+
+
 def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtype):
     from ase_bptt.models.checkpoint import load_model
 
@@ -184,14 +192,14 @@ def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtyp
         return loaded, False
     species = tuple(sorted({int(z) for z in train.batch.numbers[train.batch.mask].tolist()}))
     model_cfg = dict(config.model)
-    model_cls, config_cls = architecture(model_cfg.pop("model_name", "adapt"))
     if model_cfg.get("species") is None:
         model_cfg["species"] = species
     torch.manual_seed(config.seed)
-    model = model_cls(config_cls.from_dict(model_cfg))
+    model = build_model(model_cfg)
     model.check_species(train.batch.numbers, where="the train split")
-    if hasattr(model, "check_cell"):  # e.g. a cutoff too large for the cells: say so before training
-        model.check_cell(train.batch, where="the train split")
+    check_cell = getattr(type(model), "check_cell", None)
+    if check_cell is not None:  # e.g. a cutoff too large for the cells: say so before training
+        check_cell(model, train.batch, where="the train split")
     return model.to(device=device, dtype=dtype), True
 
 
