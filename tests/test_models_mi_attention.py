@@ -1,4 +1,4 @@
-"""MinImageADAPT ("adapt-mi"): exact symmetries, padding, cutoff, checkpoints, pretraining, CLI."""
+"""MinImageADAPT ("adapt-mi"): exact symmetries, padding, cutoff, periodic images, checkpoints, pretraining, CLI."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from conftest import silicon_vacancy
 from ase_bptt.batch import Batch
 from ase_bptt.models.base import UnknownElementError
 from ase_bptt.models.mi_attention import (
-    CutoffTooLargeError,
     MinImageADAPT,
     MinImageADAPTConfig,
     cell_heights,
+    image_shifts,
     reciprocal_cell,
 )
 
@@ -28,6 +28,8 @@ TOL64 = 1e-10
 CONTINUITY_TOL = 1e-5
 #: float32 against float64 on the same weights.
 TOL32 = 1e-4
+#: Central differences (h = 1e-6 A) of a float64 loss against autograd, relative.
+FD_TOL = 1e-6
 
 
 def tiny(cutoff: float = 5.0, **kw) -> MinImageADAPT:
@@ -156,21 +158,19 @@ def test_forces_are_continuous_at_the_cutoff():
     assert (outs[0] - outs[1]).abs().max() < CONTINUITY_TOL
 
 
-def test_neighbourhood_descriptors_match_ase_neighbour_lists(si_vacancy):
-    """Radial density, dipole and quadrupole norms per RBF, recomputed from ase.neighborlist (its own
-    periodic images) for every atom of a rattled vacancy cell; a padded batch gives the same rows."""
+def ase_descriptors(atoms: Atoms, c: MinImageADAPTConfig) -> np.ndarray:
+    """Radial density, dipole and quadrupole norms per RBF of every atom, from ase.neighborlist (which
+    counts every periodic image within the cutoff, the atom's own images included)."""
     from ase.neighborlist import neighbor_list
 
-    model = tiny()
-    c = model.config
-    i, j, d, vec = neighbor_list("ijdD", si_vacancy, c.cutoff)
+    i, j, d, vec = neighbor_list("ijdD", atoms, c.cutoff)
     # The model builds its centres in float32 (then casts them): the same rounding here.
     centres = torch.linspace(0.0, c.cutoff, c.n_rbf, dtype=torch.float32).double().numpy()
     width = c.cutoff / (c.n_rbf - 1)
     envelope = 0.5 * (1 + np.cos(np.pi * d / c.cutoff))
     rbf = np.exp(-(((d[:, None] - centres) / width) ** 2)) * envelope[:, None]  # (pairs, K)
     u = vec / d[:, None]
-    n = len(si_vacancy)
+    n = len(atoms)
     rho = np.exp(-((centres / width) ** 2)) + np.zeros((n, c.n_rbf))  # the atom itself: rbf(0)
     dipole_vec = np.zeros((n, c.n_rbf, 3))
     second = np.zeros((n, c.n_rbf, 3, 3))
@@ -178,9 +178,24 @@ def test_neighbourhood_descriptors_match_ase_neighbour_lists(si_vacancy):
     np.add.at(dipole_vec, i, rbf[:, :, None] * u[:, None, :])
     np.add.at(second, i, rbf[:, :, None, None] * (u[:, :, None] * u[:, None, :])[:, None])
     traceless = second - np.eye(3) * np.trace(second, axis1=2, axis2=3)[..., None, None] / 3
-    want = np.log1p(
+    return np.log1p(
         np.concatenate([rho, (dipole_vec**2).sum(-1), np.clip((traceless**2).sum((-1, -2)), 0, None)], axis=1)
     )
+
+
+def wurtzite_gan(seed: int = 0) -> Atoms:
+    """A rattled 72-atom 3x3x2 wurtzite GaN supercell: in-plane heights 8.3 A, below twice the 5 A cutoff."""
+    atoms = bulk("GaN", "wurtzite", a=3.19, c=5.19) * (3, 3, 2)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def test_neighbourhood_descriptors_match_ase_neighbour_lists(si_vacancy):
+    """Every atom of a rattled vacancy cell, recomputed from ase.neighborlist; a padded batch gives the same rows."""
+    model = tiny()
+    c = model.config
+    want = ase_descriptors(si_vacancy, c)
+    n = len(si_vacancy)
     small = si_vacancy[:20]
     small.cell = si_vacancy.cell
     got, padded = model.neighbourhood_descriptors(Batch.from_atoms([si_vacancy, small]))
@@ -189,6 +204,23 @@ def test_neighbourhood_descriptors_match_ase_neighbour_lists(si_vacancy):
     alone = model.neighbourhood_descriptors(Batch.from_atoms(small))[0]
     assert (alone - padded).abs().max() < TOL64
     assert float(got[:, c.n_rbf :].max()) > 0.1  # the vacancy's neighbours see a dipole: not vacuous
+
+
+def test_cells_below_twice_the_cutoff_see_every_image(si_vacancy):
+    """A 72-atom wurtzite supercell (heights 8.3 A) and an 8-atom silicon cube (5.43 A, an atom's own
+    images within the cutoff) against ase.neighborlist, alone and batched with a cell that needs no images."""
+    model = tiny()
+    c = model.config
+    cube = bulk("Si", "diamond", a=5.43, cubic=True)
+    cube.rattle(0.1, seed=3)
+    gan = wurtzite_gan()
+    for atoms in (gan, cube):
+        assert float(cell_heights(Batch.from_atoms(atoms).cell, Batch.from_atoms(atoms).pbc).min()) < 2 * c.cutoff
+        (got,) = model.neighbourhood_descriptors(Batch.from_atoms(atoms))
+        assert np.abs(got.numpy() - ase_descriptors(atoms, c)).max() < TOL64
+    got = model.neighbourhood_descriptors(Batch.from_atoms([si_vacancy, cube]))
+    assert np.abs(got[0].numpy() - ase_descriptors(si_vacancy, c)).max() < TOL64
+    assert np.abs(got[1].numpy() - ase_descriptors(cube, c)).max() < TOL64
 
 
 def test_position_gradients_are_finite_with_padding(si_vacancy):
@@ -243,20 +275,54 @@ def test_cell_heights():
     assert cell_heights(batch.cell, batch.pbc).tolist() == [[4.0, math.inf, 6.0]]
 
 
-def test_a_cutoff_too_large_for_the_cell_is_a_clear_error():
+def test_image_shifts():
+    cube = Batch.from_atoms(bulk("Si", "diamond", a=5.43, cubic=True))  # height 5.43: floor(5 / 5.43 + 1/2) = 1
+    shifts = image_shifts(cube.cell, cube.pbc, 5.0)
+    assert shifts.shape == (27, 3) and torch.equal(shifts[13], torch.zeros(3, dtype=shifts.dtype))
+    assert torch.equal(shifts.flip(0), -shifts)  # row S - 1 - k is minus row k
+    assert image_shifts(cube.cell, cube.pbc, 2.0).shape == (1, 3)  # 2 / 5.43 + 1/2 < 1: the minimum image
+    big = Batch.from_atoms(silicon_vacancy())  # 10.86 A: no images
+    assert image_shifts(big.cell, big.pbc, 5.0).tolist() == [[0.0, 0.0, 0.0]]
+    slab = Atoms("Si", cell=[4, 5, 6], pbc=[True, False, True])
+    batch = Batch.from_atoms(slab)  # heights 4 and 6 with cutoff 5: reach 1 along a and c, none along b
+    assert image_shifts(batch.cell, batch.pbc, 5.0)[:, 1].abs().max() == 0
+    assert image_shifts(batch.cell, batch.pbc, 5.0).shape == (9, 3)
+
+
+def test_a_small_cell_gives_the_forces_of_its_supercell():
+    """Periodic images counted right: a cell below twice the cutoff (images needed) and a supercell of it
+    (minimum image only) are the same crystal, so every atom gets the same force and the energy scales."""
     model = tiny()
-    small = silicon_vacancy(repeat=1)  # 5.43 A cube: half its height is under the 5 A cutoff
-    with pytest.raises(CutoffTooLargeError, match=r"5.43 A.*cutoff 5 A.*2 x cutoff = 10 A"):
-        model(Batch.from_atoms(small))
-    # A small cell is fine along non-periodic directions, and with a small enough cutoff.
-    slab = small.copy()
-    slab.pbc = [False, False, False]
-    assert model(Batch.from_atoms(slab)).forces.isfinite().all()
-    assert tiny(cutoff=2.6)(Batch.from_atoms(small)).forces.isfinite().all()
-    # A good cell checked once does not hide a bad one later.
-    model(Batch.from_atoms(silicon_vacancy()))
-    with pytest.raises(CutoffTooLargeError):
-        model(Batch.from_atoms(small))
+    for atoms, repeat in ((wurtzite_gan(), (2, 2, 1)), (silicon_vacancy(repeat=1, seed=4), (2, 2, 2))):
+        supercell = atoms * repeat
+        n = len(atoms)
+        a, b = model(Batch.from_atoms(atoms)), model(Batch.from_atoms(supercell))
+        copies = b.forces[0].reshape(-1, n, 3)
+        assert (copies - a.forces[0]).abs().max() < TOL64
+        assert abs(float(b.energy[0].detach()) - len(copies) * float(a.energy[0].detach())) < TOL64 * len(supercell)
+        assert a.forces.abs().max() > 0.1 and a.forces.sum(1).abs().max() < TOL64  # not vacuous; Newton's third law
+
+
+def test_gradients_through_periodic_images_match_finite_differences():
+    """The log-sum-exp over images keeps position gradients exact (a loss on forces, central differences)."""
+    model = tiny(cutoff=3.0)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)  # height 5.43 < 6: images within the 3 A cutoff
+    atoms.rattle(0.1, seed=1)
+    batch = Batch.from_atoms(atoms)
+    assert len(model.image_shifts(batch)) == 27
+
+    def loss(pos):
+        return model(batch, positions=pos).forces.pow(2).sum()
+
+    pos = batch.positions.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(pos), pos)
+    assert bool(grad.isfinite().all()) and float(grad.abs().max()) > 0.1
+    h = 1e-6
+    for atom, axis in ((0, 0), (3, 2), (7, 1)):
+        step = torch.zeros_like(pos)
+        step[0, atom, axis] = h
+        fd = (loss(batch.positions + step) - loss(batch.positions - step)) / (2 * h)
+        assert abs(float(fd) - float(grad[0, atom, axis])) < FD_TOL * max(1.0, abs(float(fd)))
 
 
 # ------------------------------------------------------------ checkpoints
@@ -355,17 +421,6 @@ def test_pretrain_config_names_the_architecture():
     assert PretrainConfig(model=MinImageADAPTConfig(d_model=8, n_heads=2)).model["model_name"] == "adapt-mi"
     with pytest.raises(ConfigError, match="model_name"):
         PretrainConfig(model={"model_name": "mace"})
-
-
-def test_pretraining_on_cells_too_small_for_the_cutoff_fails_before_training(tmp_path):
-    from conftest import make_cu_db
-
-    from ase_bptt.train.pretrain import PretrainConfig, pretrain
-
-    make_cu_db(tmp_path / "cu.db", n_train=1, n_val=0, n_test=0)  # 7.2 x 3.6 x 3.6 A cells
-    config = PretrainConfig(model={"model_name": "adapt-mi", "d_model": 8, "n_heads": 2}, max_steps=1)
-    with pytest.raises(CutoffTooLargeError, match="structure 0 of the train split.*cutoff 5 A"):
-        pretrain(tmp_path / "cu.db", tmp_path / "cu.pt", config=config, progress=False)
 
 
 def test_cli_pretrain_model_option(monkeypatch, tmp_path):

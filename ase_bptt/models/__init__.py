@@ -10,14 +10,13 @@ from ase_bptt.models.checkpoint import (
     save_checkpoint,
 )
 from ase_bptt.models.conservative import ConservativeForces
-from ase_bptt.models.mi_attention import CutoffTooLargeError, MinImageADAPT, MinImageADAPTConfig
+from ase_bptt.models.mi_attention import MinImageADAPT, MinImageADAPTConfig
 
 __all__ = [
     "ADAPT",
     "ADAPTConfig",
     "CheckpointError",
     "ConservativeForces",
-    "CutoffTooLargeError",
     "ForceModel",
     "MinImageADAPT",
     "MinImageADAPTConfig",

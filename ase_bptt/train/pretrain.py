@@ -197,9 +197,6 @@ def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtyp
     torch.manual_seed(config.seed)
     model = build_model(model_cfg)
     model.check_species(train.batch.numbers, where="the train split")
-    check_cell = getattr(type(model), "check_cell", None)
-    if check_cell is not None:  # e.g. a cutoff too large for the cells: say so before training
-        check_cell(model, train.batch, where="the train split")
     return model.to(device=device, dtype=dtype), True
 
 
