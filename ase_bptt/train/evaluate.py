@@ -43,6 +43,7 @@ from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
 from ase_bptt.train.config import to_jsonable
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.eval_data import EvalSplit, evaluable, force_errors, load_split, method_entry
+from ase_bptt.train.outputs import check_not_inputs, check_writable_output
 from ase_bptt.train.plots import paired_data
 from ase_bptt.train.worse_labels import worse_labels
 
@@ -249,6 +250,8 @@ def evaluate(
             checkpoints can evaluate.
         CheckpointError: a checkpoint cannot be read.
         BaselineError: a baseline specification is wrong.
+        OutputIsInputError, OutputNotWritableError: ``out_dir`` or a report
+            file is an input, or cannot be created (checked first).
     """
     from ase_bptt.models.checkpoint import load_checkpoint, load_model
 
@@ -258,6 +261,17 @@ def evaluate(
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if out_dir is not None:
+        from ase_bptt.train.report import report_files
+
+        written = [
+            (out_dir, "the report folder"),
+            *((f, "the report") for f in report_files(out_dir, plots=plots).values()),
+        ]
+        check_not_inputs(
+            written, [(db, "the database --db"), *((p, "a checkpoint to evaluate") for p in paths)], option="-o/--out"
+        )
+        check_writable_output(out_dir, option="-o/--out", directory=True)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     grid = [float(e) for e in (eta_grid if eta_grid is not None else DEFAULT_ETA_GRID)]
     if not grid or any(not (e > 0 and math.isfinite(e)) for e in grid):
