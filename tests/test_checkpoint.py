@@ -303,3 +303,60 @@ def test_errors_are_distinct_checkpoint_errors():
     for i, a in enumerate(kinds):
         for b in kinds[i + 1 :]:
             assert not issubclass(a, b) and not issubclass(b, a)
+
+
+class _RunsCode:
+    """A pickle payload that would run a program if unpickled (``weights_only`` refuses it first)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), zipfile.ZipInfo("x")])
+def test_pickle_refusal_names_the_object_and_never_suggests_unsafe_loading(tmp_path, payload):
+    from ase_bptt.train.state import StateError, load_state
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ase-bptt", "payload": payload}, path)
+    expected = "posix.system" if isinstance(payload, _RunsCode) else "zipfile.ZipInfo"
+    for load, error in ((load_checkpoint, CorruptCheckpointError), (load_state, StateError)):
+        with pytest.raises(error) as info:
+            load(path)
+        text = str(info.value)
+        assert str(path) in text and f"asks for the Python object {expected}" in text
+        assert "False" not in text and "likely succeed" not in text
+
+
+def _with_rule(tmp_path, model, name: str, rule) -> str:
+    from ase_bptt.relax.registry import relax_settings
+
+    return save_checkpoint(tmp_path / name, model, relax=relax_settings(rule))
+
+
+def test_a_non_finite_or_negative_step_rule_is_refused_when_the_checkpoint_loads(tmp_path, model):
+    from click.testing import CliRunner
+
+    from ase_bptt.calculator import BPTTCalculator
+    from ase_bptt.cli import cli
+    from ase_bptt.models.checkpoint import InvalidStepRuleError
+    from ase_bptt.relax.steps import FixedStep, LearnedStep
+
+    diverged = LearnedStep(0.05)
+    with torch.no_grad():
+        diverged.log_eta.fill_(float("nan"))  # what a diverged --step learned run stores
+    nan_path = _with_rule(tmp_path, model, "nan-eta.pt", diverged)
+    negative = FixedStep(0.05)
+    negative.eta = -0.05  # a hand-edited or foreign checkpoint
+    negative_path = _with_rule(tmp_path, model, "negative-eta.pt", negative)
+    for path, text in (
+        (nan_path, "non-finite step rule (relax.step.eta = nan)"),
+        (negative_path, "eta must be positive"),
+    ):
+        with pytest.raises(InvalidStepRuleError) as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value) and text in str(info.value)
+        with pytest.raises(InvalidStepRuleError, match="eta"):
+            BPTTCalculator(path)
+        result = CliRunner().invoke(cli, ["info", str(path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.startswith(f"Error: {path}") and text.split(" (")[0] in result.output
