@@ -327,3 +327,18 @@ def test_check_structure_before_evaluating(bulk_domain_checkpoint, si_small):
     si_small.positions[0, 0] = np.nan
     with pytest.raises(StructureError, match=r"frame 3 has non-finite"):
         calc.check_structure(si_small, where="frame 3")
+
+
+@pytest.mark.parametrize(
+    "device, text",
+    [("cuda", "torch sees no CUDA GPU; use cpu"), ("cuda:1", "torch sees no CUDA GPU"), ("gpu9", "unknown device")],
+)
+def test_a_device_this_machine_lacks_is_one_clear_error(checkpoint, monkeypatch, device, text):
+    from ase_bptt.device import DeviceError
+    from ase_bptt.errors import AseBpttError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    with pytest.raises(DeviceError, match=text) as info:
+        BPTTCalculator(checkpoint, device=device)
+    assert isinstance(info.value, AseBpttError) and isinstance(info.value, ValueError)
+    assert BPTTCalculator(checkpoint, device="cpu").model is not None
