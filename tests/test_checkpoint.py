@@ -219,6 +219,17 @@ def test_non_finite_weights_are_refused(tmp_path, saved, bad):
         load_model(data, name="from-disk")
 
 
+#: float64 minimum-image distances against ASE's neighbour list: round-off only.
+DISTANCE_TOL = 1e-10
+
+
+def ase_shortest_distance(frames) -> float:
+    """The independent reference: ASE's neighbour list over every periodic image."""
+    from ase.neighborlist import neighbor_list
+
+    return min(float(neighbor_list("d", a, 4.0).min()) for a in frames)
+
+
 def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
     from ase.build import molecule
 
@@ -232,8 +243,23 @@ def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
         "pbc": [[False, False, False], [True, True, True]],
         "n_structures": 3,
     }
-    assert training_domain(frames) == expected
-    assert training_domain(Batch.from_atoms(frames)) == expected
+    for domain in (training_domain(frames), training_domain(Batch.from_atoms(frames))):
+        assert domain.pop("min_distance") == pytest.approx(ase_shortest_distance(frames), abs=DISTANCE_TOL)
+        assert domain == expected
+
+
+def test_shortest_distance_of_periodic_cells_matches_ase(si_small, si_vacancy):
+    from ase.build import bulk
+
+    from ase_bptt.models.domain import shortest_distance
+
+    primitive = bulk("Si", "diamond", a=5.43)  # 2 atoms, skewed fcc vectors: the nearest pair crosses the cell
+    primitive.rattle(0.05, seed=3)
+    squeezed = si_small.copy()
+    squeezed.positions[2] = squeezed.positions[5] + [0.3, 0.0, 0.0]  # 0.3 A apart
+    for frames in ([si_vacancy], [primitive], [si_small, squeezed]):
+        found = shortest_distance(Batch.from_atoms(frames))
+        assert found == pytest.approx(ase_shortest_distance(frames), abs=DISTANCE_TOL)
 
 
 def test_merged_training_domains_cover_each(si_small, si_vacancy):
@@ -258,6 +284,7 @@ def test_saved_training_domain_round_trips(tmp_path, model, si_small):
         "n_atoms": [7, 7],
         "pbc": [[True, True, True]],
         "n_structures": 1,
+        "min_distance": domain["min_distance"],
     }
 
 
