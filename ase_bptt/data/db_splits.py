@@ -18,6 +18,7 @@ from ase_bptt.data.splits import (
     SPLITS,
     HoldOut,
     HoldOutError,
+    SplitFractions,
     TrajectoryInfo,
     check_split_fractions,
     hold_out_in_force,
@@ -160,6 +161,28 @@ class SplitsMixin:
             rows = [(i, split) for i, kvp in self._key_value_pairs() if kvp["traj_id"] in chosen]
             self._store.set_splits(rows, declared=True)
         return sorted(chosen)
+
+    def check_new_splits(
+        self: _Database, new: dict[str, TrajectoryInfo], splits: SplitFractions | None, *, declared: bool
+    ) -> None:
+        """Before trajectories are added: raise HoldOutError if the splits asked for them cannot be kept.
+
+        Args:
+            new: ``{traj_id: (label, split or None, elements)}`` of the trajectories to add.
+            splits: the fractions and hold-out :meth:`assign_splits` will then apply, or None.
+            declared: the new trajectories' splits are the user's (``import --split``).
+        """
+        if splits is None and not declared:
+            return
+        hold = hold_out_in_force(self.metadata, splits.hold_out if splits is not None else (), reassign=False)
+        if splits is None and not hold:
+            return
+        info = {**self.split_info(), **new}
+        fixed = self.declared() | (set(new) if declared else set())
+        fractions = splits if splits is not None else SplitFractions(val=0, test=0)
+        target_splits(
+            info, fractions.val, fractions.test, fractions.seed, reassign=False, hold_out=hold, declared=fixed
+        )
 
     def declared(self: _Database) -> set[str]:
         """The traj_ids whose split the user declared (:meth:`declare_split`, ``import --split``)."""

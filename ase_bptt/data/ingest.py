@@ -54,7 +54,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db import InvalidTrajectoryError, TrajectoryDB, content_hash, validate_frames
 from ase_bptt.data.duplicates import StoredRelaxations, same_relaxation
-from ase_bptt.data.splits import SPLITS, SplitFractions, hold_out_in_force, target_splits
+from ase_bptt.data.splits import SPLITS, SplitFractions
 
 __all__ = ["ImportReport", "import_paths", "read_trajectory", "read_mptrj"]
 
@@ -419,7 +419,8 @@ def import_paths(
             to_write.append((c, traj_id, _label_of(c.frames, label, label_key)))
         if not to_write:
             return report
-        _check_splits(db, [(traj_id, lab, c.frames[0]) for c, traj_id, lab in to_write], splits, split)
+        new = {traj_id: (lab, split, frozenset(c.frames[0].get_chemical_symbols())) for c, traj_id, lab in to_write}
+        db.check_new_splits(new, splits, declared=split is not None)
         for c, traj_id, lab in to_write:
             src = source if source is not None else c.where
             db.add_trajectory(c.frames, traj_id=traj_id, label=lab, source=src, split=split, declared=split is not None)
@@ -468,23 +469,6 @@ def _unique(candidates: list[_Candidate], skipped: list) -> list[_Candidate]:
         else:
             kept.append(c)
     return kept
-
-
-def _check_splits(db: TrajectoryDB, new: list[tuple[str, str | None, Atoms]], splits, split: str | None) -> None:
-    """Raise HoldOutError before anything is written if the splits this import asks for cannot be kept."""
-    if splits is None and split is None:
-        return
-    hold = hold_out_in_force(db.metadata, splits.hold_out if splits is not None else (), reassign=False)
-    if splits is None and not hold:
-        return
-    info = db.split_info()
-    declared = db.declared()
-    for traj_id, lab, first in new:
-        info[traj_id] = (lab, split, frozenset(first.get_chemical_symbols()))
-        if split is not None:
-            declared.add(traj_id)
-    fractions = splits if splits is not None else SplitFractions(val=0, test=0)
-    target_splits(info, fractions.val, fractions.test, fractions.seed, reassign=False, hold_out=hold, declared=declared)
 
 
 def _label_of(frames: list[Atoms], label: str | None, label_key: str) -> str | None:
