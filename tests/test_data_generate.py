@@ -311,5 +311,7 @@ def test_interrupted_before_its_first_trajectory_a_new_database_is_removed(tmp_p
     assert proc.poll() is None and _final_rows(path) == 0
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "Aborted" in err
+    # click's "Aborted!" and exit 1; CPython sometimes ends such a process by SIGINT itself (a KeyboardInterrupt
+    # raised while a module was being imported), which is the same outcome for the user.
+    assert proc.returncode in (1, -signal.SIGINT) and "Aborted" in err, err
     assert not path.exists()
