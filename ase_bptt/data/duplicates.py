@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 
-__all__ = ["POSITION_TOL", "Shape", "same_frames", "same_relaxation", "shape_of"]
+__all__ = ["POSITION_TOL", "Shape", "StoredRelaxations", "same_frames", "same_relaxation", "shape_of"]
 
 #: Largest difference (A) of a position or cell component between two copies of one relaxation.
 POSITION_TOL = 1e-4

@@ -53,7 +53,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db import InvalidTrajectoryError, TrajectoryDB, content_hash, validate_frames
-from ase_bptt.data.duplicates import StoredRelaxations, same_relaxation
+from ase_bptt.data.duplicates import Shape, StoredRelaxations, same_relaxation, shape_of
 from ase_bptt.data.splits import SPLITS, SplitFractions
 
 __all__ = ["ImportReport", "import_paths", "read_trajectory", "read_mptrj"]
@@ -462,12 +462,15 @@ def _read_candidates(
 def _unique(candidates: list[_Candidate], skipped: list) -> list[_Candidate]:
     """``candidates`` without the later copies of one relaxation (each reported with the file kept)."""
     kept: list[_Candidate] = []
+    by_shape: dict[Shape, list[_Candidate]] = {}  # only trajectories of one shape can be copies
     for c in candidates:
-        first = next((k for k in kept if same_relaxation(k.frames, c.frames)), None)
+        group = by_shape.setdefault(shape_of(len(c.frames), c.frames[0].numbers, c.frames[0].pbc), [])
+        first = next((k for k in group if same_relaxation(k.frames, c.frames)), None)
         if first is not None:
             skipped.append((c.where, f"same relaxation as {first.where} in this import (that one is kept)"))
         else:
             kept.append(c)
+            group.append(c)
     return kept
 
 
