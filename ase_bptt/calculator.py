@@ -20,6 +20,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from ase_bptt.batch import Batch
+from ase_bptt.device import check_device
 from ase_bptt.models.base import ForceModel
 from ase_bptt.models.domain import NonFiniteResultError, StructureCheck, read_training_domain
 
@@ -50,6 +51,7 @@ class BPTTCalculator(Calculator):
             counts, periodicity; :mod:`ase_bptt.models.domain`) or None.
 
     Raises:
+        DeviceError: ``device`` is unknown or not on this machine (``"cuda"`` without CUDA).
         UnknownElementError: (on calculation) the structure holds an element
             the model was not trained on.
         StructureError: (on calculation) the model cannot evaluate the
@@ -71,6 +73,8 @@ class BPTTCalculator(Calculator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if device is not None:
+            device = check_device(device)
         if isinstance(model_or_path, (str, os.PathLike)):
             from ase_bptt.models.checkpoint import load_checkpoint, load_model
 

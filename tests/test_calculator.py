@@ -327,3 +327,42 @@ def test_check_structure_before_evaluating(bulk_domain_checkpoint, si_small):
     si_small.positions[0, 0] = np.nan
     with pytest.raises(StructureError, match=r"frame 3 has non-finite"):
         calc.check_structure(si_small, where="frame 3")
+
+
+@pytest.mark.parametrize(
+    "device, text",
+    [("cuda", "torch sees no CUDA GPU; use cpu"), ("cuda:1", "torch sees no CUDA GPU"), ("gpu9", "unknown device")],
+)
+def test_a_device_this_machine_lacks_is_one_clear_error(checkpoint, monkeypatch, device, text):
+    from ase_bptt.device import DeviceError
+    from ase_bptt.errors import AseBpttError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    with pytest.raises(DeviceError, match=text) as info:
+        BPTTCalculator(checkpoint, device=device)
+    assert isinstance(info.value, AseBpttError) and isinstance(info.value, ValueError)
+    assert BPTTCalculator(checkpoint, device="cpu").model is not None
+
+
+def test_overlapping_atoms_are_refused_naming_them(tmp_path, si_vacancy):
+    from ase_bptt.models.domain import MIN_DISTANCE_FRACTION, training_domain
+
+    domain = training_domain([si_vacancy])  # records the shortest distance the model saw
+    path = save_checkpoint(tmp_path / "d.pt", tiny_model(si_vacancy), metadata={"training_domain": domain})
+    limit = MIN_DISTANCE_FRACTION * domain["min_distance"]
+    assert 0.8 < limit < 1.2  # half of rattled Si's shortest bond
+    for gap in (0.1, 0.0):  # 0.1 A apart, and on top of each other
+        atoms = si_vacancy.copy()
+        atoms.positions[7] = atoms.positions[3] + [0.0, gap, 0.0]
+        atoms.calc = BPTTCalculator(path)
+        with pytest.raises(
+            StructureError, match=rf"atoms 3 \(Si\) and 7 \(Si\) are {gap:.3f} A apart, closer than 0\.5 x"
+        ):
+            atoms.get_forces()
+    tiny = bulk("Si", "sc", a=0.8)  # one atom 0.8 A from its own periodic images
+    tiny.calc = BPTTCalculator(path)
+    with pytest.raises(StructureError, match="atom 0 .Si. and its own periodic image are 0.800 A apart"):
+        tiny.get_forces()
+    intact = si_vacancy.copy()
+    intact.calc = BPTTCalculator(path)
+    assert np.isfinite(intact.get_forces()).all()

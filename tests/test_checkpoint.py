@@ -219,6 +219,17 @@ def test_non_finite_weights_are_refused(tmp_path, saved, bad):
         load_model(data, name="from-disk")
 
 
+#: float64 minimum-image distances against ASE's neighbour list: round-off only.
+DISTANCE_TOL = 1e-10
+
+
+def ase_shortest_distance(frames) -> float:
+    """The independent reference: ASE's neighbour list over every periodic image."""
+    from ase.neighborlist import neighbor_list
+
+    return min(float(neighbor_list("d", a, 4.0).min()) for a in frames)
+
+
 def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
     from ase.build import molecule
 
@@ -232,8 +243,23 @@ def test_training_domain_of_batch_and_of_atoms(si_small, si_vacancy):
         "pbc": [[False, False, False], [True, True, True]],
         "n_structures": 3,
     }
-    assert training_domain(frames) == expected
-    assert training_domain(Batch.from_atoms(frames)) == expected
+    for domain in (training_domain(frames), training_domain(Batch.from_atoms(frames))):
+        assert domain.pop("min_distance") == pytest.approx(ase_shortest_distance(frames), abs=DISTANCE_TOL)
+        assert domain == expected
+
+
+def test_shortest_distance_of_periodic_cells_matches_ase(si_small, si_vacancy):
+    from ase.build import bulk
+
+    from ase_bptt.models.domain import shortest_distance
+
+    primitive = bulk("Si", "diamond", a=5.43)  # 2 atoms, skewed fcc vectors: the nearest pair crosses the cell
+    primitive.rattle(0.05, seed=3)
+    squeezed = si_small.copy()
+    squeezed.positions[2] = squeezed.positions[5] + [0.3, 0.0, 0.0]  # 0.3 A apart
+    for frames in ([si_vacancy], [primitive], [si_small, squeezed]):
+        found = shortest_distance(Batch.from_atoms(frames))
+        assert found == pytest.approx(ase_shortest_distance(frames), abs=DISTANCE_TOL)
 
 
 def test_merged_training_domains_cover_each(si_small, si_vacancy):
@@ -258,6 +284,7 @@ def test_saved_training_domain_round_trips(tmp_path, model, si_small):
         "n_atoms": [7, 7],
         "pbc": [[True, True, True]],
         "n_structures": 1,
+        "min_distance": domain["min_distance"],
     }
 
 
@@ -303,3 +330,60 @@ def test_errors_are_distinct_checkpoint_errors():
     for i, a in enumerate(kinds):
         for b in kinds[i + 1 :]:
             assert not issubclass(a, b) and not issubclass(b, a)
+
+
+class _RunsCode:
+    """A pickle payload that would run a program if unpickled (``weights_only`` refuses it first)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), zipfile.ZipInfo("x")])
+def test_pickle_refusal_names_the_object_and_never_suggests_unsafe_loading(tmp_path, payload):
+    from ase_bptt.train.state import StateError, load_state
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ase-bptt", "payload": payload}, path)
+    expected = "posix.system" if isinstance(payload, _RunsCode) else "zipfile.ZipInfo"
+    for load, error in ((load_checkpoint, CorruptCheckpointError), (load_state, StateError)):
+        with pytest.raises(error) as info:
+            load(path)
+        text = str(info.value)
+        assert str(path) in text and f"asks for the Python object {expected}" in text
+        assert "False" not in text and "likely succeed" not in text
+
+
+def _with_rule(tmp_path, model, name: str, rule) -> str:
+    from ase_bptt.relax.registry import relax_settings
+
+    return save_checkpoint(tmp_path / name, model, relax=relax_settings(rule))
+
+
+def test_a_non_finite_or_negative_step_rule_is_refused_when_the_checkpoint_loads(tmp_path, model):
+    from click.testing import CliRunner
+
+    from ase_bptt.calculator import BPTTCalculator
+    from ase_bptt.cli import cli
+    from ase_bptt.models.checkpoint import InvalidStepRuleError
+    from ase_bptt.relax.steps import FixedStep, LearnedStep
+
+    diverged = LearnedStep(0.05)
+    with torch.no_grad():
+        diverged.log_eta.fill_(float("nan"))  # what a diverged --step learned run stores
+    nan_path = _with_rule(tmp_path, model, "nan-eta.pt", diverged)
+    negative = FixedStep(0.05)
+    negative.eta = -0.05  # a hand-edited or foreign checkpoint
+    negative_path = _with_rule(tmp_path, model, "negative-eta.pt", negative)
+    for path, text in (
+        (nan_path, "non-finite step rule (relax.step.eta = nan)"),
+        (negative_path, "eta must be positive"),
+    ):
+        with pytest.raises(InvalidStepRuleError) as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value) and text in str(info.value)
+        with pytest.raises(InvalidStepRuleError, match="eta"):
+            BPTTCalculator(path)
+        result = CliRunner().invoke(cli, ["info", str(path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.startswith(f"Error: {path}") and text.split(" (")[0] in result.output

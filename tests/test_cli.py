@@ -21,7 +21,7 @@ from test_train_evaluate import make_checkpoint, make_db
 
 from ase_bptt.cli import cli
 
-COMMANDS = ("generate", "import", "split", "info", "pretrain", "finetune", "evaluate", "relax", "demo")
+COMMANDS = ("generate", "import", "split", "check", "info", "pretrain", "finetune", "evaluate", "relax", "demo")
 #: Same float64 model, same ASE FIRE: positions agree to round-off.
 POSITION_TOL = 1e-8
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ase.io
 import pytest
 from click.testing import CliRunner
@@ -123,3 +125,89 @@ def test_split_command(tmp_path):
     missing = tmp_path / "missing.db"
     result = run("split", str(missing))
     assert result.exit_code == 1 and not missing.exists()
+
+
+# ------------------------------------------------------ declared splits (--split)
+@pytest.fixture
+def test_set(tmp_path):
+    """t5..t9 of TRAJS as files: a user's fixed test set."""
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    for k, (traj_id, label, symbols) in list(enumerate(TRAJS))[5:]:
+        frames = make_frames(symbols, k)
+        for f in frames:
+            if label is not None:  # extxyz writes None as a bare key, read back as True
+                f.info["label"] = label
+        ase.io.write(folder / f"{traj_id}.extxyz", frames)
+    return folder
+
+
+def splits_by_file(path) -> dict[str, str | None]:
+    """``{file stem: split}``: the files are named after TRAJS' ids, the traj_ids after their content."""
+    return {Path(t.source).stem: t.split for t in TrajectoryDB(path, create=False).trajectories(converged_only=False)}
+
+
+def sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_import_declares_the_split_of_what_it_adds(tmp_path, traj_files, test_set):
+    path = tmp_path / "d.db"
+    assert run("import", str(traj_files), "--db", str(path)).exit_code == 0
+    before = sha(path)
+    # the same checks as the other split options, before anything is written
+    for extra in (["--test", "0.2"], ["--val", "0"]):
+        result = run("import", str(test_set), "--db", str(path), "--split", "test", *extra)
+        assert result.exit_code == 2 and extra[0] in error_line(result) and "--split" in error_line(result)
+    result = run("import", str(test_set), "--db", str(path), "--split", "train", "--hold-out-label", "int:Pd")
+    assert result.exit_code == 1 and "were declared train (--split train)" in error_line(result)
+    assert sha(path) == before
+    result = run("import", str(test_set), "--db", str(path), "--split", "test")
+    assert result.exit_code == 0, result.output
+    got = splits_by_file(path)
+    assert {got[t] for t in ("t5", "t6", "t7", "t8", "t9")} == {"test"}
+    db = TrajectoryDB(path, create=False)
+    assert {Path(t.source).stem for t in db.trajectories(converged_only=False) if t.traj_id in db.declared()} == {
+        "t5",
+        "t6",
+        "t7",
+        "t8",
+        "t9",
+    }
+    # a reassignment moves only the splits drawn by the hash: the declared test set stays test
+    result = run("split", str(path), "--reassign", "--val", "0.5", "--test", "0")
+    assert result.exit_code == 0, result.output
+    got = splits_by_file(path)
+    assert {got[t] for t in ("t5", "t6", "t7", "t8", "t9")} == {"test"}
+    assert {got[t] for t in ("t0", "t1", "t2", "t3", "t4")} <= {"train", "val"}
+
+
+def test_split_declares_named_trajectories(tmp_path, traj_files, test_set):
+    path = tmp_path / "d.db"
+    assert run("import", str(traj_files), str(test_set), "--db", str(path), "--test", "0").exit_code == 0
+    ids = {Path(t.source).stem: t.traj_id for t in TrajectoryDB(path, create=False).trajectories(converged_only=False)}
+    result = run("split", str(path), "--split", "test", "--source", f"{test_set}/*", "--traj-id", ids["t0"])
+    assert result.exit_code == 0, result.output
+    assert "declared test: 6 trajectories" in result.output
+    result = run("split", str(path), "--split", "train", "--source", "*/t5.extxyz")
+    assert result.exit_code == 0, result.output
+    got = splits_by_file(path)
+    assert got["t5"] == "train" and {got[t] for t in ("t0", "t6", "t7", "t8", "t9")} == {"test"}
+    before = sha(path)
+    for args, code, text in (
+        (["--split", "test"], 2, "--traj-id PATTERN or --source PATTERN"),
+        (["--traj-id", "t1"], 2, "give --split too"),
+        (["--split", "test", "--traj-id", "t1", "--reassign"], 2, "drop --reassign"),
+        (["--split", "test", "--traj-id", "nothing*"], 1, "'nothing*' matches no trajectory"),
+    ):
+        result = run("split", str(path), *args)
+        assert result.exit_code == code and text in error_line(result), result.output
+    # a recorded hold-out wins over a declaration that contradicts it
+    assert sha(path) == before
+    assert run("split", str(path), "--hold-out-label", "int:Pd", "--reassign").exit_code == 0
+    before = sha(path)
+    result = run("split", str(path), "--split", "val", "--traj-id", ids["t3"])
+    assert result.exit_code == 1 and "held out in test" in error_line(result)
+    assert splits_by_file(path)["t3"] == "test" and sha(path) == before

@@ -296,3 +296,20 @@ def test_labels_from_atoms_info(tmp_path, suffix):
     assert labels == {f"relax{s}{suffix}": f"d{s}" for s in (1, 2, 3)}
     assert run("import", *files, "--db", tmp_path / "c.db", "--label", "given").exit_code == 0
     assert {t.label for t in TrajectoryDB(tmp_path / "c.db").trajectories(converged_only=False)} == {"given"}
+
+
+def test_foreign_ase_db_group_without_forces_is_skipped_by_its_group(tmp_path):
+    relaxation = cu_relaxation(1)
+    path = tmp_path / "foreign.db"
+    with ase.db.connect(path) as con:
+        for frame in relaxation:
+            con.write(frame, relaxation_id=0)
+        for frame in cu_relaxation(2):
+            bare = frame.copy()  # positions only: no calculator, no forces
+            con.write(bare, relaxation_id=1)
+    result = run("import", path, "--db", tmp_path / "new.db", "--group-key", "relaxation_id")
+    assert result.exit_code == 0, result.output
+    assert "added 1 trajectories, skipped 1" in result.output
+    assert f"skipped {path}:relaxation_id=1: frame 0 has no forces" in result.output
+    (stored,) = TrajectoryDB(tmp_path / "new.db").trajectories(converged_only=False)
+    assert len(stored.frames) == len(relaxation)

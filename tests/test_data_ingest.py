@@ -218,7 +218,7 @@ def test_same_file_twice_in_one_call(tmp_path, db):
     b.write_bytes(a.read_bytes())
     report = import_paths([a, b], db)
     assert len(report.added) == 1
-    assert report.skipped == [(str(b), f"same trajectory as {a} in this import")]
+    assert report.skipped == [(str(b), f"same relaxation as {a} in this import (that one is kept)")]
 
 
 def test_failure_part_way_rolls_back(tmp_path, monkeypatch):

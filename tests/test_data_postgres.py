@@ -108,3 +108,26 @@ def test_import_and_read_back_as_sqlite_does(postgres_url, vasp_data, tmp_path):
 
     # a second import of the same data adds nothing
     assert import_paths([vasp_data], TrajectoryDB(postgres_url)).added == []
+
+
+def test_two_imports_at_once_skip_what_the_other_added(postgres_url, tmp_path):
+    # The import's table lock makes the second writer wait and see what the first added.
+    import psycopg2
+
+    from tests.test_data_transactions import cli_process, write_relaxations
+
+    port = int(postgres_url.rsplit(":", 1)[1].split("/")[0])
+    con = psycopg2.connect(host="localhost", port=port, user="ase", dbname="postgres")
+    con.autocommit = True
+    con.cursor().execute("CREATE DATABASE concurrent")
+    con.close()
+    url = postgres_url.rsplit("/", 1)[0] + "/concurrent"
+    TrajectoryDB(url)  # made first: the race of two creators is not the question here
+    files = write_relaxations(tmp_path / "runs", 60, 10, seed=4)
+    procs = [cli_process("import", *chunk, "--db", url) for chunk in (files[:40], files[20:])]
+    outputs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    added = [int(out.split("added ")[1].split()[0]) for out, _ in outputs]
+    assert sum(added) == 60
+    db = TrajectoryDB(url)
+    assert len(db) == 60 and db.check() == []

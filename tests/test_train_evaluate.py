@@ -253,3 +253,27 @@ def test_empty_split_is_a_clear_error(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         evaluate([tmp_path / "nope.pt"], tiny[1], tmp_path / "r", progress=False)
+
+
+def test_an_empty_val_split_is_said_in_the_console_and_the_report(tmp_path):
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+
+    db = make_db(tmp_path / "noval.db", {"train": 2, "val": 0, "test": 2})
+    ckpt = make_checkpoint(tmp_path / "m.pt", db)
+    common = ["-q", "evaluate", str(ckpt), "--db", str(db.name), "--eta-grid", "0.01,0.05", "--no-plots"]
+    cases = {
+        "test": "the val split has no converged trajectories: the fixed-step eta is chosen on train",
+        "train": "the val split has no converged trajectories; train is the evaluated split: no fixed-step baseline "
+        "with an eta chosen on another split",
+    }
+    for split, note in cases.items():
+        out = tmp_path / split
+        result = CliRunner().invoke(cli, [*common, "--split", split, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"Warning: {note}" in result.output  # -q keeps warnings
+        assert note in (out / "report.md").read_text()
+        report = json.loads((out / "report.json").read_text())
+        assert report["selection_note"].startswith(note)
+        assert report["selection_split"] == ("train" if split == "test" else None)

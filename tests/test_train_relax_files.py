@@ -222,3 +222,16 @@ def test_structures_inside_the_domain_give_no_warning(model, tmp_path):
     result = relax(tmp_path / "cu.extxyz", model, tmp_path / "out.extxyz")
     assert result.exit_code == 0, result.output
     assert "Warning" not in result.output
+
+
+def test_overlapping_atoms_are_refused_before_relaxing(tmp_path, monkeypatch):
+    from ase_bptt.models.domain import training_domain
+
+    path = cu_checkpoint(tmp_path / "d.pt", domain=training_domain(rattled_cu(3)))
+    atoms = rattled_cu(1, seed=5)[0]
+    atoms.positions[4] = atoms.positions[1] + [0.1, 0.0, 0.0]
+    ase.io.write(tmp_path / "in.extxyz", [rattled_cu(1, seed=6)[0], atoms])
+    no_relaxation(monkeypatch)
+    line = error_line(relax(tmp_path / "in.extxyz", path, tmp_path / "out.extxyz"))
+    assert f"{tmp_path / 'in.extxyz'} (frame 1, Cu8): atoms 1 (Cu) and 4 (Cu) are 0.100 A apart" in line
+    assert "overlapping or duplicated atoms" in line and not (tmp_path / "out.extxyz").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -87,10 +89,40 @@ def command(group: click.Group, name: str, *, example: str, **kwargs: Any) -> Ca
     return deco
 
 
+class _LogLines(logging.Handler):
+    """``ase_bptt`` log records as lines on stderr ("Warning: " before warnings).
+
+    Written through ``tqdm.write``, which lifts an open progress bar, prints
+    the line and redraws the bar below it, so a line never splits a bar and
+    no bar is printed twice. The stream is looked up per line (click's test
+    runner swaps it).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        prefix = "Warning: " if record.levelno >= logging.WARNING else ""
+        try:
+            tqdm.write(prefix + self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler must not raise into the caller
+            self.handleError(record)
+
+
+def log_to_stderr(quiet: bool) -> None:
+    """Send the ``ase_bptt`` loggers' INFO lines (warnings only with ``quiet``) to stderr, once per process."""
+    logger = logging.getLogger("ase_bptt")
+    for old in [h for h in logger.handlers if isinstance(h, _LogLines)]:
+        logger.removeHandler(old)
+    handler = _LogLines(logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
 # -------------------------------------------------------------------- group
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="ase-bptt", prog_name="ase-bptt")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no INFO lines (warnings and errors only).")
 def cli(quiet: bool) -> None:
     """Fine-tune machine-learned interatomic potentials by backpropagation through
     whole relaxations (BPTT), and use them from ASE.
@@ -102,3 +134,4 @@ def cli(quiet: bool) -> None:
       ase-bptt relax POSCAR --model si.pt -o CONTCAR
     or in Python: atoms.calc = BPTTCalculator("si.pt")
     """
+    log_to_stderr(quiet)

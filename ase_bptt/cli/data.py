@@ -11,9 +11,11 @@ import click
 from ase_bptt.cli._group import cli, command, one_line
 from ase_bptt.cli.options import (
     RegistryChoice,
+    declared_split_option,
     key_values,
     progress_enabled,
     recipe_names,
+    refuse_with_declared,
     runtime_options,
     split_fractions,
     split_options,
@@ -111,21 +113,36 @@ def generate_cmd(ctx, recipe, db, n, options, reference, val, test, hold_out_lab
     help="For an ase.db file: the key whose value tells its relaxations apart (one trajectory per value).",
 )
 @split_options
+@declared_split_option(
+    "Declare the split of every trajectory this import adds, e.g. test for your fixed test set "
+    "(kept by `split --reassign`); not with --val/--test."
+)
 @runtime_options(device=False, dtype=False, seed=True)
 @click.pass_context
-def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, hold_out_label, hold_out_element, seed):
+def import_cmd(
+    ctx, paths, db, label, label_key, group_key, val, test, hold_out_label, hold_out_element, declared, seed
+):
     """Import every relaxation found in PATHS (files or directories, one relaxation per
-    file) into --db, skipping (and listing) the invalid ones, and assign splits in the
-    same transaction. Exits with status 1 when nothing was added and something was skipped."""
+    file) into --db, skipping (and listing) the invalid ones and the copies of one
+    relaxation (positions within 1e-4 A), and assign splits in the same transaction.
+    Exits with status 1 when nothing was added and something was skipped."""
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.ingest import import_paths
 
+    if declared is not None:
+        refuse_with_declared(ctx, "--val", "--test")
     splits = split_fractions(val, test, seed, hold_out_label, hold_out_element)
     new = "://" not in db and not Path(db).exists()
     with _removed_if_new_and_failing(db):
         database = TrajectoryDB(db, create=True)
         report = import_paths(
-            list(paths), database, label=label, label_key=label_key, group_key=group_key, splits=splits
+            list(paths),
+            database,
+            label=label,
+            label_key=label_key,
+            group_key=group_key,
+            splits=splits,
+            split=declared,
         )
     click.echo(str(report))
     if not report.added and report.skipped:
@@ -145,15 +162,40 @@ def import_cmd(ctx, paths, db, label, label_key, group_key, val, test, hold_out_
 )
 @click.argument("db", type=click.Path(dir_okay=False))
 @split_options
-@click.option("--reassign", is_flag=True, help="Recompute every split (default: keep the splits already assigned).")
+@click.option(
+    "--reassign", is_flag=True, help="Recompute every split but the declared ones (default: keep those assigned)."
+)
+@declared_split_option("Declare this split for the trajectories named by --traj-id and --source (kept by --reassign).")
+@click.option("--traj-id", "traj_ids", multiple=True, metavar="PATTERN", help="With --split: traj_ids (shell pattern).")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="PATTERN",
+    help="With --split: the imported files, as they were named on import (shell pattern, e.g. 'paper/*').",
+)
 @runtime_options(device=False, dtype=False, seed=True)
-def split_cmd(db, val, test, hold_out_label, hold_out_element, reassign, seed):
+@click.pass_context
+def split_cmd(ctx, db, val, test, hold_out_label, hold_out_element, reassign, declared, traj_ids, sources, seed):
     """Assign train/val/test splits to the trajectories of DB that have none (all of
-    them with --reassign). A hold-out puts whole groups in test: every trajectory with
-    a --hold-out-label, every one containing a --hold-out-element (which then occurs
-    in no train or val trajectory). The settings are recorded in the database."""
+    them but the declared ones with --reassign). A hold-out puts whole groups in test:
+    every trajectory with a --hold-out-label, every one containing a --hold-out-element
+    (which then occurs in no train or val trajectory). The settings are recorded in the
+    database. With --split, declare instead the split of the trajectories named by
+    --traj-id and --source, e.g. your fixed test set."""
     from ase_bptt.data.db import TrajectoryDB
 
+    if declared is None and (traj_ids or sources):
+        raise click.UsageError("--traj-id and --source name the trajectories for --split; give --split too")
+    if declared is not None:
+        refuse_with_declared(ctx, "--val", "--test", "--hold-out-label", "--hold-out-element", "--reassign", "--seed")
+        if not (traj_ids or sources):
+            raise click.UsageError("--split needs the trajectories it declares: --traj-id PATTERN or --source PATTERN")
+        database = TrajectoryDB(db, create=False)
+        chosen = database.declare_split(declared, traj_ids=traj_ids, sources=sources)
+        click.echo(f"declared {declared}: {len(chosen)} trajectories")
+        click.echo(database.summary())
+        return
     splits = split_fractions(val, test, seed, hold_out_label, hold_out_element)
     database = TrajectoryDB(db, create=False)
     counts = database.assign_splits(
@@ -165,18 +207,53 @@ def split_cmd(db, val, test, hold_out_label, hold_out_element, reassign, seed):
 
 @contextmanager
 def _removed_if_new_and_failing(db: str) -> Iterator[None]:
-    # A hold-out that cannot be kept fails before any trajectory is written (generate checks
-    # first; import rolls back): leave no new, empty database behind. Other errors keep the
-    # file, e.g. an interrupted generate resumes from it.
-    from ase_bptt.data.splits import HoldOutError
-
+    # A command that fails (or is interrupted) before it wrote a trajectory into a database it
+    # created leaves no file holding only metadata behind. A database with trajectories stays:
+    # an interrupted generate resumes from it.
     new = "://" not in db and not Path(db).exists()
     try:
         yield
-    except HoldOutError:
-        if new:
+    except BaseException:
+        if new and not Path(f"{db}-journal").exists() and _holds_no_rows(Path(db)):
             Path(db).unlink(missing_ok=True)
         raise
+
+
+def _holds_no_rows(path: Path) -> bool:
+    import sqlite3
+
+    if not path.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            return con.execute("SELECT COUNT(*) FROM systems").fetchone()[0] == 0
+    except sqlite3.Error:  # no systems table yet (created, never initialised), or locked by another writer
+        return path.stat().st_size == 0
+
+
+@command(
+    cli,
+    "check",
+    example="ase-bptt check traj.db",
+    short_help="Check a database's integrity (read-only): whole trajectories, one split each, nothing twice.",
+)
+@click.argument("db")
+def check_cmd(db):
+    """Check that every trajectory of DB is whole (frames 0..n-1 once each, one final
+    frame), has one split, and is stored once. Reads only; exits with status 1 and one
+    line per problem (with what to do) otherwise."""
+    from ase_bptt.data.db import TrajectoryDB
+
+    database = TrajectoryDB(db, read_only=True)
+    problems = database.check()
+    for line in problems:
+        click.echo(line)
+    if problems:
+        raise click.ClickException(f"{db}: {len(problems)} problem(s), listed above")
+    click.echo(
+        f"{db}: {len(database)} trajectories, each whole (frames 0..n-1 once, one final frame) with one split; "
+        "no trajectory stored twice"
+    )
 
 
 @command(

@@ -223,6 +223,26 @@ def split_options(f: Callable) -> Callable:
     return f
 
 
+def declared_split_option(help_text: str) -> Callable:
+    """``--split train|val|test``: the split the user declares for named or imported trajectories."""
+    return click.option(
+        "--split", "declared", type=click.Choice(["train", "val", "test"]), default=None, help=help_text
+    )
+
+
+def refuse_with_declared(ctx: click.Context, *options: str) -> None:
+    """A usage error when one of ``options`` was given together with ``--split`` (before anything is opened)."""
+    given = [
+        o
+        for o in options
+        if ctx.get_parameter_source(o.lstrip("-").replace("-", "_")) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
+    if given:
+        raise click.BadParameter(
+            f"--split declares the split itself; drop {' and '.join(given)}", param_hint="'--split'"
+        )
+
+
 def split_fractions(
     val: float,
     test: float | None,

@@ -13,7 +13,6 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,25 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from ase_bptt.data.db_splits import SplitsMixin
 from ase_bptt.data.db_store import frame_row, open_store
+from ase_bptt.data.db_types import (
+    DatabaseAccessError,
+    DatabasePathError,
+    DuplicateTrajectoryError,
+    NotATrajectoryDBError,
+    Trajectory,
+    TrajectoryDBError,
+)
+from ase_bptt.data.integrity import integrity_problems
 from ase_bptt.data.splits import (
     SPLITS,
     HoldOut,
     HoldOutError,
     SplitFractionError,
     SplitFractions,
-    TrajectoryInfo,
-    check_split_fractions,
-    hold_out_in_force,
     settings_lines,
-    split_changes,
     split_table,
-    target_splits,
 )
 from ase_bptt.data.validate import (
     InvalidTrajectoryError,
@@ -44,7 +48,6 @@ from ase_bptt.data.validate import (
     content_hash,
     validate_frames,
 )
-from ase_bptt.errors import AseBpttError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -70,59 +73,12 @@ SCHEMA_VERSION = 1
 _SCHEMA_KEY = "ase_bptt_schema"
 
 
-class TrajectoryDBError(AseBpttError):
-    """Base class for errors about a trajectory database."""
-
-
-class NotATrajectoryDBError(TrajectoryDBError):
-    """The database exists but was not made by ase-bptt (or is newer)."""
-
-
-class DuplicateTrajectoryError(TrajectoryDBError):
-    """A trajectory with the same id or the same content is already stored."""
-
-
-class DatabaseAccessError(TrajectoryDBError):
-    """The database cannot be created or written (read-only file or folder) or is locked."""
-
-
-class DatabasePathError(TrajectoryDBError, ValueError):
-    """The path cannot hold a trajectory database (a JSON file)."""
-
-
-@dataclass
-class Trajectory:
-    """One relaxation as stored in the database.
-
-    Attributes:
-        traj_id: unique id of the trajectory.
-        label: free label (e.g. the defect type) or None.
-        source: where it came from (file path, generator recipe) or None.
-        split: "train", "val", "test" or None when not assigned yet.
-        converged: whether the last frame's max force is below the database's
-            ``converged_fmax``.
-        frames: the frames in order; each carries a ``SinglePointCalculator``
-            with forces and, when known, energy.
-    """
-
-    traj_id: str
-    label: str | None
-    source: str | None
-    split: str | None
-    converged: bool
-    frames: list[Atoms] = field(repr=False)
-
-    @property
-    def initial(self) -> Atoms:
-        return self.frames[0]
-
-    @property
-    def final(self) -> Atoms:
-        return self.frames[-1]
+#: The ``read_records`` meta entries a :class:`Trajectory` keeps.
+_TRAJECTORY_META = ("traj_id", "label", "source", "split", "converged")
 
 
 # ----------------------------------------------------------------- database
-class TrajectoryDB:
+class TrajectoryDB(SplitsMixin):
     """Relaxation trajectories in an ``ase.db`` database.
 
     Args:
@@ -135,6 +91,8 @@ class TrajectoryDB:
             counts as relaxed. Recorded in a new database's metadata; for an
             existing database the recorded value is used and a different
             explicit value is an error. None: the recorded value or 0.05.
+        read_only: never write, not even the indices ase-bptt adds or a new
+            database's metadata (``ase-bptt check``); implies ``create=False``.
 
     Raises:
         FileNotFoundError: ``create=False`` and the file does not exist.
@@ -151,11 +109,12 @@ class TrajectoryDB:
         *,
         create: bool = True,
         converged_fmax: float | None = None,
+        read_only: bool = False,
     ) -> None:
         self.name = os.fspath(url_or_path)
         is_url = "://" in self.name
         new = not is_url and not Path(self.name).exists()
-        if new and not create:
+        if new and (read_only or not create):
             raise FileNotFoundError(
                 f"{self.name}: no such trajectory database; create one with `ase-bptt import` or `ase-bptt generate`"
             )
@@ -176,7 +135,8 @@ class TrajectoryDB:
         self._depth = 0
         with self._access_errors(new=new):
             metadata = self._read_metadata()
-            self._store.prepare()
+            if not read_only:
+                self._store.prepare()
             if _SCHEMA_KEY not in metadata:
                 metadata = dict(metadata)
                 metadata.update(
@@ -185,7 +145,8 @@ class TrajectoryDB:
                         "converged_fmax": 0.05 if converged_fmax is None else float(converged_fmax),
                     }
                 )
-                self._db.metadata = metadata
+                if not read_only:
+                    self._db.metadata = metadata
         recorded = float(metadata["converged_fmax"])
         if converged_fmax is not None and not np.isclose(recorded, converged_fmax):
             raise ValueError(
@@ -251,7 +212,7 @@ class TrajectoryDB:
         if self._depth:
             yield
             return
-        with self.transaction():
+        with self._transaction(write=False):
             yield
 
     # ------------------------------------------------------------ basics
@@ -281,19 +242,26 @@ class TrajectoryDB:
     def transaction(self) -> Iterator[TrajectoryDB]:
         """Group writes into one transaction: all of them or none.
 
-        Nested use joins the outer transaction.
+        The database's write lock is taken at the start, so what the block
+        reads stays true until it commits (another writer waits; readers do
+        not). Nested use joins the outer transaction.
         """
+        with self._transaction(write=True):
+            yield self
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[None]:
         if self._depth:
             self._depth += 1
             try:
-                yield self
+                yield
             finally:
                 self._depth -= 1
             return
         self._depth = 1
         try:
-            with self._access_errors(), self._store.transaction():
-                yield self
+            with self._access_errors(), self._store.transaction(write=write):
+                yield
         finally:
             self._depth = 0
 
@@ -319,6 +287,7 @@ class TrajectoryDB:
         label: str | None = None,
         source: str | None = None,
         split: str | None = None,
+        declared: bool = False,
     ) -> str:
         """Validate and store one trajectory (one transaction).
 
@@ -332,6 +301,9 @@ class TrajectoryDB:
             source: where it came from.
             split: "train", "val" or "test"; usually left to
                 :meth:`assign_splits`.
+            declared: the split is the user's (a fixed test set, say), kept
+                by :meth:`assign_splits` even with ``reassign`` (key
+                ``split_declared``).
 
         Returns:
             The trajectory id.
@@ -347,6 +319,8 @@ class TrajectoryDB:
             traj_id = f"{frames[0].get_chemical_formula()}-{digest[:12]}"
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        if declared and split is None:
+            raise ValueError("declared=True needs the split it declares")
         with self.transaction():
             if traj_id in self:
                 raise DuplicateTrajectoryError(f"{self.name}: trajectory {traj_id!r} already exists")
@@ -364,6 +338,8 @@ class TrajectoryDB:
             for key, value in (("label", label), ("source", source), ("split", split)):
                 if value is not None:
                     common[key] = str(value)
+            if declared:
+                common["split_declared"] = True
             for i, atoms in enumerate(frames):
                 self._db.write(
                     frame_row(atoms, _frame_forces(atoms, i), _frame_energy(atoms)),
@@ -374,69 +350,11 @@ class TrajectoryDB:
                 )
         return traj_id
 
-    def assign_splits(
-        self,
-        val: float = 0.1,
-        test: float | None = None,
-        seed: int = 0,
-        *,
-        hold_out: HoldOut | Sequence[HoldOut] | None = None,
-        reassign: bool = False,
-    ) -> dict[str, int]:
-        """Give every trajectory a split ("train", "val" or "test").
-
-        Always per trajectory, never per frame: frames of one relaxation are
-        near-duplicates. The split is a function of ``(seed, traj_id)`` only
-        (a hash mapped to [0, 1)), so it is deterministic and does not change
-        when more trajectories are imported later. Trajectories that already
-        have a split keep it unless ``reassign``. The settings are recorded in
-        the metadata entry ``splits``, and a recorded hold-out stays in force:
-        without ``reassign`` it joins ``hold_out`` (later trajectories that match
-        it go to test).
-
-        Args:
-            val: expected fraction for validation.
-            test: expected fraction for test; None: 0.1, or 0 with a ``hold_out``
-                (test is then exactly the held-out group).
-            seed: changes the assignment as a whole.
-            hold_out: one :class:`HoldOut` or several (their union): the
-                trajectories they match go to test, the others are split as above.
-            reassign: recompute every split; forget the recorded hold-out.
-
-        Returns:
-            The number of trajectories per split after the call.
-
-        Raises:
-            HoldOutError: a hold-out value matches no trajectory, takes them
-                all, or names trajectories that already have a train/val split
-                (without ``reassign``); nothing is written then.
-        """
-        hold = hold_out_in_force(self.metadata, hold_out, reassign=reassign)
-        test = (0.0 if hold else 0.1) if test is None else test
-        check_split_fractions(val, test, train_left=False)
-        with self.transaction():
-            target = target_splits(self.split_info(), val, test, seed, reassign=reassign, hold_out=hold)
-            self._store.set_splits(split_changes(self._key_value_pairs(), target))
-            held = [h.to_dict() for h in hold]
-            self.update_metadata(splits={"val": val, "test": test, "seed": seed, "hold_out": held})
-        counts = Counter(s for s in (self._final_rows_split()))
-        return {s: counts.get(s, 0) for s in SPLITS}
-
-    def split_info(self) -> dict[str, TrajectoryInfo]:
-        """``{traj_id: (label, split, elements)}`` of every trajectory (one query)."""
-        with self._reading():
-            rows = self._db.select(is_final=True, include_data=False)
-            return {r.traj_id: (r.get("label"), r.get("split"), frozenset(r.symbols)) for r in rows}
-
     def _key_value_pairs(self) -> list[tuple[int, dict]]:
         """``(row id, key-value pairs)`` of every frame row."""
         with self._reading():
             rows = self._store.key_value_pairs()
         return [(i, kvp) for i, kvp in rows if "traj_id" in kvp]
-
-    def _final_rows_split(self) -> list[str | None]:
-        with self._reading():
-            return [row.get("split") for row in self._db.select(is_final=True, include_data=False)]
 
     # ------------------------------------------------------------ reading
     def trajectories(self, split: str | None = None, converged_only: bool = True) -> list[Trajectory]:
@@ -459,21 +377,30 @@ class TrajectoryDB:
                 )
                 atoms.calc = SinglePointCalculator(atoms, energy=r["energy"], forces=r["forces"])
                 frames.append(atoms)
-            out.append(Trajectory(frames=frames, **meta))
+            out.append(Trajectory(frames=frames, **{k: meta[k] for k in _TRAJECTORY_META}))
         return out
 
-    def read_records(self, split: str | None = None, converged_only: bool = True) -> list[tuple[dict, list[dict]]]:
+    def read_records(
+        self,
+        split: str | None = None,
+        converged_only: bool = True,
+        *,
+        final_only: bool = False,
+        traj_ids: Sequence[str] | None = None,
+    ) -> list[tuple[dict, list[dict]]]:
         """Raw frames per trajectory, for datasets that build their own tensors: ``[(meta, [frame dict, ...]), ...]``.
 
-        ``meta`` has traj_id, label, source, split, converged; each frame dict
+        ``meta`` has traj_id, label, source, split, converged, n_frames; each frame dict
         has numbers, positions, cell, pbc, masses (None: defaults),
         constraints (list), energy (None when unknown) and forces, in frame
-        order; trajectories ordered by traj_id. One query.
+        order; trajectories ordered by traj_id. One query. ``final_only``:
+        each trajectory's last frame only; ``traj_ids``: these trajectories only.
         """
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or None, not {split!r}")
         with self._reading():
-            records = [r for r in self._store.frame_records(split, converged_only) if "traj_id" in r[0]]
+            records = self._store.frame_records(split, converged_only, final_only=final_only, traj_ids=traj_ids)
+            records = [r for r in records if "traj_id" in r[0]]
         grouped: dict[str, list] = defaultdict(list)
         for kvp, frame in records:
             grouped[kvp["traj_id"]].append((kvp["frame"], kvp, frame))
@@ -481,10 +408,21 @@ class TrajectoryDB:
         for traj_id in sorted(grouped):
             rows = sorted(grouped[traj_id], key=lambda r: r[0])
             last = rows[-1][1]
-            meta = {"traj_id": traj_id, "converged": bool(last["converged"])}
+            meta = {"traj_id": traj_id, "converged": bool(last["converged"]), "n_frames": int(last["n_frames"])}
             meta.update({key: last.get(key) for key in ("label", "source", "split")})
             out.append((meta, [r[2] for r in rows]))
         return out
+
+    def check(self) -> list[str]:
+        """Every break of the database's promises, one line each with what to do (empty: none).
+
+        Whole trajectories (frames ``0 .. n_frames-1`` once each, one final
+        frame), one split per trajectory, no trajectory stored twice; see
+        :mod:`ase_bptt.data.integrity`. Reads the key-value pairs only.
+        """
+        with self._reading():
+            rows = self._store.key_value_pairs()
+        return integrity_problems(rows, self.name)
 
     def summary(self) -> str:
         """A printable table: trajectories and frames per split, label and convergence."""

@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -177,15 +179,20 @@ def generate(
     db.check_writable()
 
     existing = db.traj_ids()
-    missing = [i for i in range(n) if traj_id_for(recipe, seed, i) not in existing]
+
+    def missing() -> Iterator[int]:
+        # Lazily: n may be huge (a typo, or "as many as time allows"); memory stays bounded.
+        return (i for i in range(n) if traj_id_for(recipe, seed, i) not in existing)
+
+    stored = sum(1 for t in existing if (k := _index_of(t, recipe, seed)) is not None and k < n)
     if splits is not None:  # a hold-out recorded in db stays in force (TrajectoryDB.assign_splits)
         splits = replace(splits, hold_out=hold_out_in_force(db.metadata, splits.hold_out, reassign=False))
         if splits.hold_out:
-            _check_hold_out(db, rec, seed, reference, opts, missing, splits)
+            _check_hold_out(db, rec, seed, reference, opts, missing(), splits)
     _check_same_settings(db, recipe, seed, ref_name, opts)
     source = f"generate:{recipe}:{ref_name}"
     added = 0
-    bar = tqdm(total=len(missing), desc=recipe, unit="traj", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=n - stored, desc=recipe, unit="traj", file=sys.stderr, disable=not progress)
 
     def store(index: int, frames: list[Atoms], label: str) -> None:
         nonlocal added
@@ -196,9 +203,9 @@ def generate(
         bar.update(1)
 
     try:
-        if workers <= 1 or len(missing) <= 1:
+        if workers <= 1 or n - stored <= 1:
             calc = factory()
-            for i in missing:
+            for i in missing():
                 frames, label = make_trajectory(
                     rec, i, seed=seed, reference=reference, factory=lambda: calc, options=opts
                 )
@@ -209,7 +216,7 @@ def generate(
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(recipe, seed, reference, opts)) as pool:
-                for i, frames, label in pool.imap_unordered(_work, missing):
+                for i, frames, label in _in_window(pool, missing(), 4 * workers):
                     store(i, frames, label)
     finally:
         bar.close()
@@ -218,8 +225,27 @@ def generate(
     return added
 
 
+def _index_of(traj_id: str, recipe: str, seed: int) -> int | None:
+    """The index of a trajectory :func:`traj_id_for` named, or None for another recipe or seed."""
+    head, _, index = traj_id.rpartition("-")
+    return int(index) if head == f"{recipe}-s{seed}" and index.isdigit() else None
+
+
+def _in_window(pool: Any, indices: Iterator[int], window: int) -> Iterator[tuple[int, list[Atoms], str]]:
+    """``_work(i)`` for every index, at most ``window`` queued at once, in index order.
+
+    ``Pool.imap_unordered`` would queue every index up front (memory grows
+    with ``n``); the order makes the database's row order independent of timing.
+    """
+    pending: deque = deque(pool.apply_async(_work, (i,)) for i in islice(indices, window))
+    while pending:
+        yield pending.popleft().get()
+        for i in islice(indices, 1):
+            pending.append(pool.apply_async(_work, (i,)))
+
+
 def _check_hold_out(
-    db: TrajectoryDB, rec: Recipe, seed: int, reference: Any, opts: dict, missing: list[int], splits: SplitFractions
+    db: TrajectoryDB, rec: Recipe, seed: int, reference: Any, opts: dict, missing: Iterable[int], splits: SplitFractions
 ) -> None:
     # Before anything is written: the unrelaxed structures already have their
     # labels and elements (building them is cheap; relaxing is not).

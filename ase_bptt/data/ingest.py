@@ -53,7 +53,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db import InvalidTrajectoryError, TrajectoryDB, content_hash, validate_frames
-from ase_bptt.data.splits import SplitFractions
+from ase_bptt.data.duplicates import Shape, StoredRelaxations, same_relaxation, shape_of
+from ase_bptt.data.splits import SPLITS, SplitFractions
 
 __all__ = ["ImportReport", "import_paths", "read_trajectory", "read_mptrj"]
 
@@ -232,13 +233,19 @@ def _read_ase_db(path: Path, group_key: str | None) -> list[_Entry]:
     stem = _base_name(path).rsplit(".", 1)[0]
     for value, group in groups.items():
         group.sort(key=lambda row: row.get("frame", 0) if ours else row.id)
-        frames = []
-        for i, row in enumerate(group):
-            atoms = row.toatoms()
-            atoms.info.update(row.key_value_pairs)
-            frames.append(_with_single_point(atoms, i))
+        frames: list[Atoms] | _Skip = []
+        try:  # one group's bad frame skips that group, named as such, not the whole file
+            frames = [_with_single_point(_atoms_of(row), i) for i, row in enumerate(group)]
+        except _Skip as exc:
+            frames = exc
         out.append((f"{path}:{key}={value}", value if ours else f"{stem}-{value}", frames))
     return out
+
+
+def _atoms_of(row) -> Atoms:
+    atoms = row.toatoms()
+    atoms.info.update(row.key_value_pairs)
+    return atoms
 
 
 # -------------------------------------------------------------------- MPtrj
@@ -342,13 +349,15 @@ def import_paths(
     source: str | None = None,
     recursive: bool = True,
     splits: SplitFractions | None = None,
+    split: str | None = None,
     group_key: str | None = None,
 ) -> ImportReport:
     """Import files and directories of relaxations into ``db``.
 
     Every file is read and validated first (see the module docstring for the
     formats and :func:`ase_bptt.data.db.validate_frames` for the rules);
-    then all good trajectories are written in one transaction.
+    then all good trajectories are written in one transaction, which holds
+    the database's write lock from the duplicate check to the commit.
 
     Args:
         paths: files and/or directories (walked).
@@ -361,75 +370,108 @@ def import_paths(
         splits: give every trajectory in the database a split (see
             :meth:`TrajectoryDB.assign_splits`), in the same transaction as
             the new trajectories; None leaves splits alone. A hold-out that
-            cannot be kept (:class:`~ase_bptt.data.splits.HoldOutError`)
-            rolls the whole import back.
+            cannot be kept (:class:`~ase_bptt.data.splits.HoldOutError`) is
+            found before anything is written.
+        split: declare the split ("train", "val" or "test") of every
+            trajectory this call adds, e.g. a fixed test set (see
+            :meth:`TrajectoryDB.declare_split`); checked against the
+            hold-out in force before anything is written.
         group_key: the key whose value tells the relaxations in an ``ase.db``
             file apart (one trajectory per value).
 
     Returns:
         An :class:`ImportReport` with the traj_ids added and every
-        ``(path, reason)`` skipped. Importing the same data twice adds
-        nothing: the second time each trajectory is skipped as "already in
-        the database as <traj_id>". When nothing is added nothing is written.
+        ``(path, reason)`` skipped. A trajectory that is the same relaxation
+        as one stored (or another one of this call) within
+        :data:`~ase_bptt.data.duplicates.POSITION_TOL` is skipped, naming the
+        copy kept: importing the same data twice adds nothing, and neither
+        does an import of what another writer added meanwhile. When nothing
+        is added nothing is written.
 
     Raises:
         DatabaseAccessError: the database cannot be written (checked first).
+        HoldOutError: the hold-out (given or recorded) cannot be kept, or
+            names a trajectory declared train/val; nothing is written.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     db.check_writable()
     report = ImportReport()
-    candidates: list[_Candidate] = []
+    candidates = _unique(_read_candidates(paths, db, recursive, group_key, report.skipped), report.skipped)
+    if not candidates:
+        return report
+    with db.transaction():  # the write lock: what another writer added meanwhile is seen (and skipped) here
+        stored = StoredRelaxations(db)
+        taken = db.traj_ids()
+        to_write = []
+        for c in candidates:
+            found = stored.find(c.frames)
+            if found is not None:
+                origin = f" (from {found['source']})" if found.get("source") else ""
+                report.skipped.append((c.where, f"already in the database as {found['traj_id']}{origin}"))
+                continue
+            traj_id = c.traj_id or f"{c.frames[0].get_chemical_formula()}-{c.digest[:12]}"
+            if traj_id in taken:
+                traj_id = f"{traj_id}-{c.digest[:8]}"
+            taken.add(traj_id)
+            to_write.append((c, traj_id, _label_of(c.frames, label, label_key)))
+        if not to_write:
+            return report
+        new = {traj_id: (lab, split, frozenset(c.frames[0].get_chemical_symbols())) for c, traj_id, lab in to_write}
+        db.check_new_splits(new, splits, declared=split is not None)
+        for c, traj_id, lab in to_write:
+            src = source if source is not None else c.where
+            db.add_trajectory(c.frames, traj_id=traj_id, label=lab, source=src, split=split, declared=split is not None)
+        if splits is not None:
+            db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed, hold_out=splits.hold_out)
+    report.added.extend(traj_id for _, traj_id, _ in to_write)
+    return report
+
+
+def _read_candidates(
+    paths: Sequence[str | os.PathLike], db: TrajectoryDB, recursive: bool, group_key: str | None, skipped: list
+) -> list[_Candidate]:
+    """Every valid trajectory in ``paths``; the others go to ``skipped`` with the reason."""
+    candidates = []
     target = Path(db.name).resolve() if "://" not in db.name else None
-    for path in _walk(paths, recursive, report.skipped):
+    for path in _walk(paths, recursive, skipped):
         where = str(path)
         if target is not None and path.resolve() in (target, Path(f"{target}-journal")):
-            report.skipped.append((where, "the target database itself"))
+            skipped.append((where, "the target database itself"))
             continue
         try:
             entries = _read_file(path, group_key)
         except _Skip as exc:
-            report.skipped.append((where, str(exc)))
+            skipped.append((where, str(exc)))
             continue
         for entry_where, traj_id, frames in entries:
             if isinstance(frames, _Skip):
-                report.skipped.append((entry_where, str(frames)))
+                skipped.append((entry_where, str(frames)))
                 continue
             try:
                 validate_frames(frames)
             except InvalidTrajectoryError as exc:
-                report.skipped.append((entry_where, str(exc)))
+                skipped.append((entry_where, str(exc)))
                 continue
             candidates.append(_Candidate(entry_where, frames, content_hash(frames), traj_id))
+    return candidates
 
-    seen: dict[str, str] = {}
-    taken = db.traj_ids()
-    to_write = []
+
+def _unique(candidates: list[_Candidate], skipped: list) -> list[_Candidate]:
+    """``candidates`` without the later copies of one relaxation (each reported with the file kept)."""
+    kept: list[_Candidate] = []
+    by_shape: dict[Shape, list[_Candidate]] = {}  # only trajectories of one shape can be copies
     for c in candidates:
-        existing = db.find_hash(c.digest)
-        if existing is not None:
-            report.skipped.append((c.where, f"already in the database as {existing}"))
-            continue
-        if c.digest in seen:
-            report.skipped.append((c.where, f"same trajectory as {seen[c.digest]} in this import"))
-            continue
-        seen[c.digest] = c.where
-        traj_id = c.traj_id or f"{c.frames[0].get_chemical_formula()}-{c.digest[:12]}"
-        if traj_id in taken:
-            traj_id = f"{traj_id}-{c.digest[:8]}"
-        taken.add(traj_id)
-        to_write.append((c, traj_id))
-
-    if not to_write:
-        return report
-    with db.transaction():
-        for c, traj_id in to_write:
-            src = source if source is not None else c.where
-            db.add_trajectory(c.frames, traj_id=traj_id, label=_label_of(c.frames, label, label_key), source=src)
-        if splits is not None:
-            db.assign_splits(val=splits.val, test=splits.test, seed=splits.seed, hold_out=splits.hold_out)
-    report.added.extend(traj_id for _, traj_id in to_write)
-    return report
+        group = by_shape.setdefault(shape_of(len(c.frames), c.frames[0].numbers, c.frames[0].pbc), [])
+        first = next((k for k in group if same_relaxation(k.frames, c.frames)), None)
+        if first is not None:
+            skipped.append((c.where, f"same relaxation as {first.where} in this import (that one is kept)"))
+        else:
+            kept.append(c)
+            group.append(c)
+    return kept
 
 
 def _label_of(frames: list[Atoms], label: str | None, label_key: str) -> str | None:

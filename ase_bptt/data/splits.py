@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -183,25 +183,35 @@ def target_splits(
     *,
     reassign: bool,
     hold_out: Sequence[HoldOut] = (),
+    declared: Collection[str] = (),
 ) -> dict[str, str]:
     """The split of every trajectory after :meth:`TrajectoryDB.assign_splits`.
 
     Held-out trajectories get "test", the others :func:`split_of`; a
-    trajectory that has a split keeps it unless ``reassign``.
+    trajectory that has a split keeps it unless ``reassign``, and one whose
+    split the user declared (``declared``: traj_ids) keeps it even then.
 
     Raises:
         HoldOutError: see :func:`held_out`; or a held-out trajectory would
-            keep a train/val split (assigned before, without this hold-out).
+            keep a train/val split (assigned before, without this hold-out,
+            or declared).
     """
     held = held_out(info, hold_out) if hold_out else set()
     out: dict[str, str] = {}
     for traj_id, (_, old, _) in info.items():
         new = "test" if traj_id in held else split_of(traj_id, val, test, seed)
-        out[traj_id] = new if old is None or reassign else old
+        out[traj_id] = old if old is not None and (not reassign or traj_id in declared) else new
     # The guarantee, checked on the result: nothing a hold-out names is in train or val.
     leaks = sorted(
         t for t, (label, _, el) in info.items() if out[t] != "test" and any(h.matches(label, el) for h in hold_out)
     )
+    named = [t for t in leaks if t in declared]
+    if named:
+        raise HoldOutError(
+            f"{len(named)} held-out trajectories (e.g. {named[0]}) were declared {out[named[0]]} "
+            f"(--split {out[named[0]]}); declare them test (ase-bptt split DB --split test --traj-id "
+            f"{named[0]}) or hold out something else"
+        )
     if leaks:
         raise HoldOutError(
             f"{len(leaks)} held-out trajectories (e.g. {leaks[0]}) already have a train or val split; "

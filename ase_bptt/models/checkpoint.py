@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -44,6 +45,8 @@ __all__ = [
     "CheckpointKeyError",
     "UnknownModelError",
     "NonFiniteWeightsError",
+    "InvalidStepRuleError",
+    "unsafe_pickle_reason",
     "atomic_write",
     "atomic_torch_save",
     "register_model",
@@ -92,6 +95,11 @@ class NonFiniteWeightsError(CheckpointError):
 
 class UnknownModelError(CheckpointError):
     """The checkpoint's model name is not in :data:`MODEL_REGISTRY`."""
+
+
+class InvalidStepRuleError(CheckpointError):
+    """The stored step rule cannot be used: a NaN or infinite number (a diverged ``--step learned`` run),
+    an eta that is not positive, an unknown rule."""
 
 
 # --------------------------------------------------------------------- registry
@@ -297,8 +305,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CorruptCheckpointError(
-            f"{path} holds pickled Python objects that are unsafe to load (weights_only=True refused: "
-            f"{str(e).splitlines()[0]}); ase-bptt never unpickles such files. Re-save the model with "
+            f"{path} holds pickled Python objects that are unsafe to load ({unsafe_pickle_reason(e)}); "
+            "ase-bptt never unpickles such files. Re-save the model with "
             "ase_bptt.models.checkpoint.save_checkpoint."
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
@@ -307,6 +315,65 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "restore it from a backup or re-run the training that wrote it"
         ) from None
     return validate_checkpoint(data, source=str(path))
+
+
+def unsafe_pickle_reason(exc: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, without torch's advice to load the file unsafely.
+
+    torch's message suggests ``weights_only=False`` ("will likely succeed"),
+    which runs any code the file holds: never the advice for a file from
+    elsewhere, so only the refused object's name is kept.
+    """
+    found = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+    what = f"it asks for the Python object {found.group(1)}" if found else "it holds Python objects"
+    return f"torch.load(weights_only=True) refused: {what}"
+
+
+def _check_relax(relax: Any, source: str) -> None:
+    """Rebuild the stored step rule, as :func:`load_model` rebuilds the weights: a bad rule fails on load.
+
+    Raises:
+        InvalidStepRuleError: naming the file and the bad value.
+    """
+    if not relax:
+        return
+    advice = "use the checkpoint of an earlier epoch, or re-run the fine-tuning (e.g. with a lower learning rate)"
+    if not isinstance(relax, dict):
+        raise InvalidStepRuleError(f"{source}: 'relax' is a {type(relax).__name__}, not a dict; re-save the checkpoint")
+    for where, value in _numbers(relax, "relax"):
+        if not bool(np.isfinite(value).all()):
+            raise InvalidStepRuleError(
+                f"{source} stores a non-finite step rule ({where} = {value if np.ndim(value) == 0 else 'NaN/inf'}), "
+                f"as a diverged --step learned run writes; {advice}"
+            )
+    # The rule's own checks (eta > 0, ...) by rebuilding it; a name this ase-bptt does not know (a
+    # plugin not imported yet) is left to the places that need the rule, which say so.
+    from ase_bptt.relax.registry import rule_from_relax_settings, step_rule_names
+
+    step = relax.get("step")
+    if (step if isinstance(step, dict) else relax).get("step") in step_rule_names():
+        try:
+            rule_from_relax_settings(relax)
+        except (ValueError, TypeError, KeyError) as e:  # StepRuleError is a ValueError
+            raise InvalidStepRuleError(f"{source}: the stored step rule cannot be used ({e}); {advice}") from None
+    tol, max_steps = relax.get("tol"), relax.get("max_steps")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+        raise InvalidStepRuleError(f"{source}: the stored tol must be a positive distance in A, got {tol!r}")
+    if max_steps is not None and not (isinstance(max_steps, (int, float)) and max_steps >= 1):
+        raise InvalidStepRuleError(f"{source}: the stored max_steps must be a positive integer, got {max_steps!r}")
+
+
+def _numbers(value: Any, where: str) -> list[tuple[str, Any]]:
+    """Every float and floating tensor inside ``value`` (dicts and lists walked), with where it is."""
+    if isinstance(value, float):
+        return [(where, value)]
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return [(where, value.detach().cpu().numpy())]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _numbers(v, f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{where}[{i}]")]
+    return []
 
 
 def validate_checkpoint(data: Any, *, source: str = "checkpoint") -> dict:
@@ -337,6 +404,7 @@ def validate_checkpoint(data: Any, *, source: str = "checkpoint") -> dict:
         raise CheckpointKeyError(f"{source} lacks required entries {missing}; it is incomplete, re-save it")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpointError(f"{source} has an invalid format_version {version!r}")
+    _check_relax(data["relax"], source)
     return data
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ase_bptt.device import check_device
+
 __all__ = ["DistContext", "init_distributed", "resolve_device", "shard"]
 
 
@@ -35,15 +37,9 @@ def resolve_device(device: str | torch.device | None, *, local_rank: int = 0) ->
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    device = check_device(device)  # DeviceError, a ValueError
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return device
 
 

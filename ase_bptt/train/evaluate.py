@@ -24,6 +24,7 @@ the result dict and writes it with :func:`ase_bptt.train.report.write_report`.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import sys
@@ -43,6 +44,7 @@ from ase_bptt.train.common import EmptySplitError, open_db, resolve_dtype
 from ase_bptt.train.config import to_jsonable
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.eval_data import EvalSplit, evaluable, force_errors, load_split, method_entry
+from ase_bptt.train.outputs import check_not_inputs, check_writable_output
 from ase_bptt.train.plots import paired_data
 from ase_bptt.train.worse_labels import worse_labels
 
@@ -52,6 +54,9 @@ __all__ = [
     "NoStepRuleError",
     "evaluate",
 ]
+
+
+log = logging.getLogger("ase_bptt.train")
 
 
 class NoStepRuleError(AseBpttError, ValueError):
@@ -218,7 +223,8 @@ def evaluate(
             writes nothing (the dict is still returned).
         split: the split scored ("train", "val" or "test").
         select_eta_on: a second split on which the honest fixed-step eta is
-            chosen (falls back to "train" when it is empty; None to skip).
+            chosen (falls back to "train" when it is empty, saying so as a
+            warning and in the report's ``selection_note``; None to skip).
         eta_grid: fixed step sizes in A^2/eV (default :data:`DEFAULT_ETA_GRID`).
         fire_fmax: ASE FIRE's force criterion (eV/A), for models and baselines.
         fire_steps: ASE FIRE's step limit, for models and baselines.
@@ -249,6 +255,8 @@ def evaluate(
             checkpoints can evaluate.
         CheckpointError: a checkpoint cannot be read.
         BaselineError: a baseline specification is wrong.
+        OutputIsInputError, OutputNotWritableError: ``out_dir`` or a report
+            file is an input, or cannot be created (checked first).
     """
     from ase_bptt.models.checkpoint import load_checkpoint, load_model
 
@@ -258,6 +266,17 @@ def evaluate(
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if out_dir is not None:
+        from ase_bptt.train.report import report_files
+
+        written = [
+            (out_dir, "the report folder"),
+            *((f, "the report") for f in report_files(out_dir, plots=plots).values()),
+        ]
+        check_not_inputs(
+            written, [(db, "the database --db"), *((p, "a checkpoint to evaluate") for p in paths)], option="-o/--out"
+        )
+        check_writable_output(out_dir, option="-o/--out", directory=True)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     grid = [float(e) for e in (eta_grid if eta_grid is not None else DEFAULT_ETA_GRID)]
     if not grid or any(not (e > 0 and math.isfinite(e)) for e in grid):
@@ -283,18 +302,9 @@ def evaluate(
             f"no structure of split {split!r} of {getattr(database, 'name', db)} can be evaluated: "
             f"{skipped[0]['reason']}"
         )
-    selection = None
-    if select_eta_on is not None:
-        for candidate in dict.fromkeys([select_eta_on, "train"]):
-            if candidate == split:
-                continue
-            try:
-                selection, sel_skipped = evaluable(load_split(database, candidate), models)
-            except EmptySplitError:
-                continue
-            if len(sel_skipped) < len(selection):
-                break
-            selection = None
+    selection, selection_note = _selection_split(database, split, select_eta_on, models)
+    if selection_note:
+        log.warning("%s", selection_note)
 
     entry_kw: dict[str, Any] = {"metric": metric, "basin_rms": basin_rms}
     result: dict[str, Any] = {
@@ -305,6 +315,7 @@ def evaluate(
         "database": str(getattr(database, "name", db)),
         "split": split,
         "selection_split": selection.name if selection else None,
+        "selection_note": selection_note,
         "metric": metric,
         "settings": {
             "eta_grid": grid,
@@ -441,6 +452,35 @@ def evaluate(
         result["files"] = {k: str(v) for k, v in report_files(out_dir, plots=plots).items()}
         write_report(result, out_dir, plots=plots)
     return result
+
+
+def _selection_split(database, split: str, select_eta_on: str | None, models) -> tuple[EvalSplit | None, str | None]:
+    """The split the honest fixed-step eta is chosen on, and what to tell the user when it is not ``select_eta_on``.
+
+    ``select_eta_on`` first, then train; a split that is the evaluated one,
+    empty, or holds no structure the checkpoints can evaluate is passed over,
+    and saying so (in the console and the report) is the caller's job.
+    """
+    if select_eta_on is None:
+        return None, None
+    passed: list[str] = []
+    for candidate in dict.fromkeys([select_eta_on, "train"]):
+        if candidate == split:
+            passed.append(f"{candidate} is the evaluated split")
+            continue
+        try:
+            selection, skipped = evaluable(load_split(database, candidate), models)
+        except EmptySplitError:
+            passed.append(f"the {candidate} split has no converged trajectories")
+            continue
+        if len(skipped) < len(selection):
+            note = None if candidate == select_eta_on else f"{passed[0]}: the fixed-step eta is chosen on {candidate}"
+            return selection, note
+        passed.append(f"no structure of the {candidate} split can be evaluated")
+    return (
+        None,
+        f"{'; '.join(passed)}: no fixed-step baseline with an eta chosen on another split (only the one chosen on {split} itself, perfect information)",
+    )
 
 
 def _point(p: Mapping[str, Any]) -> dict[str, Any]:

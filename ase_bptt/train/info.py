@@ -83,9 +83,10 @@ def _describe_checkpoint(path: str) -> str:
     if domain is not None:
         low, high = domain["n_atoms"]
         periodic = " or ".join("".join(a for a, p in zip("xyz", row) if p) or "none" for row in domain["pbc"])
+        nearest = domain.get("min_distance")
         lines.append(
             f"  trained   on {' '.join(chemical_symbols[z] for z in domain['species'])}, {low}-{high} atoms, "
-            f"periodic along {periodic}"
+            f"periodic along {periodic}" + ("" if nearest is None else f", atoms at least {nearest:.3f} A apart")
         )
     for key, value in meta.items():
         text = json.dumps(value, default=str)

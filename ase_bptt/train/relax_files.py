@@ -16,6 +16,7 @@ from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS
 from ase_bptt.train.common import resolve_dtype
 from ase_bptt.train.distributed import resolve_device
 from ase_bptt.train.evaluate import NoStepRuleError, _progress
+from ase_bptt.train.outputs import check_not_inputs, check_writable_output
 
 __all__ = ["OutputFormatError", "RelaxedStructure", "UnreadableInputError", "read_structures", "relax_file"]
 
@@ -81,6 +82,8 @@ def relax_file(
         UnreadableInputError: the input cannot be read, or holds no structures.
         OutputFormatError: the output format is unknown, not writable, or holds
             one structure while the input has several (checked before relaxing).
+        OutputIsInputError, OutputNotWritableError: the output is the input
+            file or the model, or cannot be created (checked before relaxing).
         UnknownElementError, StructureError: a frame the model cannot evaluate
             (checked for every frame before anything is relaxed or written);
             frames outside the training domain give an ``OutOfDomainWarning``.
@@ -102,7 +105,11 @@ def relax_file(
     if not Path(model).exists():
         raise FileNotFoundError(f"model checkpoint {model} does not exist")
     out = Path(output_path)
+    check_not_inputs(
+        [(out, "the relaxed structures")], [(src, "the input"), (model, "the model")], option="-o/--output"
+    )
     out_format = _output_format(out, output_format)
+    check_writable_output(out, option="-o/--output")
     images = read_structures(src, input_format)
     if len(images) > 1 and ioformats[out_format].single:
         raise OutputFormatError(

@@ -277,7 +277,8 @@ def _markdown(result: Mapping[str, Any], plots: bool = True) -> str:
             f" The eta chosen on the **{result['selection_split']}** split is the honest fixed-step baseline."
             if result.get("selection_split")
             else ""
-        ),
+        )
+        + (f" **Note:** {result['selection_note']}." if result.get("selection_note") else ""),
         "",
         "## Dq by method",
         "",

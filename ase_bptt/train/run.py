@@ -25,7 +25,9 @@ from ase_bptt.data.datasets import open_db
 from ase_bptt.train.config import TrainConfig, file_digest, resolve_dtype, run_header
 from ase_bptt.train.distributed import DistContext, init_distributed
 from ase_bptt.train.loop import LoopSpec, LoopState, restore_rng, run_epochs
+from ase_bptt.train.outputs import check_not_inputs
 from ase_bptt.train.resume import start_or_resume
+from ase_bptt.train.state import state_path
 
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
@@ -121,6 +123,11 @@ class TrainingRun:
     # ------------------------------------------------------------ skeleton
     def run(self) -> Path:
         """Train (or resume, or find the run finished) and return ``out``."""
+        check_not_inputs(
+            [(self.out, "the checkpoint"), (state_path(self.out), "the training state")],
+            [(self.db_arg, "the database"), (self.init, "the --init checkpoint")],
+            option="-o/--out",
+        )
         self.ctx: DistContext = init_distributed(self.config.device)
         try:
             return self._run()

@@ -13,6 +13,7 @@ RNG states are therefore stored as tensors and plain numbers.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ase_bptt.errors import AseBpttError
-from ase_bptt.models.checkpoint import atomic_torch_save
+from ase_bptt.models.checkpoint import atomic_torch_save, unsafe_pickle_reason
 
 __all__ = [
     "STATE_FORMAT",
@@ -67,9 +68,11 @@ def load_state(path: str | os.PathLike, *, kind: str | None = None) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ...
+        reason = (
+            unsafe_pickle_reason(exc) if isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {exc}"
+        )
         raise StateError(
-            f"{path} is not a readable ase-bptt training state ({type(exc).__name__}: {exc}). "
-            "Delete it to start the run from scratch."
+            f"{path} is not a readable ase-bptt training state ({reason}). Delete it to start the run from scratch."
         ) from exc
     if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
         raise StateError(f"{path} is not an ase-bptt training state file; delete it or choose another output.")
