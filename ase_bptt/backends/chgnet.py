@@ -44,10 +44,10 @@ class CHGNetBackend(Backend):
     extra = "chgnet"
     default_model = "0.3.0"
     # Floats one atom keeps per frame (float32, 6.5 A atom graph), with gradients (BPTT) and without (a
-    # relaxation): what autograd saves grows with the bonds and angles per atom, 0.69M on silicon, 2.6M on
-    # fcc Cu, 3.2M on rock-salt MgO (18 bonds under 3 A); set 10% above MgO, the densest measured
-    # (tests/test_backends_memory.py, benchmarks/bench_backends.py; on silicon 5x the need).
-    memory_floats = (3_600_000, 1_600_000)
+    # relaxation). It grows with the bonds and angles per atom: 0.67M on silicon (measured peak of a 10-frame
+    # BPTT step, benchmarks/bench_backends.py), 5.0x that on rock-salt MgO (18 bonds under 3 A against 4);
+    # set 10% above MgO, the densest measured, so on silicon it is 5.5x the need (docs/backends.md).
+    memory_floats = (3_700_000, 1_700_000)
     small_architecture = {
         "atom_fea_dim": 8,
         "bond_fea_dim": 8,

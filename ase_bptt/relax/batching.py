@@ -23,7 +23,7 @@ A model of another architecture gives its own figure through a hook: a method
 ``memory_floats()`` returning the floats one atom keeps per frame with and
 without gradients (the universal-model backends: their need grows with the
 neighbours per atom, so their figure is set above the densest crystal measured
-and is up to 5.4x loose on silicon; ``docs/backends.md``).
+and is up to 5.5x loose on silicon; ``docs/backends.md``).
 """
 
 from __future__ import annotations
