@@ -54,6 +54,7 @@ __all__ = [
     "backend_class",
     "sha256_of",
     "keep_default_dtype",
+    "quiet",
 ]
 
 #: Default skin (A) added to a backend's cutoff when its neighbour graph is built.
@@ -111,8 +112,8 @@ class Backend(nn.Module):
         package: the Python distribution whose version a checkpoint records (``"chgnet"``).
         extra: the ase-bptt extra that installs it (``pip install 'ase-bptt[<extra>]'``).
         default_model: the pretrained model used when none is named.
-        memory_floats: floats one atom keeps per frame (with gradients for BPTT,
-            without), measured (``benchmarks/bench_backends.py``), for the batch-size estimate.
+        memory_floats: floats one atom keeps per frame (with gradients for BPTT, without), set
+            above the measured need of the densest crystal measured, for the batch-size estimate.
         small_architecture: a small untrained architecture with every layer type of the package
             (a few thousand parameters), for tests and ``--quick`` benchmarks.
 
