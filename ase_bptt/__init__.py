@@ -20,6 +20,8 @@ _LAZY = {
     "MinImageADAPT": "ase_bptt.models.mi_attention",
     "MinImageADAPTConfig": "ase_bptt.models.mi_attention",
     "ConservativeForces": "ase_bptt.models.conservative",
+    "UniversalModel": "ase_bptt.models.universal",
+    "load_universal_model": "ase_bptt.models.universal",
     "load_checkpoint": "ase_bptt.models.checkpoint",
     "save_checkpoint": "ase_bptt.models.checkpoint",
     "load_model": "ase_bptt.models.checkpoint",

@@ -215,3 +215,77 @@ def make_cu_db(path: Path, *, n_train: int = 6, n_val: int = 2, n_test: int = 1,
             db.add_trajectory(emt_cu_relaxation(k), label="vacancy", source="test", split=split)
             k += 1
     return db
+
+
+# ------------------------------------------------- universal-model backends (tests/test_backends_*.py)
+def small_backend(name: str, *, skin: float = 0.5, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """The backend's small untrained architecture (``Backend.small_architecture``), float64 by default."""
+    from ase_bptt.backends import backend_class
+    from ase_bptt.models.universal import load_universal_model
+
+    torch.manual_seed(seed)
+    architecture = backend_class(name).small_architecture
+    return load_universal_model(name, architecture=architecture, skin=skin, dtype=dtype)
+
+
+def freeze_unused(model, batch: Batch, frames: int) -> int:
+    """Freeze the parameters a rollout's loss never reaches (CHGNet's magnetic-moment head, ...); return how many."""
+    from ase_bptt.relax.steps import FixedStep
+
+    out = rollout(model, batch, FixedStep(0.05), tol=None, max_steps=frames)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(dq(out.positions, reference_for(batch), batch).sum(), params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.requires_grad_(g is not None)
+    return sum(g is None for g in grads)
+
+
+def _chgnet_calculator(monkeypatch, net):
+    # CHGNet hard-codes float32 in its graph converter and composition model.
+    import copy
+
+    import chgnet.graph.converter
+    import chgnet.model.model
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    monkeypatch.setattr(chgnet.graph.converter, "TORCH_DTYPE", torch.float64)
+    monkeypatch.setattr(chgnet.model.model, "TORCH_DTYPE", torch.float64)
+    net = copy.deepcopy(net).double()
+    assemble = net.composition_model._assemble_graphs
+    net.composition_model._assemble_graphs = lambda graphs: assemble(graphs).double()
+    return CHGNetCalculator(net, use_device="cpu", on_isolated_atoms="ignore")
+
+
+def _sevenn_calculator(monkeypatch, net):
+    # SevenNet converts its input graph and its one-hot embedding to float32 whatever the model's dtype.
+    import copy
+    import functools
+
+    import sevenn.nn.node_embedding
+    import sevenn.util
+    from sevenn.calculator import SevenNetCalculator
+
+    monkeypatch.setattr(
+        sevenn.util, "dtype_correct", functools.partial(sevenn.util.dtype_correct, float_dtype=torch.float64)
+    )
+    one_hot = sevenn.nn.node_embedding.OnehotEmbedding.forward
+
+    def one_hot_float64(self, data):
+        data = one_hot(self, data)
+        for key in {self.key_output, self.key_additional_output} - {None}:
+            data[key] = data[key].double()
+        return data
+
+    monkeypatch.setattr(sevenn.nn.node_embedding.OnehotEmbedding, "forward", one_hot_float64)
+    return SevenNetCalculator(copy.deepcopy(net).double(), file_type="model_instance", device="cpu")
+
+
+@pytest.fixture
+def package_calculator(monkeypatch):
+    """``make(name, net)``: the package's own ASE calculator (CHGNetCalculator, SevenNetCalculator) on a float64
+    copy of the backend's ``net``.
+
+    Both packages hard-code float32 somewhere on their input path (their own float32 noise on these cells is
+    1e-5 to 1e-4 eV/A); it is patched to float64 here so a comparison at 1e-5 eV/A measures our graph, not rounding.
+    """
+    return lambda name, net: {"chgnet": _chgnet_calculator, "sevenn": _sevenn_calculator}[name](monkeypatch, net)

@@ -245,3 +245,21 @@ def test_gpu_check_script_reports_a_failing_check(tmp_path):
     assert proc.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert summary.count("FAILED") == 2, summary
+
+
+def test_bench_backends_quick(tmp_path):
+    pytest.importorskip("chgnet")  # CI installs both extras (the test extra)
+    pytest.importorskip("sevenn")
+    p = _run_quick("bench_backends", tmp_path, timeout=3 * QUICK_TIMEOUT_S)  # three models, two batch sizes
+    rows = p["results"]
+    assert {(r["model"], r["variant"]) for r in rows} >= {
+        (m, v) for m in ("adapt-mi", "chgnet", "sevenn") for v in ("naive", "checkpoint_frames", "no_grad")
+    }
+    for r in rows:
+        assert r["peak_mib"] >= 0 and math.isfinite(r["peak_mib"]) and r["estimate_mib"] > 0
+        if r["variant"] == "no_grad":
+            continue
+        _positive_time(r["time"])
+        assert r["grad_rel_error_vs_naive"] < 1e-4, r  # checkpointed frames give the naive gradient
+        base = next(x for x in rows if (x["model"], x["batch"], x["variant"]) == ("adapt-mi", r["batch"], "naive"))
+        assert r["time_ratio_to_adapt_mi"] == pytest.approx(r["time"]["median_s"] / base["time"]["median_s"])

@@ -1,4 +1,5 @@
-"""Force models: the ForceModel contract, ADAPT and its minimum-image variant, the conservative wrapper, checkpoints."""
+"""Force models: the ForceModel contract, ADAPT and its minimum-image variant, the conservative wrapper,
+universal MLIPs (a backend as a ForceModel), checkpoints."""
 
 from ase_bptt.models.adapt import ADAPT, ADAPTConfig
 from ase_bptt.models.base import ForceModel, ModelOutput, UnknownElementError
@@ -11,6 +12,7 @@ from ase_bptt.models.checkpoint import (
 )
 from ase_bptt.models.conservative import ConservativeForces
 from ase_bptt.models.mi_attention import MinImageADAPT, MinImageADAPTConfig
+from ase_bptt.models.universal import UniversalConfig, UniversalModel, base_model, load_universal_model
 
 __all__ = [
     "ADAPT",
@@ -21,9 +23,13 @@ __all__ = [
     "MinImageADAPT",
     "MinImageADAPTConfig",
     "ModelOutput",
+    "UniversalConfig",
+    "UniversalModel",
     "UnknownElementError",
+    "base_model",
     "load_checkpoint",
     "load_model",
+    "load_universal_model",
     "register_model",
     "save_checkpoint",
 ]

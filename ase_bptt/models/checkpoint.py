@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ase_bptt.errors import AseBpttError
+from ase_bptt.errors import AseBpttError, ModelDependencyError
 from ase_bptt.models.adapt import ADAPT
 from ase_bptt.models.mi_attention import MinImageADAPT
+from ase_bptt.models.universal import UniversalModel
 
 __all__ = [
     "FORMAT",
@@ -121,6 +122,7 @@ def register_model(cls: type[nn.Module]) -> type[nn.Module]:
 
 register_model(ADAPT)
 register_model(MinImageADAPT)
+register_model(UniversalModel)
 
 
 # ------------------------------------------------------------------------ save
@@ -430,6 +432,9 @@ def load_model(
             UnknownModelError for an unregistered model name;
             CheckpointKeyError when the weights do not match the config;
             NonFiniteWeightsError when they hold NaN or infinite numbers.
+        ModelDependencyError: the model needs a package that is missing or at another version
+            (a universal model's backend, ``pip install 'ase-bptt[chgnet]'``); the message starts
+            with the file's name.
     """
     if isinstance(source, dict):
         name_of = name or "checkpoint dict"
@@ -446,6 +451,8 @@ def load_model(
         )
     try:
         model = cast(Any, cls).from_config(spec["config"])  # register_model checked it has one
+    except ModelDependencyError as e:
+        raise type(e)(f"{name_of}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointKeyError(f"{name_of}: model config cannot be used ({e})") from None
     state = spec["state_dict"]

@@ -19,6 +19,11 @@ backward (or holds at once without gradients), rounded up, plus the per-pair
 tensors of a pair model (ADAPT-MI); they were checked
 against measured peaks (``benchmarks/bench_memory_estimate.py``: the estimate
 is an upper bound within :data:`ESTIMATE_FACTOR` of the measured peak on CPU).
+A model of another architecture gives its own figure through a hook: a method
+``memory_floats()`` returning the floats one atom keeps per frame with and
+without gradients (the universal-model backends: their need grows with the
+neighbours per atom, so their figure is set above the densest crystal measured
+and is up to 5.5x loose on silicon; ``docs/backends.md``).
 """
 
 from __future__ import annotations
@@ -104,17 +109,25 @@ class ModelSize:
     itemsize: int
     #: floats per atom pair per frame (0 for a model without pair tensors, such as ADAPT)
     pair_floats: int = 0
+    #: floats per atom per frame (with gradients, without) given by the model's ``memory_floats()`` hook;
+    #: when set, they replace the count from the widths above
+    measured_floats: tuple[int, int] | None = None
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ModelSize:
         """Read ADAPT's config; for other models, the widest linear layer stands in for both widths.
 
         A model wrapped by ``ConservativeForces`` is looked up through its ``energy_model``; a config
-        with ``n_rbf`` and ``d_pair`` (ADAPT-MI) adds the pair tensors (``pair_floats``).
+        with ``n_rbf`` and ``d_pair`` (ADAPT-MI) adds the pair tensors (``pair_floats``). A model with
+        a ``memory_floats()`` method (a universal-model backend) gives its own floats per atom and frame.
         """
         params = [p for p in model.parameters() if p.is_floating_point()]
         itemsize = params[0].element_size() if params else 8
         n_parameters = sum(p.numel() for p in params)
+        hook = getattr(model, "memory_floats", None)
+        if callable(hook):
+            with_grad, without = hook()
+            return cls(0, 0, 0, 0, 0, n_parameters, itemsize, measured_floats=(int(with_grad), int(without)))
         inner = getattr(model, "energy_model", None)
         config = getattr(model, "config", None) or getattr(inner, "config", None)
         if config is not None and hasattr(config, "d_model"):
@@ -145,6 +158,8 @@ class ModelSize:
 
         The attention and pair terms grow with the padded atom count ``n_atoms``.
         """
+        if self.measured_floats is not None:
+            return self.measured_floats[0 if grad else 1]
         layer = _LAYER_D * self.d_model + _LAYER_FF * self.d_ff + _LAYER_ATTN * self.n_heads * n_atoms
         outer = _OUTER_INPUTS * self.n_inputs + _OUTER_D * self.d_model + _OUTER_FIXED
         return (self.n_layers if grad else 1) * layer + outer + self.pair_floats * n_atoms

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ase_bptt.registry import Registry
 from ase_bptt.relax.base import StepRule, StepRuleError
 from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_TOL
 
@@ -34,7 +35,12 @@ __all__ = [
     "rule_from_relax_settings",
 ]
 
-_RULES: dict[str, type[StepRule]] = {}
+_RULES: Registry[type[StepRule]] = Registry(
+    "step rule",
+    StepRuleError,
+    unknown_hint=" or pass a StepRule. A checkpoint naming it may come from a newer ase-bptt (upgrade) or need "
+    "the package that registers it imported first.",
+)
 
 R = TypeVar("R", bound=type[StepRule])
 
@@ -45,25 +51,18 @@ def register_step_rule(cls: R) -> R:
     Raises:
         StepRuleError: the class has no name, or another class holds it.
     """
-    if not cls.name:
-        raise StepRuleError(f"{cls.__name__} has no name; set the class attribute name = '...' before registering.")
-    taken = _RULES.get(cls.name)
-    if taken is not None and taken is not cls:
-        raise StepRuleError(
-            f"step rule name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; choose another name."
-        )
-    _RULES[cls.name] = cls
+    _RULES.register(cls)
     return cls
 
 
 def unregister_step_rule(name: str) -> None:
     """Forget the rule registered as ``name`` (tests and plugins clean up with this)."""
-    _RULES.pop(name, None)
+    _RULES.unregister(name)
 
 
 def step_rule_names() -> tuple[str, ...]:
     """The registered rule names, in registration order (built-ins first)."""
-    return tuple(_RULES)
+    return _RULES.names()
 
 
 def step_rule_class(name: Any) -> type[StepRule]:
@@ -72,14 +71,7 @@ def step_rule_class(name: Any) -> type[StepRule]:
     Raises:
         StepRuleError: no rule has that name.
     """
-    cls = _RULES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        choices = ", ".join(repr(n) for n in _RULES)
-        raise StepRuleError(
-            f"unknown step rule {name!r}; choose one of {choices} or pass a StepRule. A checkpoint naming "
-            "it may come from a newer ase-bptt (upgrade) or need the package that registers it imported first."
-        )
-    return cls
+    return _RULES.get(name)
 
 
 def step_rule_from_dict(d: dict[str, Any]) -> StepRule:
