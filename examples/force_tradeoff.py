@@ -38,7 +38,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,10 @@ from ase_bptt.models.checkpoint import load_checkpoint, load_model
 from ase_bptt.relax.steps import FixedStep, rule_from_relax_settings
 from ase_bptt.train.demo import DEMO_DEFECTS
 from ase_bptt.train.distributed import DistContext
-from ase_bptt.train.finetune import FinetuneConfig, finetune
-from ase_bptt.train.no_harm import pretrained_best_fixed_step
-from ase_bptt.train.pretrain import PretrainConfig, force_metrics, pretrain
+from ase_bptt.train.export import pretrained_relaxations, relax_scores
+from ase_bptt.train.finetune import finetune
+from ase_bptt.train.presets import finetune_config, pretrain_config
+from ase_bptt.train.pretrain import force_metrics, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts
 from ase_bptt.train.state import load_state, state_path
 
@@ -265,21 +266,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.pretrain_steps:
             pre_cfg["max_steps"] = args.pretrain_steps
         _echo(t0, f"pretraining ({pre_cfg['max_steps']} optimiser steps) -> {pretrained}")
-        pretrain(db, pretrained, config=PretrainConfig(**pre_cfg, **common), progress=False)
+        pretrain(db, pretrained, config=pretrain_config("paper", **pre_cfg, **common), progress=False)
 
     # 3. one BPTT run per weight, same seed and budget
-    base = FinetuneConfig(**{**s.finetune, "max_batches": steps}, eta_grid=s.eta_grid, **common)
+    base = finetune_config("paper", **{**s.finetune, "max_batches": steps}, eta_grid=s.eta_grid, **common)
     pre_model = load_model(pretrained, device=args.device, dtype=dtype)
-    eta, _, val_curve = pretrained_best_fixed_step(pre_model, val, base, ctx=DistContext())
-    if eta is None:
+    fixed = {k: r for k, r in pretrained_relaxations(base).items() if k != "fire"}
+    scores = relax_scores(pre_model, fixed, val, loss=base.loss, batch_size=base.eval_batch_size, ctx=DistContext())
+    val_curve = {repr(fixed[k]["step"]["eta"]): v for k, v in scores.items()}
+    if not any(math.isfinite(v) for v in scores.values()):
         sys.exit("every step size of the grid diverged with the pretrained model")
+    eta = fixed[min(scores, key=scores.get)]["step"]["eta"]
     pre_relax = {"step": FixedStep(eta, maxstep=base.maxstep).to_dict(), "tol": base.tol, "max_steps": base.max_steps}
     pre_val = _scores(pre_model, pre_relax, val, val_frames)
     _echo(t0, f"pretrained on val: Dq {pre_val['dq']:.4g} (eta {eta:g}), force MAE {pre_val['force_mae']:.4g} eV/A")
     points = []
     for w in weights:
         path = out / f"bptt-w{w:g}.pt"
-        config = FinetuneConfig(**{**base.to_dict(), "force_weight": w, "force_frames": force_frames})
+        config = replace(base, force_weight=w, force_frames=force_frames)
         _echo(t0, f"BPTT with force_weight {w:g} ({steps} optimiser steps) -> {path}")
         finetune(db, path, init=pretrained, config=config, progress=False)
         ckpt = load_checkpoint(path)

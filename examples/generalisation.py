@@ -74,7 +74,8 @@ from ase_bptt.train.common import load_relaxations  # noqa: E402
 from ase_bptt.train.config import ConfigError  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
 from ase_bptt.train.finetune import FinetuneConfig, finetune, freeze_parameters  # noqa: E402
-from ase_bptt.train.pretrain import PretrainConfig, build_model, pretrain  # noqa: E402
+from ase_bptt.train.presets import finetune_config, pretrain_config  # noqa: E402
+from ase_bptt.train.pretrain import build_model, pretrain  # noqa: E402
 
 ELEMENTS = tuple(RECIPES["fcc-defects"].defaults["elements"])  # Ni, Pd, Ag, Pt, Au, Al
 #: The model may meet every element of the recipe: ADAPT describes an element by its
@@ -185,7 +186,8 @@ def group_db(pool: TrajectoryDB, out: Path, name: str, hold: HoldOut | None, s: 
 def bptt_config(s: Settings, eta_bptt: float) -> FinetuneConfig:
     """The group's BPTT run: the fixed step starts at the val-chosen eta; ``--step fire`` sets step
     "fire" and eta None in ``s.finetune``, which wins."""
-    return FinetuneConfig(
+    return finetune_config(
+        "paper",
         **{"epochs": 100000, "eta": eta_bptt, "step": "fixed", **s.finetune, "max_batches": s.bptt_steps},
         seed=s.seed,
         device="cpu",
@@ -197,7 +199,8 @@ def run_group(db: TrajectoryDB, gdir: Path, s: Settings, log: Log) -> dict[str, 
     log(f"    splits: {counts}")
     pre = gdir / "pretrained.pt"
     if not pre.exists():
-        cfg = PretrainConfig(
+        cfg = pretrain_config(
+            "paper",
             **{"epochs": 100000, **s.pretrain, "max_steps": s.pretrain_steps},
             model={**s.model, "species": SPECIES},
             seed=s.seed,

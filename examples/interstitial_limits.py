@@ -69,8 +69,9 @@ from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_
 from ase_bptt.train.demo import DEMO_DEFECTS  # noqa: E402
 from ase_bptt.train.demo import FULL as DEMO_FULL  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
-from ase_bptt.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from ase_bptt.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from ase_bptt.train.finetune import finetune  # noqa: E402
+from ase_bptt.train.presets import finetune_config, pretrain_config  # noqa: E402
+from ase_bptt.train.pretrain import pretrain  # noqa: E402
 
 STAGES = ("oracle", "pretrain", "bptt", "fire")
 KINDS = DEMO_DEFECTS  # vacancy, divacancy, interstitial-tetrahedral, interstitial-split110
@@ -284,7 +285,7 @@ def pretrained(db: TrajectoryDB, out: Path, s: Settings, name: str, seed: int, l
     if not ckpt.exists():
         cfg = {**s.pretrain, **s.pretrain_variants[name], "device": "cpu", "seed": seed}
         log(f"pretraining {name} ({cfg['max_steps']} optimiser steps): {s.pretrain_variants[name]}")
-        pretrain(db, ckpt, config=PretrainConfig(**cfg), progress=False)
+        pretrain(db, ckpt, config=pretrain_config("paper", **cfg), progress=False)
     path = stage / "val.json"
     if (done := _load_json(path)) is not None:
         return done
@@ -328,7 +329,7 @@ def tuned(db, out: Path, s: Settings, name: str, init: str, options: dict, seed:
     if not ckpt.exists():
         cfg = {**s.finetune, **options, "device": "cpu", "seed": seed}
         log(f"BPTT {name} from {init} ({cfg['max_batches']} optimiser steps): {options}")
-        finetune(db, ckpt, init=pre["checkpoint"], config=FinetuneConfig(**cfg), progress=False)
+        finetune(db, ckpt, init=pre["checkpoint"], config=finetune_config("paper", **cfg), progress=False)
     return ckpt, pre
 
 

@@ -52,8 +52,9 @@ from ase_bptt.relax.relaxer import rollout  # noqa: E402
 from ase_bptt.relax.steps import FixedStep, rule_from_relax_settings  # noqa: E402
 from ase_bptt.train.common import load_relaxations  # noqa: E402
 from ase_bptt.train.evaluate import evaluate  # noqa: E402
-from ase_bptt.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from ase_bptt.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from ase_bptt.train.finetune import finetune  # noqa: E402
+from ase_bptt.train.presets import finetune_config, pretrain_config  # noqa: E402
+from ase_bptt.train.pretrain import pretrain  # noqa: E402
 
 PAPER = {  # the paper's numbers, printed beside ours for orientation only
     "table3": {"ADAPT + FIRE": 6.73, "ADAPT, best fixed step": 5.25, "BPTT": 2.73},
@@ -334,7 +335,7 @@ def _set_splits(db: TrajectoryDB, split_of: dict[str, str]) -> None:
 def run_pretrain(db, out: Path, s: Settings, overrides: dict, log: Log, name: str) -> Path:
     path = out / f"{name}.pt"
     if not path.exists():
-        cfg = PretrainConfig(**{"seed": s.seed, **overrides, "model": s.model, "device": "cpu"})
+        cfg = pretrain_config("paper", **{"seed": s.seed, **overrides, "model": s.model, "device": "cpu"})
         log(f"pretraining {name}: {overrides}")
         pretrain(db, path, config=cfg, progress=False)
     return path
@@ -343,7 +344,7 @@ def run_pretrain(db, out: Path, s: Settings, overrides: dict, log: Log, name: st
 def run_finetune(db, out: Path, init: Path, name: str, overrides: dict, log: Log) -> Path:
     path = out / f"{name}.pt"
     if not path.exists():
-        cfg = FinetuneConfig(**{**overrides, "device": "cpu"})
+        cfg = finetune_config("paper", **{**overrides, "device": "cpu"})
         log(f"BPTT {name}: {overrides}")
         finetune(db, path, init=init, config=cfg, progress=False)
     hist = load_checkpoint(path)["metadata"].get("history") or []
@@ -361,7 +362,7 @@ def _finetune_job(args: tuple) -> str:
         TrajectoryDB(db_path, create=False),
         path,
         init=init,
-        config=FinetuneConfig(**{**overrides, "device": "cpu"}),
+        config=finetune_config("paper", **{**overrides, "device": "cpu"}),
         progress=False,
     )
     return str(path)

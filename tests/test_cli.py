@@ -137,7 +137,7 @@ def test_finetune_training_controls_reach_the_config(files, tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_finetune(db, out, *, init, config, progress, overwrite):
+    def fake_finetune(db, out, *, init, config, progress, overwrite, workers):
         seen["config"] = config
         return out
 
@@ -148,11 +148,9 @@ def test_finetune_training_controls_reach_the_config(files, tmp_path, monkeypatc
     c = seen["config"]
     assert (c.eval_every, c.patience, c.lr_schedule, c.warmup) == (5, 3, "onecycle", 10)
     assert c.augment_translation is True and c.augment_cubic is True
-    # Not given: the config's defaults (today's behaviour).
+    # No options: the default recipe, which is the config's own defaults.
     assert run("finetune", files["db"], "-o", tmp_path / "y.pt").exit_code == 0
-    c = seen["config"]
-    assert (c.eval_every, c.patience, c.lr_schedule, c.warmup) == (None, None, "constant", 0)
-    assert c.augment_translation is False and c.augment_cubic is False
+    assert seen["config"].to_dict() == ft.FinetuneConfig().to_dict()
     assert run("finetune", files["db"], "-o", tmp_path / "z.pt", "--no-augment").exit_code == 0
     assert seen["config"].augment_cubic is False
     result = CliRunner().invoke(cli, ["finetune", "--help"], terminal_width=200)
@@ -178,9 +176,7 @@ def test_empty_split_in_evaluate(files, tmp_path):
 
 def test_empty_split_in_finetune(files, tmp_path):
     make_db(tmp_path / "test-only.db", {"test": 1})
-    line = error_line(
-        run("finetune", tmp_path / "test-only.db", "--init", files["model"], "-o", tmp_path / "f.pt", "--eta", "0.02")
-    )
+    line = error_line(run("finetune", tmp_path / "test-only.db", "--init", files["model"], "-o", tmp_path / "f.pt"))
     assert "train" in line
 
 

@@ -30,13 +30,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         assert row in text, row
     assert f"report: {out / 'report' / 'report.md'}" in text
     # Every stage reports its wall and CPU time; the headline ratios and a per-kind table follow the Dq table.
-    for stage in ("generate", "pretrain", "finetune", "evaluate"):
+    for stage in ("generate", "finetune", "evaluate"):
         assert f"    {stage}: wall " in text, stage
     assert "BPTT / best fixed step: " in text and "Dq mean per defect kind:" in text
     for name in (
         "si-defects.db",
-        "pretrained.pt",
-        "bptt.pt",
+        "model-pretrained.pt",
+        "model.pt",
         "report/report.md",
         "report/report.json",
         "report/dq_paired.png",
@@ -48,7 +48,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
 
     # The printed table is the report's numbers.
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [ck["name"] for ck in report["checkpoints"]] == ["pretrained", "bptt"]
+    assert [ck["name"] for ck in report["checkpoints"]] == ["pretrained", "tuned"]
     base = report["do_nothing"]["dq"]["mean"]
     line = next(l for l in text.splitlines() if l.startswith("do nothing"))
     assert f"{base:.3f}" in line
@@ -58,12 +58,20 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert report["selection_split"] == "val" and report["split"] == "test"
     fixed = report["checkpoints"][0]["fixed_step_selected"]["dq"]["mean"]
     assert f"BPTT / best fixed step: {bptt / fixed:.3f}" in text
+    # The training is `ase-bptt finetune --recipe quick` with no other option (seed 0, float32, CPU).
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.train.presets import finetune_config
+
+    stored = load_checkpoint(out / "model.pt")["metadata"]["config"]
+    want = finetune_config("quick", seed=0, dtype="float32").to_dict()
+    decided = ("tol", "energy_weight", "max_batches", "max_steps")  # "auto" in the recipe, decided by the run
+    assert {k: v for k, v in stored.items() if k not in decided} == {k: v for k, v in want.items() if k not in decided}
     # Mixed kinds at random sites (the recipe's options are recorded in the database).
     options = TrajectoryDB(out / "si-defects.db", create=False).metadata["generated"]["si-defects-s0"]["options"]
     assert options["site"] == "random" and len(options["defects"]) == 4
 
     # A re-run in the same directory reuses the database, checkpoints and report.
-    mtimes = {p: (out / p).stat().st_mtime for p in ("pretrained.pt", "bptt.pt", "report/report.json")}
+    mtimes = {p: (out / p).stat().st_mtime for p in ("model-pretrained.pt", "model.pt", "report/report.json")}
     again = CliRunner().invoke(cli, ["--quiet", "demo", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output
     assert "reusing" in again.output

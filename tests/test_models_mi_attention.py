@@ -438,7 +438,17 @@ def test_cli_pretrain_model_option(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrain_module, "pretrain", fake_pretrain)
     db = tmp_path / "x.db"
     db.touch()
-    args = ["--quiet", "pretrain", str(db), "-o", str(tmp_path / "m.pt"), "--model", "adapt-mi", "--d-model", "32"]
+    args = [
+        "--quiet",
+        "pretrain",
+        str(db),
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--architecture",
+        "adapt-mi",
+        "--d-model",
+        "16",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert seen["config"].model == {"model_name": "adapt-mi", "d_model": 32, "d_ff": 64}
+    assert seen["config"].model == {"model_name": "adapt-mi", "d_model": 16, "d_ff": 32, "n_layers": 2, "n_heads": 4}

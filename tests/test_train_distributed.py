@@ -49,9 +49,16 @@ FINETUNE = dict(
     seed=4,
     step="learned",
     step_lr=1e-2,
+    tol=1e-3,
+    eval_every=None,
+    lr_schedule="constant",
+    warmup=0,
     # The force term too: 5 reference frames per step, sharded 3 + 2 over the ranks.
     force_weight=0.5,
     force_frames=5,
+    energy_weight=0.0,
+    # Both relaxations offered on val (sharded rollouts of the export decision too).
+    export="auto",
 )
 TOL = 1e-6  # float64 sums in another order; the brief's bar is 1e-6
 
@@ -134,9 +141,13 @@ def test_two_process_gloo_step_equals_single_process_step(emt_db, tmp_path):
     assert load_state(state_path(tmp_path / "ft2.pt"))["step_rule"]["eta"] == pytest.approx(
         load_state(state_path(single_ft))["step_rule"]["eta"], abs=TOL
     )
-    # The no-harm decision (rollouts sharded over the ranks) is the single process's.
-    s_rec, d_rec = (load_checkpoint(p)["metadata"]["no_harm"] for p in (single_ft, tmp_path / "ft2.pt"))
-    assert s_rec["exported"] == d_rec["exported"] and s_rec["pretrained_eta"] == d_rec["pretrained_eta"]
+    # The export decisions (rollouts sharded over the ranks) are the single process's.
+    s_meta, d_meta = (load_checkpoint(p)["metadata"] for p in (single_ft, tmp_path / "ft2.pt"))
+    assert s_meta["export"]["chosen"] == d_meta["export"]["chosen"]
+    for name, value in s_meta["export"]["val"].items():
+        assert d_meta["export"]["val"][name] == pytest.approx(value, rel=1e-9)
+    s_rec, d_rec = s_meta["no_harm"], d_meta["no_harm"]
+    assert s_rec["exported"] == d_rec["exported"] and s_rec["pretrained_relax"] == d_rec["pretrained_relax"]
     assert d_rec["pretrained_val_dq"] == pytest.approx(s_rec["pretrained_val_dq"], rel=1e-9)
     assert any("train_force_mse" in h for h in load_state(state_path(single_ft))["loop"]["history"])
 

@@ -98,12 +98,10 @@ def test_config_rejects_a_bad_energy_weight(value):
         config(energy_weight=value)
 
 
-@pytest.fixture(scope="module")
-def no_energy_db(tmp_path_factory):
+def no_energy_database(path):
     """Cu relaxations whose frames carry forces but no energy (as from a code that wrote none)."""
     from ase_bptt.data.db import TrajectoryDB
 
-    path = tmp_path_factory.mktemp("noenergy") / "noe.db"
     db = TrajectoryDB(path)
     for k, split in enumerate(("train", "train", "val")):
         frames = []
@@ -113,6 +111,11 @@ def no_energy_db(tmp_path_factory):
             frames.append(b)
         db.add_trajectory(frames, label="vacancy", source="test", split=split)
     return path
+
+
+@pytest.fixture(scope="module")
+def no_energy_db(tmp_path_factory):
+    return no_energy_database(tmp_path_factory.mktemp("noenergy") / "noe.db")
 
 
 def test_energy_weight_without_reference_energies_is_one_error_line_and_writes_nothing(

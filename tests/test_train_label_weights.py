@@ -91,7 +91,8 @@ def test_cli_label_weight(init_model, tmp_path):  # noqa: F811
     from ase_bptt.models.checkpoint import load_checkpoint
 
     db = _db(tmp_path / "ab.db", ["int:Ni", "sub:Pd"])
-    base = ["--quiet", "finetune", str(db), "--init", str(init_model), "--eta", "0.05", "--epochs", "1"]
+    base = ["--quiet", "finetune", str(db), "--init", str(init_model), "--step", "fixed", "--eta", "0.05"]
+    base += ["--epochs", "1", "--lr", "1e-3", "--export", "own"]
     bad = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "bad.pt"), "--label-weight", "int"])
     assert bad.exit_code == 2 and "'int' is not LABEL=WEIGHT" in bad.output
     typo = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "typo.pt"), "--label-weight", "intt:*=3"])

@@ -37,7 +37,24 @@ except TrainingInterrupted as exc:
 PRETRAIN = dict(
     model=TINY_MODEL, epochs=2, batch_size=16, lr=1e-2, patience=None, checkpoint_every=3, eval_frames=16, seed=3
 )
-FINETUNE = dict(epochs=2, batch_size=2, lr=1e-3, eta=0.05, max_steps=15, checkpoint_every=None, seed=3)
+FINETUNE = dict(
+    step="fixed",
+    epochs=2,
+    batch_size=2,
+    lr=1e-3,
+    eta=0.05,
+    tol=1e-3,
+    max_steps=15,
+    eval_every=None,
+    lr_schedule="constant",
+    warmup=0,
+    force_weight=0.0,
+    energy_weight=0.0,
+    export="own",
+    refit_energy=False,
+    checkpoint_every=None,
+    seed=3,
+)
 
 
 def run_driver(kind, db, out, init, options, *, env=None, **kwargs):

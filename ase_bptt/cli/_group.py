@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,46 +75,39 @@ class _Group(click.Group):
                     formatter.write(f"{indent}e.g. {example}\n")
 
 
-def command(group: click.Group, name: str, *, example: str, **kwargs: Any) -> Callable:
-    """``group.command`` that also records a one-line example and shows it in the epilog."""
+class _Command(click.Command):
+    """A command whose config-derived options are built when first needed (``command(params=...)``):
+    they read the training configs, which load torch, and ``ase-bptt --help`` should not."""
+
+    def __init__(self, *args: Any, lazy_params: Callable[[], list[click.Parameter]] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._lazy_params = lazy_params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._lazy_params is not None:
+            self.params.extend(self._lazy_params())
+            self._lazy_params = None
+        return super().get_params(ctx)
+
+
+def command(
+    group: click.Group,
+    name: str,
+    *,
+    example: str,
+    params: Callable[[], list[click.Parameter]] | None = None,
+    **kwargs: Any,
+) -> Callable:
+    """``group.command`` that also records a one-line example and shows it in the epilog; ``params``
+    gives more options, built the first time the command parses or shows its help."""
 
     def deco(f: Callable) -> click.Command:
         epilog = "\b\nExample:\n  " + example
-        cmd = group.command(name, epilog=epilog, **kwargs)(f)
+        cmd = group.command(name, cls=_Command, epilog=epilog, lazy_params=params, **kwargs)(f)
         cmd.example = example  # type: ignore[attr-defined]
         return cmd
 
     return deco
-
-
-class _LogLines(logging.Handler):
-    """``ase_bptt`` log records as lines on stderr ("Warning: " before warnings).
-
-    Written through ``tqdm.write``, which lifts an open progress bar, prints
-    the line and redraws the bar below it, so a line never splits a bar and
-    no bar is printed twice. The stream is looked up per line (click's test
-    runner swaps it).
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        prefix = "Warning: " if record.levelno >= logging.WARNING else ""
-        try:
-            tqdm.write(prefix + self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler must not raise into the caller
-            self.handleError(record)
-
-
-def log_to_stderr(quiet: bool) -> None:
-    """Send the ``ase_bptt`` loggers' INFO lines (warnings only with ``quiet``) to stderr, once per process."""
-    logger = logging.getLogger("ase_bptt")
-    for old in [h for h in logger.handlers if isinstance(h, _LogLines)]:
-        logger.removeHandler(old)
-    handler = _LogLines(logging.WARNING if quiet else logging.INFO)
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
 
 
 # -------------------------------------------------------------------- group
@@ -134,4 +125,6 @@ def cli(quiet: bool) -> None:
       ase-bptt relax POSCAR --model si.pt -o CONTCAR
     or in Python: atoms.calc = BPTTCalculator("si.pt")
     """
+    from ase_bptt.logs import log_to_stderr
+
     log_to_stderr(quiet)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
@@ -53,6 +56,14 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def set_threads(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """Apply ``--threads`` as the option is parsed, before the command loads any model."""
+    import torch
+
+    torch.set_num_threads(value)
+    return value
+
+
 def runtime_options(
     *,
     device: bool = True,
@@ -61,7 +72,8 @@ def runtime_options(
     workers: bool = False,
     workers_help: str | None = None,
 ) -> Callable:
-    """The shared ``--device``, ``--dtype``, ``--seed`` and ``--workers`` options, where they apply."""
+    """The shared ``--device`` (with ``--threads``), ``--dtype``, ``--seed`` and ``--workers`` options, where
+    they apply."""
 
     def deco(f: Callable) -> Callable:
         opts = []
@@ -83,6 +95,19 @@ def runtime_options(
                     default="float32",
                     show_default=True,
                     help="Floating point precision of the model.",
+                )
+            )
+        if device:
+            opts.append(
+                click.option(
+                    "--threads",
+                    type=click.IntRange(min=1),
+                    default=1,
+                    show_default=True,
+                    callback=set_threads,
+                    expose_value=False,
+                    help="Torch CPU threads of this process. One, because the default model's tensors are too "
+                    "small to share: on 2 cores its pretraining took 184 CPU-s on one thread, 599 on two.",
                 )
             )
         if seed:
@@ -112,24 +137,23 @@ def runtime_options(
     return deco
 
 
-def training_options(*, init_help: str, epochs_help: str, batch_help: str, lr_help: str) -> Callable:
-    """The options ``pretrain`` and ``finetune`` share: DB, --out, --init, --epochs, --time-budget,
-    --batch-size, --lr, --overwrite and the runtime options (the command's context comes first)."""
+def training_options(*, init_help: str) -> Callable:
+    """The arguments ``pretrain`` and ``finetune`` share: DB, --out, --init, --overwrite, --workers and the
+    runtime options (the command's context comes first); their training options come from the configs
+    (:func:`config_params`)."""
     shared = [
         click.argument("db", type=click.Path()),
         click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write."),
         click.option("--init", type=click.Path(dir_okay=False), default=None, help=init_help),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help=epochs_help),
-        click.option(
-            "--time-budget",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            metavar="SECONDS",
-            help="Stop (keeping the best model) after this many seconds of training.",
-        ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None, help=batch_help),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help=lr_help),
         click.option("--overwrite", is_flag=True, help="Replace an --out made with other settings or data."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU processes sharing the training (torch.distributed, one torch thread each; about half the "
+            "wall time on 2 cores), or running the candidates raced on val side by side  [default: the CPU's "
+            "cores, at most 2; 1 on a GPU]",
+        ),
         runtime_options(seed=True),
     ]
 
@@ -139,6 +163,74 @@ def training_options(*, init_help: str, epochs_help: str, batch_help: str, lr_he
         return click.pass_context(f)
 
     return deco
+
+
+def recipe_params() -> list[click.Parameter]:
+    """``--recipe NAME``: the training recipe the other options change (ase_bptt.train.presets)."""
+    from ase_bptt.train.presets import TRAINING_RECIPES
+
+    lines = "; ".join(f"{r.name}: {r.summary}" for r in TRAINING_RECIPES.values())
+    return [
+        click.Option(
+            ["--recipe"],
+            type=click.Choice(tuple(TRAINING_RECIPES)),
+            default="default",
+            show_default=True,
+            help=f"Named training recipe whose settings the other options change ({lines}).",
+        )
+    ]
+
+
+def architecture_params(when: str = "") -> list[click.Parameter]:
+    """``--architecture``, ``--d-model``, ``--n-layers``, ``--n-heads`` of a fresh model (defaults: the
+    default recipe's model, ``pretrain.DEFAULT_MODEL``)."""
+    from ase_bptt.train.pretrain import ARCHITECTURES, DEFAULT_MODEL
+
+    suffix = f" ({when})" if when else ""
+    return [
+        click.Option(
+            ["--architecture"],
+            type=click.Choice(tuple(ARCHITECTURES)),
+            default=None,
+            help="Model architecture: adapt-mi, translation invariant (pair attention over every periodic image "
+            f"within its cutoff); adapt, the paper's ADAPT (docs/model.md){suffix}  "
+            f"[default: {DEFAULT_MODEL['model_name']}]",
+        ),
+        click.Option(
+            ["--d-model"],
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Token width (the feed-forward width is twice it){suffix}  [default: {DEFAULT_MODEL['d_model']}]",
+        ),
+        click.Option(
+            ["--n-layers"],
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Encoder blocks{suffix}  [default: {DEFAULT_MODEL['n_layers']}]",
+        ),
+        click.Option(
+            ["--n-heads"],
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Attention heads{suffix}  [default: {DEFAULT_MODEL['n_heads']}]",
+        ),
+    ]
+
+
+def model_changes(architecture: str | None, d_model: int | None, n_layers: int | None, n_heads: int | None) -> dict:
+    """The model dict changes of :func:`architecture_params` (empty when none was given)."""
+    return given_options(
+        model_name=architecture,
+        d_model=d_model,
+        d_ff=None if d_model is None else 2 * d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+    )
+
+
+def augment_params(text: str) -> list[click.Parameter]:
+    """``--augment/--no-augment``: the augmentations of a training (one switch for the config's two)."""
+    return [click.Option(["--augment/--no-augment"], default=None, help=f"{text}  [default: no-augment]")]
 
 
 def progress_enabled(ctx: click.Context) -> bool:
@@ -182,6 +274,25 @@ def parse_label_weights(ctx: click.Context, param: click.Parameter, value: tuple
         if not sep or not label or not (weight >= 0 and weight != float("inf")):
             raise click.BadParameter(f"{item!r} is not LABEL=WEIGHT with a weight >= 0, e.g. 'int:*=3'")
         out[label] = weight
+    return out or None
+
+
+def parse_candidates(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict | None:
+    """``('lr=5e-4,1e-3',)`` -> ``{'lr': (0.0005, 0.001)}`` (None when not given); numbers where they parse."""
+
+    def number(text: str) -> Any:
+        try:
+            return int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            return text
+
+    out: dict[str, tuple[Any, ...]] = {}
+    for item in value:
+        name, sep, raw = item.partition("=")
+        values = tuple(number(v) for v in raw.split(",") if v.strip())
+        if not sep or not name.isidentifier() or len(values) < 2:
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE,VALUE[,...], e.g. --candidate lr=5e-4,1e-3")
+        out[name] = values
     return out or None
 
 
@@ -285,12 +396,134 @@ def baseline_specs(ctx: click.Context, param: click.Parameter, value: tuple[str,
         raise click.BadParameter(one_line(exc)) from None
 
 
-def config_from(cls: type, **values: Any) -> Any:
-    """Build a training config from the given options; its own checks become usage errors."""
+# ------------------------------------------- options defined by config fields
+#: What ``--patience off`` (and the like) turns into: the field's None, which the user asked for.
+OFF = "off"
+
+
+class _Word(click.ParamType):
+    """A number, or a word: ``off`` for a field whose None switches the setting off, ``auto`` for one
+    the run decides from the data (ase_bptt.train.config.AUTO)."""
+
+    def __init__(self, inner: click.ParamType, words: tuple[str, ...]) -> None:
+        self.inner, self.words = inner, words
+        self.name = "|".join((inner.name, *words))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
+        if isinstance(value, str) and value.strip().lower() == "none" and OFF in self.words:
+            return OFF
+        return self.inner.convert(value, param, ctx)
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (its factory called)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{f.name} has no default")
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """How ``--help`` shows a config field's default (``[default: ...]``)."""
+    meta = f.metadata["cli"]
+    return meta["shown"] or _shown_default(field_default(f))
+
+
+def _click_type(hint: Any, meta: Mapping[str, Any], default: Any) -> Any:
+    """The click type of a config field: its annotation's number type, with the words ``off`` (where
+    None switches a setting off that is on by default) and ``auto`` (where the default is AUTO)."""
+    from ase_bptt.train.config import AUTO
+
+    choices = meta["choices"]
+    if choices:
+        return RegistryChoice(choices) if callable(choices) else click.Choice(choices)
+    args = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    numbers = [t for t in (int, float) if t in args]
+    if not numbers:
+        return click.STRING
+    words = (AUTO,) * (default == AUTO) + (OFF,) * (type(None) in args and default is not None)
+    inner = click.INT if numbers == [int] else click.FLOAT
+    return _Word(inner, words) if words else inner
+
+
+def config_params(
+    cls: type, *names: str, nested: str | None = None, flags: Mapping[str, str] | None = None
+) -> list[click.Parameter]:
+    """Command-line options for the config fields ``names`` of the dataclass ``cls``.
+
+    Each option's flag, type, help and shown default come from the field
+    (:func:`ase_bptt.train.config.option`); its value reaches the command under
+    the field's name (``nested__name`` with ``nested``, e.g. the pretraining
+    settings inside ``FinetuneConfig.pretrain``), None when not given, so the
+    config's own default applies (:func:`recipe_config`). A field whose None
+    means "off" takes ``off`` too.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    params: list[click.Parameter] = []
+    for name in names:
+        f = fields[name]
+        meta = f.metadata.get("cli")
+        if meta is None:
+            raise TypeError(f"{cls.__name__}.{name} is not a command-line option (see train.config.option)")
+        flag = (flags or {}).get(name) or meta["flag"] or "--" + name.replace("_", "-")
+        dest = f"{nested}__{name}" if nested else name
+        text = f"{meta['help']}  [default: {shown_default(f)}]"
+        hint = hints[name]
+        if hint is bool:
+            params.append(click.Option([f"{flag}/--no-{flag[2:]}", dest], default=None, help=text))
+        elif typing.get_origin(hint) is tuple:
+            params.append(click.Option([flag, dest], multiple=True, metavar=meta["metavar"], help=text))
+        else:
+            kind = _click_type(hint, meta, field_default(f))
+            params.append(click.Option([flag, dest], type=kind, default=None, metavar=meta["metavar"], help=text))
+    return params
+
+
+def option_flags(cls: type) -> dict[str, str]:
+    """Field name -> flag of every command-line field of ``cls``."""
+    return {
+        f.name: f.metadata["cli"]["flag"] or "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(cls)
+        if "cli" in f.metadata
+    }
+
+
+def recipe_config(factory: Callable[..., Any], cls: type, *, recipe: str, **values: Any) -> Any:
+    """A training config from the recipe and the options the user gave (``factory``: ``pretrain_config``
+    or ``finetune_config`` of ase_bptt.train.presets); its own checks become one usage error naming the
+    option."""
+    given: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None or value == ():
+            continue
+        value = None if value == OFF else value
+        outer, sep, inner = key.partition("__")
+        if sep:
+            given.setdefault(outer, {})[inner] = value
+        else:
+            given[key] = value
     try:
-        return cls(**given_options(**values))
+        return factory(recipe, **given)
     except (ValueError, TypeError) as exc:
-        raise click.UsageError(one_line(exc)) from None
+        from ase_bptt.train.config import ConfigError
+
+        name = exc.field if isinstance(exc, ConfigError) else None
+        flag = option_flags(cls).get(name or "")
+        raise click.BadParameter(one_line(exc), param_hint=f"'{flag}'" if flag else None) from None
 
 
 def given_options(**values: Any) -> dict[str, Any]:

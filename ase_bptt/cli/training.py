@@ -8,309 +8,185 @@ import click
 
 from ase_bptt.cli._group import cli, command
 from ase_bptt.cli.options import (
-    RegistryChoice,
+    architecture_params,
+    augment_params,
     baseline_specs,
-    config_from,
+    config_params,
     float_list,
-    given_options,
+    model_changes,
+    parse_candidates,
     parse_label_weights,
     progress_enabled,
+    recipe_config,
+    recipe_params,
     runtime_options,
-    step_rule_names,
     training_options,
 )
 
-
 # ---------------------------------------------------------------- training
+_PRETRAIN_FIELDS = ("max_steps", "epochs", "time_budget", "batch_size", "lr", "patience")
+_FINETUNE_FIELDS = (
+    "step",
+    "eta",
+    "momentum",
+    "anneal",
+    "noise",
+    "stopping",
+    "tol",
+    "max_steps",
+    "loss",
+    "max_batches",
+    "epochs",
+    "time_budget",
+    "batch_size",
+    "lr",
+    "proximal",
+    "freeze",
+    "force_weight",
+    "energy_weight",
+    "force_frames",
+    "checkpoint_frames",
+    "eval_every",
+    "patience",
+    "lr_schedule",
+    "warmup",
+    "export",
+    "refit_energy",
+)
+
+
+def _pretrain_params() -> list[click.Parameter]:
+    from ase_bptt.train.pretrain import PretrainConfig
+
+    return [
+        *recipe_params(),
+        *config_params(PretrainConfig, *_PRETRAIN_FIELDS),
+        *architecture_params(),
+        *augment_params("Random rotations and translations of the frames."),
+    ]
+
+
 @command(
     cli,
     "pretrain",
-    example="ase-bptt pretrain traj.db -o pretrained.pt --epochs 50",
+    example="ase-bptt pretrain traj.db -o pretrained.pt",
     short_help="Force (and energy) matching on the frames of the train split.",
+    params=_pretrain_params,
 )
-@training_options(
-    init_help="Continue from this checkpoint instead of a fresh ADAPT model.",
-    epochs_help="Passes over the train frames  [default: 50]",
-    batch_help="Frames per optimiser step  [default: 16]",
-    lr_help="Peak learning rate  [default: 1e-3]",
-)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Early stopping after this many epochs without a better val force MAE  [default: 10]",
-)
-@click.option("--augment/--no-augment", default=None, help="Random rotations and translations of the frames.")
-@click.option(
-    "--model",
-    "architecture",
-    type=click.Choice(["adapt", "adapt-mi"]),
-    default=None,
-    help="adapt: the paper's ADAPT; adapt-mi: its translation-invariant variant (minimum-image pair "
-    "attention, docs/model.md)  [default: adapt]",
-)
-@click.option("--d-model", type=click.IntRange(min=1), default=None, help="ADAPT token width  [default: 64]")
-@click.option("--n-layers", type=click.IntRange(min=1), default=None, help="ADAPT encoder blocks  [default: 3]")
-@click.option("--n-heads", type=click.IntRange(min=1), default=None, help="ADAPT attention heads  [default: 4]")
+@training_options(init_help="Continue from this checkpoint instead of a fresh model.")
 def pretrain_cmd(
-    ctx,
-    db,
-    out,
-    init,
-    epochs,
-    time_budget,
-    batch_size,
-    lr,
-    patience,
-    augment,
-    architecture,
-    d_model,
-    n_layers,
-    n_heads,
-    overwrite,
-    device,
-    dtype,
-    seed,
+    ctx, db, out, init, overwrite, workers, recipe, architecture, d_model, n_layers, n_heads, augment, **options
 ):
-    """Pretrain an ADAPT force model on DB's train split (early stopping on val).
+    """Pretrain a force model on DB's train split (the default recipe: ADAPT-MI, about
+    five passes over the frames; early stopping on val only with --patience).
     Running the same command again resumes an interrupted run."""
+    from ase_bptt.train.launch import default_workers
+    from ase_bptt.train.presets import pretrain_config
     from ase_bptt.train.pretrain import PretrainConfig, pretrain
 
-    model = given_options(
-        model_name=architecture,
-        d_model=d_model,
-        d_ff=None if d_model is None else 2 * d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-    )
-    config = config_from(
+    config = recipe_config(
+        pretrain_config,
         PretrainConfig,
-        model=model or None,
-        epochs=epochs,
-        time_budget=time_budget,
-        batch_size=batch_size,
-        lr=lr,
-        patience=patience,
+        recipe=recipe,
+        model=model_changes(architecture, d_model, n_layers, n_heads) or None,
         augment_rotation=augment,
         augment_translation=augment,
-        device=device,
-        dtype=dtype,
-        seed=seed,
+        **options,
     )
-    path = pretrain(db, out, config=config, init=init, progress=progress_enabled(ctx), overwrite=overwrite)
+    workers = workers or default_workers(config.device)
+    path = pretrain(
+        db, out, config=config, init=init, progress=progress_enabled(ctx), overwrite=overwrite, workers=workers
+    )
     click.echo(f"wrote {path}")
+
+
+def _finetune_params() -> list[click.Parameter]:
+    from ase_bptt.train.finetune_config import FinetuneConfig
+    from ase_bptt.train.pretrain import PretrainConfig
+
+    return [
+        *recipe_params(),
+        *config_params(FinetuneConfig, *_FINETUNE_FIELDS),
+        click.Option(
+            ["--label-weight", "label_weights"],
+            multiple=True,
+            callback=parse_label_weights,
+            metavar="LABEL=W",
+            help="Weight of the Dq of train structures with this label or fnmatch pattern, e.g. 'int:*=3' "
+            "(repeatable; like MACE's config_type_weights; scaled to mean 1)  [default: all 1]",
+        ),
+        click.Option(
+            ["--candidate", "candidates"],
+            multiple=True,
+            callback=parse_candidates,
+            metavar="FIELD=V1,V2",
+            help="Race these values of a setting on val, e.g. --candidate lr=5e-4,1e-3 (repeatable: every "
+            "combination): each trained to its budget from the same pretrained model, side by side on --workers "
+            "processes, the best exported model kept  [default: none]",
+        ),
+        *augment_params(
+            "Random rigid shifts (periodic cells) and cube symmetries (cubic cells) of the train structures, "
+            "initial and relaxed together"
+        ),
+        *config_params(PretrainConfig, "max_steps", nested="pretrain", flags={"max_steps": "--pretrain-steps"}),
+        *architecture_params(when="when it pretrains"),
+    ]
 
 
 @command(
     cli,
     "finetune",
-    example="ase-bptt finetune traj.db -o si.pt --init pretrained.pt --epochs 5",
+    example="ase-bptt finetune traj.db -o model.pt",
     short_help="BPTT fine-tuning through whole relaxations (pretrains first without --init).",
+    params=_finetune_params,
 )
-@training_options(
-    init_help="Pretrained checkpoint to start from  [default: pretrain first, into <out>-pretrained.pt]",
-    epochs_help="Epochs of BPTT  [default: 5]",
-    batch_help="Trajectories per step  [default: 4]",
-    lr_help="Learning rate  [default: 1e-3]",
-)
-@click.option(
-    "--step",
-    type=RegistryChoice(step_rule_names),
-    default=None,
-    help="Step rule of the unrolled relaxation  [default: fixed]",
-)
-@click.option(
-    "--eta",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Step size in A^2/eV (initial value for learned/decoder)  [default: grid search on the train split]",
-)
-@click.option(
-    "--momentum",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=None,
-    help="Momentum weight w of the update (the paper used 0.05)  [default: 0]",
-)
-@click.option(
-    "--anneal",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Step annealing factor per frame (the paper used 0.99)  [default: 1]",
-)
-@click.option(
-    "--noise", type=click.FloatRange(min=0), default=None, help="Exploration noise on each update (A)  [default: 0]"
-)
-@click.option(
-    "--stopping",
-    type=click.Choice(["fixed", "variable"]),
-    default=None,
-    help="fixed: --tol/--max-steps; variable: drawn per batch (tol in [1e-4, 1e-2], 50-75 frames)",
-)
-@click.option(
-    "--tol",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="RMS displacement that stops a rollout (A)  [default: 1e-3]",
-)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Most frames per rollout  [default: 75]")
-@click.option(
-    "--loss",
-    type=click.Choice(["dq", "mse"]),
-    default=None,
-    help="dq (mass-weighted, defects) or mse (pure crystals)  [default: dq]",
-)
-@click.option(
-    "--proximal",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Weight of an L2 term to the pretrained weights (an alternative to clipping)  [default: 0]",
-)
-@click.option(
-    "--freeze",
-    multiple=True,
-    metavar="PREFIX",
-    help="Keep the parameters whose names start with PREFIX at their initial values, e.g. --freeze embed "
-    "--freeze blocks to tune only the readout (repeatable; names as in model.named_parameters())  "
-    "[default: tune all]",
-)
-@click.option(
-    "--force-weight",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Weight of a force-matching term (mean squared force error on train frames, amu^1/2 A per (eV/A)^2) "
-    "added to the BPTT loss; keeps the tuned model a usable force field  [default: 0 = off]",
-)
-@click.option(
-    "--energy-weight",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Weight of an energy-matching term (mean squared per-atom energy error on the force term's frames, "
-    "amu^1/2 A per (eV/atom)^2; needs reference energies); keeps the tuned model's energies usable  "
-    "[default: 0 = off]",
-)
-@click.option(
-    "--label-weight",
-    "label_weights",
-    multiple=True,
-    callback=parse_label_weights,
-    metavar="LABEL=W",
-    help="Weight of the Dq of train structures with this label or fnmatch pattern, e.g. 'int:*=3' "
-    "(repeatable; like MACE's config_type_weights; scaled to mean 1)  [default: all 1]",
-)
-@click.option(
-    "--force-frames",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Train frames drawn per optimiser step for the force term  [default: 16]",
-)
-@click.option("--checkpoint-frames", is_flag=True, default=None, help="Recompute frames in backward (less memory).")
-@click.option(
-    "--eval-every",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="STEPS",
-    help="Optimiser steps between val evaluations  [default: once per epoch]",
-)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Early stopping after this many evaluations without a better val Dq  [default: off]",
-)
-@click.option(
-    "--lr-schedule",
-    type=click.Choice(["constant", "cosine", "onecycle"]),
-    default=None,
-    help="Learning-rate schedule over the run's optimiser steps  [default: constant]",
-)
-@click.option(
-    "--warmup", type=click.IntRange(min=0), default=None, metavar="STEPS", help="Warmup optimiser steps  [default: 0]"
-)
-@click.option(
-    "--augment/--no-augment",
-    default=None,
-    help="Random rigid shifts (periodic cells) and cube symmetries (cubic cells) of the train structures, "
-    "initial and relaxed together  [default: no-augment]",
-)
+@training_options(init_help="Pretrained checkpoint to start from  [default: pretrain first, into <out>-pretrained.pt]")
 def finetune_cmd(
     ctx,
     db,
     out,
     init,
-    step,
-    eta,
-    momentum,
-    anneal,
-    noise,
-    stopping,
-    tol,
-    max_steps,
-    loss,
-    epochs,
-    time_budget,
-    batch_size,
-    lr,
-    proximal,
-    freeze,
-    force_weight,
-    energy_weight,
-    label_weights,
-    force_frames,
-    checkpoint_frames,
-    eval_every,
-    patience,
-    lr_schedule,
-    warmup,
-    augment,
     overwrite,
-    device,
-    dtype,
-    seed,
+    workers,
+    recipe,
+    label_weights,
+    augment,
+    architecture,
+    d_model,
+    n_layers,
+    n_heads,
+    **options,
 ):
     """Fine-tune a model by BPTT on DB's train split: roll out relaxations from the
     initial structures, score the final structure against the relaxed reference
-    (Dq), backpropagate through every frame. Keeps the best model by val Dq and
-    stores its step rule in the checkpoint. Running the same command again
-    resumes an interrupted run."""
-    from ase_bptt.train.finetune import FinetuneConfig, finetune
+    (Dq), backpropagate through every frame. With no options this is the default
+    recipe: it pretrains first, chooses the learning rate and how the tuned model
+    relaxes on val, and keeps the best model by val Dq. Running the same command
+    again resumes an interrupted run."""
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.finetune_config import FinetuneConfig
+    from ase_bptt.train.launch import default_workers
+    from ase_bptt.train.presets import finetune_config
 
+    step, eta, momentum, anneal = (options.get(k) for k in ("step", "eta", "momentum", "anneal"))
     if step == "fire" and (eta is not None or momentum or (anneal is not None and anneal != 1)):
         raise click.BadParameter(
             "FIRE adapts its own time step; drop --eta, --momentum and --anneal", param_hint="--step"
         )
-    config = config_from(
+    options["pretrain__model"] = model_changes(architecture, d_model, n_layers, n_heads) or None
+    config = recipe_config(
+        finetune_config,
         FinetuneConfig,
-        step=step,
-        eta=eta,
-        momentum=momentum,
-        anneal=anneal,
-        noise=noise,
-        stopping=stopping,
-        tol=tol,
-        max_steps=max_steps,
-        loss=loss,
-        epochs=epochs,
-        time_budget=time_budget,
-        batch_size=batch_size,
-        lr=lr,
-        proximal=proximal,
-        freeze=freeze or None,
-        force_weight=force_weight,
-        energy_weight=energy_weight,
+        recipe=recipe,
         label_weights=label_weights,
-        force_frames=force_frames,
-        checkpoint_frames=checkpoint_frames,
-        eval_every=eval_every,
-        patience=patience,
-        lr_schedule=lr_schedule,
-        warmup=warmup,
         augment_translation=augment,
         augment_cubic=augment,
-        device=device,
-        dtype=dtype,
-        seed=seed,
+        **options,
     )
-    path = finetune(db, out, init=init, config=config, progress=progress_enabled(ctx), overwrite=overwrite)
+    workers = workers or default_workers(config.device)
+    path = finetune(
+        db, out, init=init, config=config, progress=progress_enabled(ctx), overwrite=overwrite, workers=workers
+    )
     click.echo(f"wrote {path}")
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +27,9 @@ import torch
 from ase_bptt.errors import AseBpttError
 
 __all__ = [
+    "AUTO",
     "ConfigError",
+    "option",
     "TrainConfig",
     "to_jsonable",
     "config_hash",
@@ -43,15 +46,65 @@ __all__ = [
 #: the run, not its result).
 RUN_CONTROL = frozenset({"device", "time_budget", "checkpoint_every", "eval_batch_size"})
 
+#: A setting decided from the data when the run starts (ase_bptt.train.presets); a run's
+#: identity (its hash, its checkpoint) holds the decided value, never "auto".
+AUTO = "auto"
+
 #: Fields added after state files were in use, left out of the hash at these default values,
 #: so a run interrupted before the upgrade still resumes (its config had no such key).
-ADDED_LATER: dict[str, object] = {"label_weights": {}, "energy_weight": 0.0, "freeze": []}
+ADDED_LATER: dict[str, object] = {
+    "label_weights": {},
+    "energy_weight": 0.0,
+    "freeze": [],
+    "recipe": "default",
+    "candidates": {},
+    "export": "own",
+    "refit_energy": False,
+}
+# (FinetuneConfig's max_steps, lr_schedule and warmup defaults changed with the default recipe: a state file
+# written before it resumes only under the settings it was made with, given explicitly.)
 
 _Config = TypeVar("_Config", bound="TrainConfig")
 
 
 class ConfigError(AseBpttError, ValueError):
-    """A training option is out of range; the message names the option and its value."""
+    """A training option is out of range; the message names the option and its value.
+
+    ``field``: the config field at fault (None when it is not one field), so the
+    command line can name its option instead.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    shown: str | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    metavar: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field that is also a command-line option, described once.
+
+    Args:
+        default, default_factory: as for :func:`dataclasses.field`.
+        help: what the option does (the ``--help`` text, without the default).
+        flag: the option's name (default ``--field-name``).
+        shown: how ``--help`` shows the default when it is not the value itself
+            (e.g. ``"auto: 30 when every train frame has an energy, else 0"``).
+        choices: the allowed strings of a text field (or a function giving them: a registry).
+        metavar: the value's placeholder in ``--help``.
+
+    The command line reads everything else (type, default) from the field, so
+    its ``[default: ...]`` cannot drift from the code (``ase_bptt.cli.options.config_options``).
+    """
+    meta = {"help": help, "flag": flag, "shown": shown, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"cli": meta})
 
 
 def to_jsonable(value: Any, *, max_tensor: int | None = None) -> Any:
@@ -128,8 +181,15 @@ class TrainConfig:
         """Inverse of :meth:`to_dict` (unknown keys are an error)."""
         return cls(**d)
 
+    def decided(self, name: str) -> Any:
+        """The value of a setting that may be :data:`AUTO`, once the run has decided it (presets.py)."""
+        value = getattr(self, name)
+        if isinstance(value, str) and value == AUTO:
+            raise RuntimeError(f"{type(self).__name__}.{name} is still {AUTO!r}: the run decides it from its data")
+        return value
+
     def _fail(self, name: str, what: str) -> ConfigError:
-        return ConfigError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}.")
+        return ConfigError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}.", field=name)
 
     def _at_least_one(self, names: Iterable[str]) -> None:
         for name in names:
@@ -138,8 +198,18 @@ class TrainConfig:
 
     def _positive(self, names: Iterable[str]) -> None:
         for name in names:
-            if not getattr(self, name) > 0:
-                raise self._fail(name, "positive")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise self._fail(name, "positive and finite")
+
+    def _auto_or(self, names: Iterable[str], check, *, off: bool = False) -> None:
+        """``check`` the fields ``names`` unless they are :data:`AUTO` (or None with ``off``)."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, str) and value != AUTO:
+                raise self._fail(name, f"a number or {AUTO!r}")
+            if value != AUTO and not (off and value is None):
+                check((name,))
 
     def _one_of(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:

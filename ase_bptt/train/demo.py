@@ -1,10 +1,13 @@
 """The demo pipeline behind ``ase-bptt demo`` / ``make demo``.
 
-Generate the built-in silicon point-defect set, assign splits, pretrain a small
-ADAPT model by force matching, fine-tune it by BPTT, evaluate both on the test
-split and print the Dq table: do nothing / ASE FIRE / best fixed step (eta
-chosen on val) / fixed step with eta chosen on test (the paper's "perfect
-information" line) / BPTT.
+Generate the built-in silicon point-defect set, assign splits, fine-tune with
+the package's default training recipe exactly as ``ase-bptt finetune db -o
+model.pt`` does with no options (it pretrains first, then runs BPTT and
+chooses on val; :mod:`ase_bptt.train.presets`), evaluate the pretrained and
+the tuned model on the test split and print the Dq table: do nothing / ASE
+FIRE / best fixed step (eta chosen on val) / fixed step with eta chosen on test
+(the paper's "perfect information" line) / the tuned model as exported / the
+tuned model with ASE FIRE.
 
 Every stage leaves its product in the output directory and is skipped when
 that product is already there (the database is topped up to the target size,
@@ -13,9 +16,9 @@ in the same directory reuses what exists instead of redoing it.
 
 The full demo uses four defect kinds (vacancy, divacancy, tetrahedral and
 split-<110> interstitial) at random sites of 64-site cells, so the targets
-differ from structure to structure. Its budgets are optimiser steps, never
-seconds, so a seed gives the same numbers at any machine load; it prints the
-wall and CPU time of each stage (measured runs in ``docs/demo.md``).
+differ from structure to structure. The recipe's budgets are optimiser steps,
+never seconds, so a seed gives the same numbers at any machine load; the demo
+prints the wall and CPU time of each stage (measured runs in ``docs/demo.md``).
 """
 
 from __future__ import annotations
@@ -33,33 +36,25 @@ __all__ = ["DemoSettings", "QUICK", "FULL", "run_demo"]
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and budgets of one demo flavour.
+    """Sizes of one demo flavour.
 
     Attributes:
         n_trajectories: silicon-defect relaxations to generate.
         val, test: split fractions (per trajectory).
+        recipe: the training recipe (ase_bptt.train.presets), as ``finetune --recipe``.
         generate_options: extra options of the "si-defects" recipe.
-        pretrain: PretrainConfig fields.
-        finetune: FinetuneConfig fields.
-        eta_grid: fixed step sizes of the evaluation.
+        eta_grid: fixed step sizes of the evaluation (None: its default grid).
         fire_steps: ASE FIRE step limit in the evaluation.
     """
 
     n_trajectories: int
     val: float
     test: float
-    pretrain: dict[str, Any] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "default"
     generate_options: dict[str, Any] = field(default_factory=dict)
     eta_grid: tuple[float, ...] | None = None
     fire_steps: int = 300
 
-
-#: A small ADAPT-MI (models/mi_attention.py): translation invariant, so a defect at a random site is the
-#: same problem everywhere in the cell. Measured on the demo's own data (120 relaxations, val split, 2000
-#: pretraining steps each): val force MAE 0.050 eV/A against 0.147 for ADAPT of the same width, fixed-step
-#: val Dq 1.26 against 3.40, and BPTT then gains on interstitials too (docs/demo.md).
-_MODEL = {"model_name": "adapt-mi", "d_model": 32, "d_ff": 64, "n_layers": 2, "n_heads": 4}
 
 #: Mixed kinds at random sites; not the hexagonal interstitial, whose Stillinger-Weber
 #: relaxation ends in a rattle-chosen basin (README "What makes the gain large"), nor
@@ -70,54 +65,19 @@ QUICK = DemoSettings(
     n_trajectories=12,
     val=0.25,
     test=0.3,
+    recipe="quick",
     # Looser reference relaxations (still converged by the database's 0.05 eV/A): fewer frames.
     generate_options={"fmax": 0.03, "defects": DEMO_DEFECTS, "site": "random"},
-    pretrain={
-        "model": _MODEL,
-        "epochs": 4,
-        "max_steps": 40,
-        "batch_size": 16,
-        "lr": 2e-3,
-        "patience": None,
-        "eval_frames": 200,
-    },
-    finetune={"epochs": 1, "max_batches": 3, "batch_size": 4, "eta_grid": (0.02, 0.05), "grid_structures": 3},
     eta_grid=(0.01, 0.03, 0.1),
     fire_steps=40,
 )
 
-#: Budgets in optimiser steps, so a seed gives the same numbers at any machine load. On the demo's data
-#: val Dq was still falling after 60 BPTT steps of 8 relaxations at lr 5e-4 (1.27 -> 0.71; lr 2e-3 first
-#: blew up, then ended at 0.79); 60 is what fits the 10-minute budget. Val is scored every 10 steps and
-#: the best model is kept. The force-matching term (weight 10, chosen on val among 0 / 10 / 50) keeps the
-#: tuned model a usable force field: val force MAE 1.5x the pretrained model's against 2.2x without it, at
-#: val Dq 0.75 against 0.71 (docs/demo.md).
+#: The default recipe on 120 relaxations (86 train): what a user gets from ``finetune`` with no options.
 FULL = DemoSettings(
     n_trajectories=120,
     val=0.15,
     test=0.15,
     generate_options={"defects": DEMO_DEFECTS, "site": "random"},
-    pretrain={
-        "model": _MODEL,
-        "epochs": 1000,
-        "max_steps": 2000,
-        "batch_size": 16,
-        "lr": 2e-3,
-        "patience": None,
-        "eval_frames": 500,
-    },
-    finetune={
-        "epochs": 1000,
-        "max_batches": 60,
-        "eval_every": 10,
-        "lr": 5e-4,
-        "batch_size": 8,
-        "grid_structures": 32,
-        "eta_grid": (0.01, 0.02, 0.035, 0.05),
-        "force_weight": 10.0,
-    },
-    eta_grid=(0.01, 0.02, 0.035, 0.05, 0.08),
-    fire_steps=300,
 )
 
 
@@ -205,8 +165,8 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.generate import generate
     from ase_bptt.train.evaluate import evaluate
-    from ase_bptt.train.finetune import FinetuneConfig, finetune
-    from ase_bptt.train.pretrain import PretrainConfig, pretrain
+    from ase_bptt.train.finetune import finetune
+    from ase_bptt.train.presets import finetune_config
     from ase_bptt.train.report import demo_rows, format_table
 
     s = settings or (QUICK if quick else FULL)
@@ -214,12 +174,11 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "db": out / "si-defects.db",
-        "pretrained": out / "pretrained.pt",
-        "finetuned": out / "bptt.pt",
+        "pretrained": out / "model-pretrained.pt",
+        "finetuned": out / "model.pt",
         "report_dir": out / "report",
     }
     stages = _Stages(echo)
-    common: dict[str, Any] = {"device": device, "dtype": dtype, "seed": seed}
     echo(f"load average at the start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
 
     db = TrajectoryDB(paths["db"], create=True)
@@ -233,21 +192,9 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
     counts = db.assign_splits(val=s.val, test=s.test, seed=seed)
     echo("    splits: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    stages.begin("pretrain", f"pretraining (force matching) -> {paths['pretrained']}")
-    _resumable(
-        echo, pretrain, db, paths["pretrained"], config=PretrainConfig(**s.pretrain, **common), progress=progress
-    )
-
-    stages.begin("finetune", f"BPTT fine-tuning -> {paths['finetuned']}")
-    _resumable(
-        echo,
-        finetune,
-        db,
-        paths["finetuned"],
-        init=paths["pretrained"],
-        config=FinetuneConfig(**s.finetune, **common),
-        progress=progress,
-    )
+    stages.begin("finetune", f"ase-bptt finetune (recipe {s.recipe}) -> {paths['finetuned']}")
+    config = finetune_config(s.recipe, device=device, dtype=dtype, seed=seed)
+    _resumable(echo, finetune, db, paths["finetuned"], config=config, progress=progress, workers=workers)
 
     stages.begin("evaluate", f"evaluating on the test split -> {paths['report_dir']}")
     result = _cached_report(paths)
@@ -258,7 +205,7 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
             paths["report_dir"],
             split="test",
             select_eta_on="val",
-            names=["pretrained", "bptt"],
+            names=["pretrained", "tuned"],
             eta_grid=s.eta_grid,
             fire_steps=s.fire_steps,
             device=device,
@@ -272,7 +219,7 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
 
     table = format_table(
         ["method", "model", "eta", "Dq mean", "Dq median", "frames"],
-        demo_rows(result, pretrained="pretrained", finetuned="bptt"),
+        demo_rows(result, pretrained="pretrained", finetuned="tuned"),
         markdown=False,
     )
     echo("")
@@ -328,7 +275,7 @@ def _cached_report(paths: dict[str, Path]) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     names = [ck.get("name") for ck in result.get("checkpoints", [])]
-    return result if names == ["pretrained", "bptt"] else None
+    return result if names == ["pretrained", "tuned"] else None
 
 
 def _ratios(result: dict[str, Any]) -> tuple[str, str]:
@@ -337,7 +284,7 @@ def _ratios(result: dict[str, Any]) -> tuple[str, str]:
 
     by_name = {ck["name"]: ck for ck in result["checkpoints"]}
     fixed = by_name["pretrained"].get("fixed_step_selected")
-    fire, own = by_name["pretrained"].get("fire"), by_name["bptt"].get("own_rule")
+    fire, own = by_name["pretrained"].get("fire"), by_name["tuned"].get("own_rule")
     if not (fixed and fire and own):
         return "", ""
     headline = (

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ase_bptt.device import check_device
 
-__all__ = ["DistContext", "init_distributed", "resolve_device", "shard"]
+__all__ = ["DistContext", "init_distributed", "resolve_device", "shard", "shard_chunks"]
 
 
 def resolve_device(device: str | torch.device | None, *, local_rank: int = 0) -> torch.device:
@@ -41,6 +41,12 @@ def resolve_device(device: str | torch.device | None, *, local_rank: int = 0) ->
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return device
+
+
+def shard_chunks(index: torch.Tensor, ctx: DistContext, size: int) -> list[torch.Tensor]:
+    """This rank's share of ``index`` in chunks of at most ``size``; none when the share is empty (a split
+    with fewer items than ranks), where ``torch.split`` would give one empty chunk."""
+    return [chunk for chunk in torch.split(shard(index, ctx.rank, ctx.world_size), size) if len(chunk)]
 
 
 def shard(items: Sequence | torch.Tensor, rank: int, world_size: int):

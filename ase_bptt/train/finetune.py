@@ -12,7 +12,7 @@ The mean val Dq is measured before training (epoch 0) and after every epoch (or
 every ``eval_every`` steps); the best model is exported, with the step rule it
 was tuned with, as an ordinary checkpoint for
 :class:`~ase_bptt.calculator.BPTTCalculator`, unless it loses to the pretrained
-model's best fixed step on val (train/no_harm.py). Patience, the LR schedule and
+model's best relaxation on val (train/export.py, which also chooses how the tuned model relaxes). Patience, the LR schedule and
 augmentation reuse pretraining's (:mod:`~ase_bptt.train.loop`, :mod:`~ase_bptt.train.augment`).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -27,17 +28,18 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from ase_bptt import metrics
-from ase_bptt.data.datasets import load_relaxations
+from ase_bptt.data.datasets import load_frames, load_relaxations, open_db
 from ase_bptt.models.checkpoint import load_checkpoint
 from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.train.augment import augment_rollouts, cube_applies, rollout_draws
 from ase_bptt.train.common import EmptySplitError
 from ase_bptt.train.config import ConfigError, seed_generator
+from ase_bptt.train.export import export_decision, refit_energy_head
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.loop import local_share, lr_factor
-from ase_bptt.train.no_harm import no_harm_decision
-from ase_bptt.train.objectives import ForceTerm, structure_weights, weight_summary
+from ase_bptt.train.objectives import ForceTerm, check_energy_term, structure_weights, weight_summary
+from ase_bptt.train.presets import DataSummary, resolve_finetune
 from ase_bptt.train.pretrain import build_model, pretrain
 from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
 from ase_bptt.train.run import TrainingRun
@@ -66,7 +68,7 @@ def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float
     resumed run draws the same values.
     """
     if config.stopping != "variable":
-        return config.tol, config.max_steps
+        return config.decided("tol"), config.decided("max_steps")
     gen = seed_generator(config.seed, epoch, batch, 23)
     lo, hi = (math.log10(t) for t in config.tol_range)
     tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
@@ -115,7 +117,14 @@ def _current_eta(rule) -> float | None:
 
 # -------------------------------------------------------------------- main
 def finetune(
-    db, out, *, init=None, config: FinetuneConfig | None = None, progress: bool = True, overwrite: bool = False
+    db,
+    out,
+    *,
+    init=None,
+    config: FinetuneConfig | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    workers: int | None = None,
 ) -> Path:
     """Fine-tune a pretrained model by BPTT through relaxations of the train split.
 
@@ -129,6 +138,9 @@ def finetune(
         config: settings (default :class:`FinetuneConfig`).
         progress: show progress bars (rank 0 only).
         overwrite: replace an ``out`` made with other settings or data.
+        workers: CPU processes: the ranks sharing the pretraining and the BPTT run (torch.distributed;
+            ase_bptt.train.launch), or the candidates raced on val in parallel (``config.candidates``).
+            None or 1: this process alone.
 
     Returns:
         ``out``: the best model by mean val loss (epoch 0 = the pretrained
@@ -141,17 +153,99 @@ def finetune(
         ConfigMismatchError: ``out`` or its state belongs to another run.
         TrainingInterrupted: SIGINT; the state was saved.
     """
+    from ase_bptt.train.candidates import race
+    from ase_bptt.train.presets import candidate_configs
+
     config = FinetuneConfig() if config is None else config
-    return FinetuneRun(db, out, config, init, progress=progress, overwrite=overwrite).run()
+    runs = candidate_configs(config)
+    first = FinetuneRun(db, out, runs[0][1], init, progress=progress, overwrite=overwrite)
+    # What the data and the options say is one line before pretraining or racing, for every candidate.
+    first.preflight(*(c for _, c in runs[1:]))
+    workers = 1 if workers is None or "WORLD_SIZE" in os.environ else workers
+    init = pretrained_init(db, Path(out), config, init, progress=progress, overwrite=overwrite, workers=workers)
+    if len(runs) == 1 and workers > 1:
+        from ase_bptt.train.launch import run_distributed
+
+        return run_distributed(
+            "finetune", db, Path(out), first.config, init, workers=workers, progress=progress, overwrite=overwrite
+        )
+    if len(runs) == 1:
+        first.init = init
+        return first.run()
+    return race(db, out, runs, init, progress=progress, overwrite=overwrite, workers=workers)
+
+
+def pretrained_init(
+    db, out: Path, config: FinetuneConfig, init, *, progress: bool, overwrite: bool, workers: int = 1
+) -> Path:
+    """The checkpoint BPTT starts from: ``init``, or, when None, a model pretrained first with
+    ``config.pretrain`` (and the run's seed, device and dtype) into ``<out stem>-pretrained.pt``."""
+    if init is None:
+        init = out.with_name(f"{out.stem}-pretrained.pt")
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank would say it under torchrun
+            log.info(
+                "no initial model given: pretraining first into %s "
+                "(BPTT from a random model is not the method; see the paper's Fig. 5b)",
+                init,
+            )
+        pretrain(
+            db,
+            init,
+            config=replace(config.pretrain, device=config.device, dtype=config.dtype, seed=config.seed),
+            progress=progress,
+            overwrite=overwrite,
+            workers=workers,
+        )
+    init = Path(init)
+    if not init.exists():
+        raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
+    return init
+
+
+def _data_summary(train, frames) -> DataSummary:
+    """What the data-aware settings read: the converged train relaxations, the train frames (all of them,
+    for the force term), whether every one has an energy, and how long the relaxations BPTT imitates are."""
+    from collections import Counter
+
+    import numpy as np
+
+    lengths = Counter(frames.traj_ids) if frames is not None else Counter()
+    used = [lengths[t] for t in train.trajectories if t in lengths] or [75]
+    return DataSummary(
+        relaxations=len(train),
+        frames=0 if frames is None else len(frames),
+        energies=frames is not None and frames.has_energy,
+        frames_p90=float(np.percentile(used, 90)),
+    )
 
 
 class FinetuneRun(TrainingRun):
     """BPTT through relaxations plugged into the run skeleton (see :func:`finetune`)."""
 
     kind = "finetune"
+    stage = "BPTT"
     evaluate_first = True
+    _announced = False  # the data-aware choices were logged (preflight, then the run: once)
     best_keys = ("model", "rule")
     config: FinetuneConfig
+
+    def preflight(self, *others: FinetuneConfig) -> None:
+        """Load the splits, decide the data-aware settings (announcing them once) and check the
+        options, this run's and ``others``', against the data and the model, before anything is written."""
+        from ase_bptt.models.checkpoint import load_model
+        from ase_bptt.train.distributed import DistContext
+
+        self.ctx = DistContext(rank=int(os.environ.get("RANK", "0")))  # no process group yet: only who logs
+        self.db = open_db(self.db_arg)
+        self.load_data()
+        model = None
+        for config in (self.config, *(resolve_finetune(c, self.data)[0] for c in others)):
+            check_energy_term(self.frames, config.decided("energy_weight"))
+            structure_weights(self.train.labels, config.label_weights)
+            if config.freeze:
+                if model is None:
+                    model = build_model(config.pretrain.model) if self.init is None else load_model(self.init)
+                freeze_parameters(model, config.freeze, config.step)
 
     def load_data(self) -> None:
         config, db = self.config, self.db
@@ -164,30 +258,17 @@ class FinetuneRun(TrainingRun):
         self.val = load_relaxations(db, "val", converged_only=True)
         if self.val is None and self.ctx.is_main:
             log.warning("%s has no converged val trajectories: the best epoch is chosen on the train split", db.name)
+        self.frames = load_frames(db, "train")  # the force and energy terms' frames
+        self.data = _data_summary(self.train, self.frames)
+        self.config, notes = resolve_finetune(config, self.data)
+        for note in notes if self.ctx.is_main and not self._announced else ():
+            log.info(note)
+        self._announced = True
 
     def prepare_init(self) -> Path:
-        init, config = self.init, self.config
-        if init is None:
-            if config.freeze:  # say so before pretraining, not after it
-                freeze_parameters(build_model(config.pretrain.model), config.freeze, config.step)
-            init = self.out.with_name(f"{self.out.stem}-pretrained.pt")
-            if self.ctx.is_main:
-                log.info(
-                    "no initial model given: pretraining first into %s "
-                    "(BPTT from a random model is not the method; see the paper's Fig. 5b)",
-                    init,
-                )
-            pretrain(
-                self.db,
-                init,
-                config=replace(config.pretrain, device=config.device, dtype=config.dtype),
-                progress=self.progress,
-                overwrite=self.overwrite,
-            )
-        init = Path(init)
-        if not init.exists():
-            raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
-        return init
+        return pretrained_init(
+            self.db, self.out, self.config, self.init, progress=self.progress, overwrite=self.overwrite
+        )
 
     def build(self, state: dict | None) -> None:
         from ase_bptt.models.checkpoint import load_model
@@ -231,10 +312,12 @@ class FinetuneRun(TrainingRun):
         self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
         self.loss_fn = _loss_fn(config.loss)
         self.total = config.epochs * math.ceil(len(self.train) / config.batch_size)
-        self.total = min(self.total, config.max_batches or self.total)
+        self.total = min(self.total, config.decided("max_batches") or self.total)
         if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
             log.info("augment_cubic: %d of %d train structures have no cubic cell, not moved", odd, len(self.train))
-        self.forces = ForceTerm.from_config(self.db, config, device=device, dtype=dtype, model=self.model)
+        self.forces = ForceTerm.from_config(
+            self.db, config, device=device, dtype=dtype, model=self.model, frames=self.frames
+        )
         weights = structure_weights(self.train.labels, config.label_weights)
         self.structure_weights = None if weights is None else weights.to(device, dtype)
         if weights is not None and self.ctx.is_main:
@@ -248,8 +331,8 @@ class FinetuneRun(TrainingRun):
             self.train,
             config.eta_grid,
             loss=config.loss,
-            tol=config.tol,
-            max_steps=config.max_steps,
+            tol=config.decided("tol"),
+            max_steps=config.decided("max_steps"),
             maxstep=config.maxstep,
             momentum=config.momentum,
             anneal=config.anneal,
@@ -270,7 +353,7 @@ class FinetuneRun(TrainingRun):
         return eta
 
     def limits(self) -> tuple[int | None, int | None]:
-        return self.config.max_batches, self.config.patience if self.val is not None else None
+        return self.config.decided("max_batches"), self.config.patience if self.val is not None else None
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier of optimiser step ``step`` (0-based)."""
@@ -349,7 +432,7 @@ class FinetuneRun(TrainingRun):
         if self.forces is not None:
             self.forces.record(force_mse, energy_mse)
             out_metrics["force_mse"] = force_mse
-            if config.energy_weight > 0:
+            if config.decided("energy_weight") > 0:
                 out_metrics["energy_mse"] = energy_mse
         eta = _current_eta(self.rule)
         if eta is not None and self.step_params:
@@ -368,8 +451,8 @@ class FinetuneRun(TrainingRun):
             self.model,
             self.rule,
             select,
-            tol=config.tol,
-            max_steps=config.max_steps,
+            tol=config.decided("tol"),
+            max_steps=config.decided("max_steps"),
             batch_size=config.eval_batch_size,
             ctx=self.ctx,
         )
@@ -394,14 +477,11 @@ class FinetuneRun(TrainingRun):
         return {"step_rule": self.rule.to_dict(), "eta_grid": self.grid}
 
     def export_settings(self) -> tuple[dict, dict]:
-        config, loop = self.config, self.loop
-        rule_dict = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
-        rule_dict = self.no_harm.rule or rule_dict
+        loop, decision = self.loop, self.decision
         improved = bool(loop.best_epoch)
         if not improved:
             log.warning(
-                "no fine-tuning epoch beat the initial model on the %s split: exporting the initial "
-                "model %s unchanged (with its step rule)",
+                "no fine-tuning epoch beat the initial model on the %s split: exporting the initial model %s",
                 self._selection_split,
                 self.init,
             )
@@ -411,22 +491,35 @@ class FinetuneRun(TrainingRun):
             "selection_split": self._selection_split,
             "eta_grid": self.grid,
             "improved": improved,
-            "note": self.no_harm.note or (None if improved else "no epoch beat epoch 0: the initial model, unchanged"),
-            "no_harm": self.no_harm.record,
+            "note": decision.note or (None if improved else "no epoch beat epoch 0: the initial model, unchanged"),
+            **decision.records,
             # The pretrained model's domain widened by the structures tuned on (models/domain.py).
             DOMAIN_KEY: merge_training_domains(
                 read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
             ),
         }
-        # The canonical layout (relax.steps.relax_settings): {"step": rule dict, "tol", "max_steps"}.
-        relax = {"step": rule_dict, "tol": float(config.tol), "max_steps": int(config.max_steps)}
-        return relax, extra
+        return decision.relax, extra
 
     def before_export(self) -> None:
+        import copy
+
         val = self.val if self._selection_split == "val" else None
-        self.no_harm = no_harm_decision(
-            self.init, val, self.loop.best_metric, self.config, ctx=self.ctx, dtype=self.dtype
-        )
+        tuned = copy.deepcopy(self.model).eval()
+        if self.best["model"] is not None:
+            tuned.load_state_dict(self.best["model"])
+        rule = self.best["rule"] if self.best["rule"] is not None else self.rule.to_dict()
+        decision = export_decision(self.init, tuned, rule, val, self.config, ctx=self.ctx, dtype=self.dtype)
+        if decision.weights is None and self.config.refit_energy:
+            frames = self.forces.val if self.forces is not None else load_frames(self.db, "val")
+            decision.records["energy_refit"] = record = refit_energy_head(tuned, self.frames, frames)
+            if record.get("kept"):
+                decision.weights = {k: v.detach().cpu().clone() for k, v in tuned.state_dict().items()}
+                if self.ctx.is_main:
+                    log.info(
+                        "energy head refit to the train frames' energies: val energy MAE %.4g -> %.4g meV/atom",
+                        *(record.get(f"val_mae_{k}", record.get(f"train_mae_{k}")) for k in ("before", "after")),
+                    )
+        self.decision = decision
 
     def export_weights(self) -> dict | None:
-        return self.no_harm.weights or self.best["model"]
+        return self.decision.weights or self.best["model"]

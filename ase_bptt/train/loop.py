@@ -138,6 +138,7 @@ class LoopSpec:
     checkpoint_every: int | None = None
     patience: int | None = None
     eval_every: int | None = None
+    stage: str = ""  # what the progress bar calls the run ("pretraining", "BPTT"); default: kind
     header: dict = field(default_factory=dict)  # config, hashes: stored with every state
 
 
@@ -294,14 +295,18 @@ def run_epochs(
         while loop.epoch < spec.epochs and not loop.finished:
             epoch = loop.epoch
             batches = epoch_batches(spec, epoch)
+            # With a step budget the bar counts the run's optimiser steps (what remains of the budget);
+            # without one, the epoch's batches.
+            budget = spec.max_steps if spec.max_steps is not None else None
             bar = tqdm(
-                total=len(batches),
-                initial=loop.batch,
-                desc=f"{spec.kind} epoch {epoch + 1}/{spec.epochs}",
+                total=budget if budget is not None else len(batches),
+                initial=loop.step if budget is not None else loop.batch,
+                desc=spec.stage or spec.kind,
                 disable=not (progress and ctx.is_main),
                 leave=False,
                 dynamic_ncols=True,
             )
+            bar.set_description_str(f"{spec.stage or spec.kind}, epoch {epoch + 1}", refresh=False)
             stop = ""
             try:
                 for b in range(loop.batch, len(batches)):

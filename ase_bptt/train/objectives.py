@@ -77,6 +77,16 @@ def check_label_weights(label_weights: Mapping[str, float]) -> str | None:
     return None
 
 
+def check_energy_term(frames: FrameDataset | None, energy_weight: float) -> None:
+    """ConfigError when the energy term is on and some train frame has no reference energy."""
+    if energy_weight > 0 and not (frames is not None and frames.has_energy):
+        raise ConfigError(
+            "energy_weight needs a reference energy on every train frame, and some have none: "
+            "leave --energy-weight at 0 (or auto) or import the energies",
+            field="energy_weight",
+        )
+
+
 def structure_weights(labels: Sequence[str], label_weights: Mapping[str, float] | None) -> torch.Tensor | None:
     """The Dq term's weight of each train structure, scaled to mean 1 over them (so ``lr`` keeps its meaning).
 
@@ -132,16 +142,21 @@ class ForceTerm:
     """
 
     def __init__(
-        self, db, *, weight: float, n_frames: int, seed: int, device, dtype: torch.dtype, energy_weight: float = 0.0
+        self,
+        db,
+        *,
+        weight: float,
+        n_frames: int,
+        seed: int,
+        device,
+        dtype: torch.dtype,
+        energy_weight: float = 0.0,
+        frames: FrameDataset | None = None,
     ) -> None:
-        frames = load_frames(db, "train")
+        frames = load_frames(db, "train") if frames is None else frames
         if frames is None:
             raise EmptySplitError("the train split has no frames to match forces on")
-        if energy_weight > 0 and not frames.has_energy:
-            raise ConfigError(
-                "energy_weight needs a reference energy on every train frame, and some have none: "
-                "leave --energy-weight at 0 or import the energies"
-            )
+        check_energy_term(frames, energy_weight)
         self.train: FrameDataset = frames.to(device, dtype)
         val = load_frames(db, "val")
         self.val: FrameDataset | None = None if val is None else val.to(device, dtype)
@@ -150,9 +165,12 @@ class ForceTerm:
         self.running = {"sum": 0.0, "energy_sum": 0.0, "n": 0}
 
     @classmethod
-    def from_config(cls, db, config, *, device, dtype: torch.dtype, model: ForceModel) -> ForceTerm | None:
-        """The term of a :class:`~ase_bptt.train.finetune.FinetuneConfig` for ``model``; None when
-        ``force_weight`` and ``energy_weight`` are 0 (then nothing is loaded or drawn)."""
+    def from_config(
+        cls, db, config, *, device, dtype: torch.dtype, model: ForceModel, frames: FrameDataset | None = None
+    ) -> ForceTerm | None:
+        """The term of a :class:`~ase_bptt.train.finetune.FinetuneConfig` for ``model`` (``frames``: the
+        train frames when already loaded); None when ``force_weight`` and ``energy_weight`` are 0 (then
+        nothing is drawn)."""
         if not (config.force_weight > 0 or config.energy_weight > 0):
             return None
         term = cls(
@@ -163,6 +181,7 @@ class ForceTerm:
             device=device,
             dtype=dtype,
             energy_weight=config.energy_weight,
+            frames=frames,
         )
         if term.energy_weight > 0:
             with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -24,15 +25,15 @@ from ase_bptt.models.domain import DOMAIN_KEY, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
 from ase_bptt.train.augment import augment, random_rotations
 from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import TrainConfig, seed_generator
-from ase_bptt.train.distributed import DistContext, shard
+from ase_bptt.train.config import AUTO, TrainConfig, option, seed_generator
+from ase_bptt.train.distributed import DistContext, shard_chunks
 from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.run import TrainingRun
 
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
 
-__all__ = ["ARCHITECTURES", "PretrainConfig", "build_model", "pretrain"]
+__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "PretrainConfig", "build_model", "pretrain"]
 
 #: ``PretrainConfig.model["model_name"]`` (``ase-bptt pretrain --model``) -> (module, model class, config class).
 ARCHITECTURES = {
@@ -43,31 +44,25 @@ ARCHITECTURES = {
 log = logging.getLogger("ase_bptt.train")
 
 
+#: The default recipe's model (ase_bptt.train.presets): ADAPT-MI, 32 wide, 2 blocks, 4 heads.
+DEFAULT_MODEL: dict[str, Any] = {"model_name": "adapt-mi", "d_model": 32, "d_ff": 64, "n_layers": 2, "n_heads": 4}
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
-    """Settings of :func:`pretrain`.
+    """Settings of :func:`pretrain` (the defaults are the default training recipe, :mod:`ase_bptt.train.presets`).
 
-    Attributes:
+    Each field's ``help`` says what it does; the attributes without one:
         model: the fresh model's config fields (dict, an ``ADAPTConfig`` or a
             ``MinImageADAPTConfig``); ``species`` defaults to the elements of
             the train split. The key ``model_name`` chooses the architecture
-            (:data:`ARCHITECTURES`): ``"adapt"`` (default, ADAPTConfig
-            fields) or ``"adapt-mi"`` (MinImageADAPTConfig fields).
-        epochs: passes over the train frames.
-        max_steps: stop after this many optimiser steps (None: no limit).
-        time_budget: stop after this many seconds of training (None: no limit),
-            summed over resumed runs; the best model so far is exported. The
-            learning-rate schedule then follows the steps or the clock,
-            whichever is further along, so warmup and decay fit in the budget.
-        batch_size: frames per optimiser step (the global batch under torchrun).
-        lr: peak learning rate (AdamW).
+            (:data:`ARCHITECTURES`): ``"adapt-mi"`` (MinImageADAPTConfig fields,
+            the default) or ``"adapt"`` (ADAPTConfig fields).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         grad_clip: max gradient norm (None: no clipping).
         schedule: "cosine", "onecycle" or "constant".
         warmup: fraction of the steps spent warming up.
         min_lr_factor: final learning rate as a fraction of ``lr``.
-        patience: early stopping after this many epochs without a better val
-            force MAE (None: never).
         energy_weight: weight of the per-atom energy loss (used only when every
             frame has an energy; 0 turns it off).
         augment_rotation: rotate each frame randomly (cell, positions and forces
@@ -79,29 +74,38 @@ class PretrainConfig(TrainConfig):
         relax_eta: step size written into the checkpoint's relax settings.
         relax_tol: stopping tolerance written into them (A).
         relax_max_steps: frame limit written into them.
-        seed: seeds initialisation, batch order, augmentation.
-        device: "cpu", "cuda", ... (None: cuda when available).
-        dtype: "float32" or "float64".
         checkpoint_every: write the resumable state every this many batches.
     """
 
-    model: Any = field(default_factory=dict)
-    epochs: int = 50
-    max_steps: int | None = None
-    time_budget: float | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
+    recipe: str = option("default", help="Named training recipe whose settings the other options change")
+    model: Any = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    epochs: int = option(1000, help="Most passes over the train frames")
+    max_steps: int | str | None = option(
+        AUTO,
+        help="Optimiser steps of pretraining (off: --epochs decide)",
+        flag="--train-steps",
+        shown="auto: about 5 passes over the train frames, 1000 to 3000 (presets.py)",
+        metavar="auto|off|N",
+    )
+    time_budget: float | None = option(
+        None,
+        help="Stop (keeping the best model) after this many seconds of training; the schedule follows "
+        "the clock or the steps, whichever is further along",
+        metavar="SECONDS",
+    )
+    batch_size: int = option(16, help="Frames per optimiser step (the global batch under torchrun)")
+    lr: float = option(2e-3, help="Peak learning rate (AdamW)")
     weight_decay: float = 1e-2
     grad_clip: float | None = 10.0
     schedule: str = "cosine"
     warmup: float = 0.05
     min_lr_factor: float = 0.01
-    patience: int | None = 10
+    patience: int | None = option(None, help="Early stopping after this many epochs without a better val force MAE")
     energy_weight: float = 0.1
     augment_rotation: bool = False
     augment_translation: bool = False
     standardisation_frames: int = 1000
-    eval_frames: int | None = 1000
+    eval_frames: int | None = 500
     eval_batch_size: int = 64
     relax_eta: float = DEFAULT_ETA
     relax_tol: float = DEFAULT_TOL
@@ -120,8 +124,13 @@ class PretrainConfig(TrainConfig):
             raise self._fail("model", f"a dict whose model_name is one of {', '.join(map(repr, ARCHITECTURES))}")
         if name != "adapt":  # ADAPT configs keep the dict (and the run hash) they always had
             self.model["model_name"] = name
+        self._auto_or(("max_steps",), self._at_least_one, off=True)
         self._at_least_one(("epochs", "batch_size", "standardisation_frames", "eval_batch_size", "relax_max_steps"))
         self._positive(("lr", "relax_eta", "relax_tol"))
+        if self.time_budget is not None:
+            self._positive(("time_budget",))
+        if self.patience is not None:
+            self._at_least_one(("patience",))
         self._one_of("schedule", ("cosine", "onecycle", "constant"))
         if not 0.0 <= self.warmup < 1.0:
             raise self._fail("warmup", "a fraction of the steps in [0, 1)")
@@ -146,7 +155,7 @@ def force_metrics(model, frames: FrameDataset, index: torch.Tensor, *, batch_siz
     model.eval()
     dev = frames.forces.device
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # |dF|, dF^2, components, |dE|/N, frames with E
-    for chunk in torch.split(shard(index, ctx.rank, ctx.world_size), batch_size):
+    for chunk in shard_chunks(index, ctx, batch_size):
         batch, forces, energy = frames.take(chunk)
         out = model(batch)
         diff = (out.forces - forces) * batch.mask.unsqueeze(-1)
@@ -202,7 +211,14 @@ def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtyp
 
 # -------------------------------------------------------------------- main
 def pretrain(
-    db, out, *, config: PretrainConfig | None = None, init=None, progress: bool = True, overwrite: bool = False
+    db,
+    out,
+    *,
+    config: PretrainConfig | None = None,
+    init=None,
+    progress: bool = True,
+    overwrite: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Pretrain a force model on the frames of the train split of ``db``.
 
@@ -216,6 +232,8 @@ def pretrain(
         progress: show progress bars (rank 0 only).
         overwrite: replace an existing ``out`` made with other settings or data
             (without it that is a :class:`ConfigMismatchError`).
+        workers: CPU processes sharing the run (torch.distributed; ase_bptt.train.launch): 2 halves
+            the wall time on a 2-core machine. Ignored under ``torchrun``, which has its own.
 
     Returns:
         ``out``. Running the same call again continues an unfinished run from
@@ -229,6 +247,12 @@ def pretrain(
         TrainingInterrupted: SIGINT; the state was saved.
     """
     config = PretrainConfig() if config is None else config
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        from ase_bptt.train.launch import run_distributed
+
+        return run_distributed(
+            "pretrain", db, Path(out), config, init, workers=workers, progress=progress, overwrite=overwrite
+        )
     return PretrainRun(db, out, config, init, progress=progress, overwrite=overwrite).run()
 
 
@@ -236,6 +260,7 @@ class PretrainRun(TrainingRun):
     """Force (and energy) matching plugged into the run skeleton (see :func:`pretrain`)."""
 
     kind = "pretrain"
+    stage = "pretraining (force matching)"
     config: PretrainConfig
 
     def load_data(self) -> None:
@@ -250,6 +275,12 @@ class PretrainRun(TrainingRun):
             log.warning(
                 "%s has no val split: the best epoch is chosen by train force MAE, no early stopping", self.db.name
             )
+        from ase_bptt.train.presets import DataSummary, resolve_pretrain
+
+        data = DataSummary(len(self.train.trajectories), len(self.train), self.train.has_energy)
+        self.config, notes = resolve_pretrain(self.config, data)
+        for note in notes if self.ctx.is_main and self.init is None else ():
+            log.info(note)
 
     def build(self, state: dict | None) -> None:
         config, train, device = self.config, self.train, self.device
@@ -276,8 +307,8 @@ class PretrainRun(TrainingRun):
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
         self.total = self.steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            self.total = min(self.total, config.max_steps)
+        if config.decided("max_steps") is not None:
+            self.total = min(self.total, config.decided("max_steps"))
         self.warmup = int(round(config.warmup * self.total))
         self.eval_index = torch.randperm(len(train), generator=seed_generator(config.seed, 13))
         if config.eval_frames is not None:
@@ -285,7 +316,7 @@ class PretrainRun(TrainingRun):
         self.running = {"loss": 0.0, "n": 0}
 
     def limits(self) -> tuple[int | None, int | None]:
-        return self.config.max_steps, self.config.patience if self.val is not None else None
+        return self.config.decided("max_steps"), self.config.patience if self.val is not None else None
 
     def log_start(self) -> None:
         log.info(

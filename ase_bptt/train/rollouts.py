@@ -11,7 +11,7 @@ from ase_bptt import metrics
 from ase_bptt.data.datasets import RelaxationDataset
 from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
 from ase_bptt.train.config import seed_generator
-from ase_bptt.train.distributed import DistContext, shard
+from ase_bptt.train.distributed import DistContext, shard_chunks
 
 __all__ = ["evaluate_rollouts", "grid_search_eta"]
 
@@ -22,14 +22,16 @@ def evaluate_rollouts(
     rule,
     data: RelaxationDataset,
     *,
-    tol: float,
+    tol: float | None,
     max_steps: int,
     batch_size: int,
     ctx: DistContext,
     index: torch.Tensor | None = None,
+    fmax: float | None = None,
 ) -> dict:
     """Mean Dq, MSE, frames and converged fraction of rollouts over ``data`` (sharded by rank).
 
+    ``tol`` (A) and ``fmax`` (eV/A, None: none) stop a structure, as in :func:`~ase_bptt.relax.rollout.rollout`.
     The model and the rule run in eval mode (no dropout, no noise).
     """
     from ase_bptt.relax.relaxer import rollout
@@ -39,9 +41,9 @@ def evaluate_rollouts(
     rule.eval()
     index = torch.arange(len(data)) if index is None else index
     sums = torch.zeros(5, dtype=torch.float64)  # dq, mse, frames, converged, structures
-    for chunk in torch.split(shard(index, ctx.rank, ctx.world_size), batch_size):
+    for chunk in shard_chunks(index, ctx, batch_size):
         batch, relaxed = data.take(chunk)
-        res = rollout(model, batch, rule, tol=tol, max_steps=max_steps)
+        res = rollout(model, batch, rule, tol=tol, max_steps=max_steps, fmax=fmax)
         batch = batch.to(res.positions.device, res.positions.dtype)
         relaxed = relaxed.to(res.positions)
         sums[0] += metrics.dq(res.positions, relaxed, batch).double().sum().cpu()

@@ -56,6 +56,8 @@ class TrainingRun:
     """
 
     kind: ClassVar[str]
+    #: What progress bars call the run (the stage a user sees).
+    stage: ClassVar[str] = ""
     #: Evaluate before the first epoch (the baseline the run must beat).
     evaluate_first: ClassVar[bool] = False
     #: What is kept of the best evaluation: the weights and :meth:`best_extras`.
@@ -129,17 +131,20 @@ class TrainingRun:
             option="-o/--out",
         )
         self.ctx: DistContext = init_distributed(self.config.device)
-        try:
-            return self._run()
-        finally:
-            self.ctx.close()
+        out = self._run()
+        # Wait for every rank only after a success: a rank that raised must exit (its peers' collectives then
+        # fail and they exit too) rather than wait at a barrier the others never reach.
+        self.ctx.close()
+        return out
 
     def _run(self) -> Path:
         ctx, config = self.ctx, self.config
         self.dtype, self.device = resolve_dtype(config.dtype), ctx.device
-        self.db = open_db(self.db_arg)
-        self.load_data()
+        if getattr(self, "train", None) is None:  # not loaded yet (a preflight may have)
+            self.db = open_db(self.db_arg)
+            self.load_data()
         self.init = self.prepare_init()
+        config = self.config  # as load_data decided it (its "auto" settings: ase_bptt.train.presets)
         self.header = run_header(config.to_dict(), self.train.trajectories, file_digest(self.init))
         sfile, state, done = start_or_resume(self.out, self.header, kind=self.kind, ctx=ctx, overwrite=self.overwrite)
         if done:
@@ -158,6 +163,7 @@ class TrainingRun:
             checkpoint_every=config.checkpoint_every,
             patience=patience,
             eval_every=getattr(config, "eval_every", None),  # pretraining: once per epoch
+            stage=self.stage,
             header=self.header,
         )
         if state is not None:
