@@ -26,6 +26,11 @@ _LAZY = {
     "save_checkpoint": "ase_bptt.models.checkpoint",
     "load_model": "ase_bptt.models.checkpoint",
     "UnknownElementError": "ase_bptt.models.base",
+    "pretrain": "ase_bptt.train.pretrain",
+    "PretrainConfig": "ase_bptt.train.pretrain",
+    "finetune": "ase_bptt.train.finetune",
+    "FinetuneConfig": "ase_bptt.train.finetune",
+    "evaluate": "ase_bptt.evaluation.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]

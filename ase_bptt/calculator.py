@@ -20,7 +20,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from ase_bptt.batch import Batch
-from ase_bptt.device import check_device
+from ase_bptt.device import DTYPES, check_device
 from ase_bptt.models.base import ForceModel
 from ase_bptt.models.domain import NonFiniteResultError, StructureCheck, read_training_domain
 
@@ -36,9 +36,9 @@ class BPTTCalculator(Calculator):
             ``device``/``dtype`` in place when those are given).
         device: torch device for the model (default: CPU for a checkpoint,
             the model's own device for a model object).
-        dtype: floating dtype, e.g. ``torch.float64`` (default: the dtype the
-            weights were saved in / the model's own). Torch's global default
-            dtype is never touched.
+        dtype: floating dtype, ``torch.float64`` or its name ``"float64"`` (default: the
+            dtype the weights were saved in / the model's own). Torch's global
+            default dtype is never touched.
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`
             (e.g. ``label``).
 
@@ -69,12 +69,16 @@ class BPTTCalculator(Calculator):
         model_or_path: ForceModel | str | os.PathLike,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if device is not None:
             device = check_device(device)
+        if isinstance(dtype, str):  # a JSON calculator spec (atomate2, quacc) carries the name
+            if dtype not in DTYPES:
+                raise ValueError(f"BPTTCalculator dtype must be 'float32' or 'float64', not {dtype!r}")
+            dtype = DTYPES[dtype]
         if isinstance(model_or_path, (str, os.PathLike)):
             from ase_bptt.models.checkpoint import load_checkpoint, load_model
 

@@ -6,7 +6,10 @@ import torch
 
 from ase_bptt.errors import AseBpttError
 
-__all__ = ["DeviceError", "check_device"]
+__all__ = ["DTYPES", "DeviceError", "check_device"]
+
+#: The floating dtypes a model may run in, by the names the CLI, checkpoints and JSON specs use.
+DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
 
 
 class DeviceError(AseBpttError, ValueError):

@@ -1,6 +1,6 @@
 """A foreign reference set: point defects in zincblende GaAs relaxed by CHGNet, written as extxyz files.
 
-    python studies/foreign_gaas.py --out gaas-files --n-train 150 --n-test 30 --workers 2
+    python -m studies.foreign_gaas --out gaas-files --n-train 150 --n-test 30 --workers 2
 
 No setting of ase-bptt was tuned on this set: another host crystal (a III-V compound, two elements),
 other defect kinds (vacancies on either sublattice, antisites, tetrahedral interstitials, a

@@ -1,8 +1,8 @@
 """The user's path, measured: the README's commands with no options, timed, and what they buy.
 
-    python studies/user_path.py --files gaas-files/train --test-files gaas-files/test --out runs/gaas
-    python studies/user_path.py --generate si-defects --seed 21 --out runs/si      # the built-in data
-    python studies/user_path.py --db si.db --out runs/si                           # an existing database
+    python -m studies.user_path --files gaas-files/train --test-files gaas-files/test --out runs/gaas
+    python -m studies.user_path --generate si-defects --seed 21 --out runs/si      # the built-in data
+    python -m studies.user_path --db si.db --out runs/si                           # an existing database
 
 Runs, as separate processes and exactly as a user types them (no option beyond the paths):
 

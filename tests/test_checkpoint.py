@@ -341,7 +341,7 @@ class _RunsCode:
 
 @pytest.mark.parametrize("payload", [_RunsCode(), zipfile.ZipInfo("x")])
 def test_pickle_refusal_names_the_object_and_never_suggests_unsafe_loading(tmp_path, payload):
-    from ase_bptt.train.state import StateError, load_state
+    from ase_bptt.runs.state import StateError, load_state
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "ase-bptt", "payload": payload}, path)

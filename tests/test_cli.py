@@ -1,7 +1,7 @@
 """The ase-bptt command line: help, one-line user errors, relax round trip, evaluate.
 
 Data and models are the tiny EMT copper set and untrained ADAPT checkpoints of
-``test_train_evaluate`` (made here, in a temporary directory).
+``test_evaluation_evaluate`` (made here, in a temporary directory).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.optimize import FIRE
 from click.testing import CliRunner
-from test_train_evaluate import make_checkpoint, make_db
+from test_evaluation_evaluate import make_checkpoint, make_db
 
 from ase_bptt.cli import cli
 
@@ -214,7 +214,7 @@ def test_unexpected_errors_keep_their_traceback(files, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("a bug, not a user error")
 
-    import ase_bptt.train.info as info
+    import ase_bptt.workflows.info as info
 
     monkeypatch.setattr(info, "describe", boom)
     result = run("info", files["db"])
@@ -359,7 +359,7 @@ def test_relax_learned_follows_the_checkpoint_step_rule(files, tmp_path):
 
 
 def test_import_then_info(tmp_path):
-    from test_train_evaluate import emt_relaxation
+    from test_evaluation_evaluate import emt_relaxation
 
     ase.io.write(tmp_path / "a.extxyz", emt_relaxation(11, vacancy=True))
     ase.io.write(tmp_path / "b.traj", emt_relaxation(12, vacancy=False))

@@ -11,11 +11,26 @@ from click.testing import CliRunner
 from conftest import make_cu_db
 
 from ase_bptt.cli import cli
-from ase_bptt.train.loop import KILL_ENV
-from ase_bptt.train.state import load_state, state_path
+from ase_bptt.runs.loop import KILL_ENV
+from ase_bptt.runs.state import load_state, state_path
 
 #: A tiny pretraining: 8 optimiser steps per epoch on the 122 train frames of 4 relaxations.
-ARGS = ["--epochs", "3", "--batch-size", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--seed", "1"]
+ARGS = [
+    "--epochs",
+    "3",
+    "--workers",
+    "1",
+    "--batch-size",
+    "16",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--seed",
+    "1",
+]
 
 
 def test_a_rerun_after_a_kill_says_it_resumes(tmp_path):

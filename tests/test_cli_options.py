@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ase_bptt.cli import cli
-from ase_bptt.train.config import AUTO
+from ase_bptt.runs.config import AUTO
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.pretrain import DEFAULT_MODEL, PretrainConfig
 

@@ -313,3 +313,30 @@ def test_foreign_ase_db_group_without_forces_is_skipped_by_its_group(tmp_path):
     assert f"skipped {path}:relaxation_id=1: frame 0 has no forces" in result.output
     (stored,) = TrajectoryDB(tmp_path / "new.db").trajectories(converged_only=False)
     assert len(stored.frames) == len(relaxation)
+
+
+# ----------------------------------------------- what the database layer may turn into one line, and what not
+def test_a_missing_driver_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    import ase_bptt.data.db as db_module
+
+    def no_driver(name):
+        raise ModuleNotFoundError("No module named 'psycopg2'")
+
+    monkeypatch.setattr(db_module, "open_store", no_driver)
+    with pytest.raises(DatabaseAccessError, match="cannot connect"):
+        TrajectoryDB("postgresql://user@host/db")
+
+    def bug(name):
+        raise AttributeError("'NoneType' object has no attribute 'connect'")
+
+    monkeypatch.setattr(db_module, "open_store", bug)
+    with pytest.raises(AttributeError):  # not dressed up as "cannot connect"
+        TrajectoryDB(tmp_path / "new.db")
+
+
+def test_a_bug_while_reading_metadata_is_not_called_a_foreign_file(tmp_path, monkeypatch):
+    path = tmp_path / "d.db"
+    TrajectoryDB(path)
+    monkeypatch.setattr(type(ase.db.connect(path)), "count", lambda self, *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        TrajectoryDB(path)

@@ -414,7 +414,7 @@ def test_pretraining_lowers_the_train_force_mae(si_db, tmp_path):
 
 
 def test_pretrain_config_names_the_architecture():
-    from ase_bptt.train.config import ConfigError
+    from ase_bptt.runs.config import ConfigError
     from ase_bptt.train.pretrain import PretrainConfig
 
     assert PretrainConfig(model={"model_name": "adapt", "d_model": 8}).model == {"d_model": 8}

@@ -77,3 +77,19 @@ def test_every_public_error_derives_from_the_base():
             if issubclass(cls, Exception) and not issubclass(cls, (AseBpttError, Warning)):
                 offenders.append(f"{module.__name__}.{name}")
     assert not offenders, f"public exceptions outside AseBpttError: {offenders}"
+
+
+def test_lazy_exports_are_the_named_objects_even_after_their_modules_are_imported():
+    """A lazy export named like a submodule of its package would become that module once the submodule is
+    imported (``from ase_bptt.train import finetune`` returned the module): no package may have one."""
+    packages = [m for m in _modules() if _modules()[m].name == "__init__.py"]
+    checked = 0
+    for name in packages:
+        package = importlib.import_module(name)
+        for export, module in getattr(package, "_LAZY", {}).items():
+            importlib.import_module(module)  # as the CLI and other modules do, before a user's import
+            obj = getattr(package, export)
+            assert not inspect.ismodule(obj), f"{name}.{export} is the module {obj.__name__}"
+            assert obj is getattr(importlib.import_module(module), export)
+            checked += 1
+    assert checked > 20

@@ -55,7 +55,7 @@ def test_parallel_and_sequential_races_agree_and_a_rerun_trains_nothing(emt_db, 
 
 
 def test_an_existing_output_of_another_run_is_refused_before_any_training(emt_db, init_model, tmp_path):  # noqa: F811
-    from ase_bptt.train.common import ConfigMismatchError
+    from ase_bptt.runs.errors import ConfigMismatchError
 
     out = finetune(emt_db, tmp_path / "m.pt", init=init_model, config=config(epochs=1), progress=False)
     with pytest.raises(ConfigMismatchError, match="not made by this race of candidates"):
@@ -66,8 +66,8 @@ def test_an_existing_output_of_another_run_is_refused_before_any_training(emt_db
 def test_a_killed_candidate_fails_the_race_naming_it_and_a_rerun_completes(emt_db, init_model, tmp_path, monkeypatch):  # noqa: F811
     """A candidate process that dies (SIGKILL after its first optimiser step, the loop's test hook) fails the
     race with one error naming each candidate; the same call again resumes both from their states."""
-    from ase_bptt.train.common import TrainingError
-    from ase_bptt.train.loop import KILL_ENV
+    from ase_bptt.runs.errors import TrainingError
+    from ase_bptt.runs.loop import KILL_ENV
 
     monkeypatch.setenv(KILL_ENV, "1")
     with pytest.raises(TrainingError, match=r"lr 0.0005 failed \(.*\); its log is .*lr-0.0005.pt.log"):
@@ -81,7 +81,7 @@ def test_a_candidate_the_data_cannot_take_is_refused_before_anything_is_written(
     """Preflight checks every candidate: an energy term on frames without energies, raced, writes nothing."""
     from test_train_energy_term import no_energy_database
 
-    from ase_bptt.train.config import ConfigError
+    from ase_bptt.runs.config import ConfigError
 
     db = no_energy_database(tmp_path / "noe.db")
     cfg = race_config(candidates={"energy_weight": (0.0, 30.0)}, energy_weight="auto")  # auto: 0 on this data

@@ -16,7 +16,7 @@ from test_train_finetune import config, emt_db, init_model  # noqa: F401 (fixtur
 from test_train_finetune_force import drawn_frames, finetune_cli, split_frames
 
 from ase_bptt.batch import Batch
-from ase_bptt.train.config import ConfigError
+from ase_bptt.runs.config import ConfigError
 
 
 def frame_energy_errors(model, frames) -> np.ndarray:
@@ -37,7 +37,7 @@ def frame_energy_errors(model, frames) -> np.ndarray:
 def test_energy_term_is_the_per_atom_energy_mse_of_the_drawn_frames(emt_db, init_model):  # noqa: F811
     from ase_bptt.data.datasets import open_db
     from ase_bptt.models.checkpoint import load_model
-    from ase_bptt.train.distributed import DistContext
+    from ase_bptt.runs.distributed import DistContext
     from ase_bptt.train.objectives import ForceTerm
 
     model = load_model(init_model).eval()
@@ -56,8 +56,8 @@ def test_energy_term_is_the_per_atom_energy_mse_of_the_drawn_frames(emt_db, init
 
 def test_energy_term_keeps_the_energy_error_from_drifting(emt_db, init_model, tmp_path):  # noqa: F811
     from ase_bptt.models.checkpoint import load_checkpoint, load_model
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     train = split_frames(emt_db, "train")
 
@@ -84,7 +84,7 @@ def test_energy_term_keeps_the_energy_error_from_drifting(emt_db, init_model, tm
 
 def test_energy_weight_zero_keeps_the_config_hash_of_older_state_files():
     """A run interrupted before energy_weight existed (no such key in its config) still resumes."""
-    from ase_bptt.train.config import RUN_CONTROL, config_hash
+    from ase_bptt.runs.config import RUN_CONTROL, config_hash
 
     new = config().to_dict()
     old = {k: v for k, v in new.items() if k != "energy_weight"}

@@ -121,8 +121,8 @@ def test_an_energy_refit_that_does_not_help_on_val_is_dropped(emt_db, init_model
 
 
 def test_finetune_exports_the_refit_head_and_records_it(emt_db, init_model, tmp_path):  # noqa: F811
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     out = finetune(
         emt_db, tmp_path / "m.pt", init=init_model, config=config(eta=0.05, epochs=3, lr=1e-2, refit_energy=True)

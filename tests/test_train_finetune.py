@@ -138,8 +138,8 @@ def test_no_better_epoch_exports_the_initial_model_unchanged(emt_db, init_model,
 
 
 def test_learned_step_has_its_own_group_and_moves(emt_db, init_model, tmp_path):
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     out = tmp_path / "learned.pt"
     finetune(
@@ -165,8 +165,8 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
 
     from ase_bptt.models.checkpoint import load_checkpoint
     from ase_bptt.relax.steps import step_rule_from_dict
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     options = {"eta": None, "tol": 1e-5} if step == "fire" else {"eta": 0.05}
     out = finetune(
@@ -193,7 +193,7 @@ def test_decoder_and_fire_steps_train(emt_db, init_model, tmp_path, step):
 def test_non_finite_loss_skips_the_batch(emt_db, init_model, tmp_path, monkeypatch):
     from ase_bptt import metrics
     from ase_bptt.models.checkpoint import load_checkpoint
-    from ase_bptt.train.common import TrainingError
+    from ase_bptt.runs.errors import TrainingError
     from ase_bptt.train.finetune import finetune
 
     real_dq = metrics.dq
@@ -235,8 +235,8 @@ def test_variable_stopping_is_seeded_and_in_range():
 
 def test_proximal_term_keeps_weights_near_the_pretrained_ones(emt_db, init_model, tmp_path):
     from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     initial = load_checkpoint(init_model)["model"]["state_dict"]
 
@@ -329,8 +329,8 @@ def recorded_lrs():
 
 
 def test_cosine_schedule_over_the_run_applies_to_model_and_step_rule(emt_db, init_model, tmp_path, recorded_lrs):
+    from ase_bptt.runs.loop import lr_factor
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.loop import lr_factor
 
     # 2 epochs x 2 batches = 4 steps, no warmup: cosine from lr to min_lr_factor * lr, written out here.
     options = dict(step="learned", eta=0.05, lr=1e-3, step_lr=1e-2, lr_schedule="cosine", min_lr_factor=0.1)
@@ -368,8 +368,8 @@ def cubic_db(tmp_path_factory):
 
 
 def test_augmented_rollouts_are_seeded_and_change_training(cubic_db, init_model, tmp_path):
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     def weights(name, **options):
         out = tmp_path / f"{name}.pt"
@@ -395,7 +395,7 @@ def test_augmented_rollouts_are_seeded_and_change_training(cubic_db, init_model,
     ],
 )
 def test_bad_control_values_name_the_option(changes, name):
-    from ase_bptt.train.config import ConfigError
+    from ase_bptt.runs.config import ConfigError
 
     with pytest.raises(ConfigError, match=f"FinetuneConfig.{name} must be"):
         config(**changes)
@@ -404,8 +404,8 @@ def test_bad_control_values_name_the_option(changes, name):
 def test_freeze_keeps_the_named_parameters_and_tunes_the_rest(emt_db, init_model, tmp_path):
     """``freeze``: the frozen groups leave BPTT bit for bit as they came; the others move."""
     from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     initial = load_checkpoint(init_model)["model"]["state_dict"]
     out = tmp_path / "frozen.pt"
@@ -421,7 +421,7 @@ def test_freeze_keeps_the_named_parameters_and_tunes_the_rest(emt_db, init_model
 
 
 def test_freeze_names_what_it_cannot_find_before_anything_is_written(emt_db, init_model, tmp_path):
-    from ase_bptt.train.config import ConfigError
+    from ase_bptt.runs.config import ConfigError
     from ase_bptt.train.finetune import finetune
     from ase_bptt.train.pretrain import PretrainConfig
 
@@ -443,7 +443,7 @@ def test_freeze_names_what_it_cannot_find_before_anything_is_written(emt_db, ini
 
 
 def test_freeze_default_keeps_the_config_hash_of_older_state_files():
-    from ase_bptt.train.config import RUN_CONTROL, config_hash
+    from ase_bptt.runs.config import RUN_CONTROL, config_hash
 
     new = config().to_dict()
     old = {k: v for k, v in new.items() if k != "freeze"}
@@ -470,8 +470,8 @@ def test_cli_freeze(emt_db, init_model, tmp_path):
 def test_freezing_the_whole_model_tunes_a_learned_step_alone(emt_db, init_model, tmp_path):
     """Every model parameter frozen with ``step="learned"``: the model leaves bit for bit, eta moves."""
     from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     initial = load_checkpoint(init_model)["model"]["state_dict"]
     everything = ("embed", "blocks", "norm", "force_head", "energy_head")

@@ -75,7 +75,7 @@ def test_force_frames_are_drawn_seeded_distinct_and_capped():
 def test_force_term_is_the_mean_squared_error_of_the_drawn_frames(emt_db, init_model):  # noqa: F811
     from ase_bptt.data.datasets import open_db
     from ase_bptt.models.checkpoint import load_model
-    from ase_bptt.train.distributed import DistContext
+    from ase_bptt.runs.distributed import DistContext
     from ase_bptt.train.objectives import ForceTerm
 
     model = load_model(init_model).eval()
@@ -112,9 +112,9 @@ def test_history_logs_the_force_term_and_val_force_mae(emt_db, init_model, tmp_p
 
 def test_force_weight_zero_loads_and_logs_nothing(emt_db, init_model, tmp_path, monkeypatch):  # noqa: F811
     from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train import objectives
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     def refuse(*args, **kwargs):
         raise AssertionError("force_weight=0 must not load frames")
@@ -139,8 +139,8 @@ def test_force_weight_zero_loads_and_logs_nothing(emt_db, init_model, tmp_path, 
 
 def test_force_term_lowers_the_force_error(emt_db, init_model, tmp_path):  # noqa: F811
     from ase_bptt.models.checkpoint import load_model
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     val = split_frames(emt_db, "val")
 

@@ -13,7 +13,7 @@ import torch
 from conftest import emt_cu_relaxation
 from test_train_finetune import config, emt_db, init_model  # noqa: F401 (fixtures)
 
-from ase_bptt.train.config import ConfigError
+from ase_bptt.runs.config import ConfigError
 from ase_bptt.train.objectives import LabelWeightError, structure_weights
 
 #: float64 runs of the same arithmetic in another batch layout (one structure or two).
@@ -65,8 +65,8 @@ def _db(path, train_labels):
 
 
 def test_zero_weight_equals_leaving_the_structure_out(init_model, tmp_path):  # noqa: F811
+    from ase_bptt.runs.state import load_state, state_path
     from ase_bptt.train.finetune import finetune
-    from ase_bptt.train.state import load_state, state_path
 
     def one_step(db, name, **changes):
         cfg = config(eta=0.05, epochs=1, batch_size=2, dtype="float64", **changes)
@@ -108,7 +108,7 @@ def test_cli_label_weight(init_model, tmp_path):  # noqa: F811
 
 def test_default_weights_keep_the_config_hash_of_older_state_files():
     """A run interrupted before label_weights existed (no such key in its config) still resumes."""
-    from ase_bptt.train.config import RUN_CONTROL, config_hash
+    from ase_bptt.runs.config import RUN_CONTROL, config_hash
 
     new = config().to_dict()
     old = {k: v for k, v in new.items() if k != "label_weights"}

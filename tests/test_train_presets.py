@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ase_bptt.train.config import AUTO, ConfigError
+from ase_bptt.runs.config import AUTO, ConfigError
 from ase_bptt.train.finetune_config import CANDIDATE_FIELDS, FinetuneConfig
 from ase_bptt.train.presets import (
     TRAINING_RECIPES,
@@ -40,14 +40,18 @@ def test_the_default_recipe_is_the_configs_own_defaults():
 
 
 def test_every_recipe_builds_and_records_its_name():
-    assert set(TRAINING_RECIPES) == {"default", "paper", "quick"}
+    assert set(TRAINING_RECIPES) == {"default", "paper", "quick", "universal"}
     for name in TRAINING_RECIPES:
         config = finetune_config(name)
         assert config.recipe == name and config.pretrain.recipe == name
     paper = finetune_config("paper")
     assert (paper.step, paper.force_weight, paper.candidates, paper.export) == ("fixed", 0.0, {}, "own")
     assert paper.pretrain.model["d_model"] == 64 and "model_name" not in paper.pretrain.model  # ADAPT
-    with pytest.raises(ConfigError, match="unknown training recipe 'fast'; choose one of default, paper, quick"):
+    universal = finetune_config("universal")
+    assert (universal.step, universal.checkpoint_frames, universal.candidates) == ("fixed", True, {})
+    with pytest.raises(
+        ConfigError, match="unknown training recipe 'fast'; choose one of default, paper, quick, universal"
+    ):
         finetune_config("fast")
 
 

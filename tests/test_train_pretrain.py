@@ -113,7 +113,7 @@ def test_pretrain_learns_logs_and_exports_the_best_epoch(emt_db, pretrained):
 
 
 def test_rerun_returns_and_other_runs_are_refused(emt_db, pretrained, tmp_path):
-    from ase_bptt.train.common import ConfigMismatchError
+    from ase_bptt.runs.errors import ConfigMismatchError
     from ase_bptt.train.pretrain import pretrain
 
     out, config = pretrained
@@ -132,8 +132,8 @@ def test_rerun_returns_and_other_runs_are_refused(emt_db, pretrained, tmp_path):
 
 def test_rotation_and_translation_augmentation_match_emt(tmp_path):
     from ase_bptt.batch import Batch
+    from ase_bptt.runs.config import seed_generator
     from ase_bptt.train.augment import augment, random_rotations
-    from ase_bptt.train.config import seed_generator
 
     frames = [emt_cu_relaxation(s, steps=1)[0] for s in (1, 2)]
     rotations = random_rotations(2, seed_generator(0))
@@ -154,7 +154,7 @@ def test_rotation_and_translation_augmentation_match_emt(tmp_path):
 
 
 def test_learning_rate_schedules():
-    from ase_bptt.train.loop import lr_factor
+    from ase_bptt.runs.loop import lr_factor
 
     total, warmup = 100, 10
     cos = [lr_factor(s, total, schedule="cosine", warmup=warmup, min_factor=0.01) for s in range(total)]
@@ -176,7 +176,7 @@ def test_time_budget_stops_after_one_batch_and_exports(emt_db, tmp_path):
     from ase_bptt.models.checkpoint import load_checkpoint
     from ase_bptt.train.pretrain import pretrain
 
-    out = pretrain(emt_db, tmp_path / "budget.pt", config=small_config(time_budget=0.0, batch_size=8), progress=False)
+    out = pretrain(emt_db, tmp_path / "budget.pt", config=small_config(time_budget=1e-9, batch_size=8), progress=False)
     meta = load_checkpoint(out)["metadata"]
     assert meta["steps"] == 1 and "time budget" in meta["stop_reason"]
     assert len(meta["history"]) == 1 and 0 < meta["history"][0]["partial_epoch"] < 1
@@ -184,7 +184,7 @@ def test_time_budget_stops_after_one_batch_and_exports(emt_db, tmp_path):
 
 def test_missing_database_and_empty_split_are_clear_errors(tmp_path):
     from ase_bptt.data.db import TrajectoryDB
-    from ase_bptt.train.common import EmptySplitError
+    from ase_bptt.runs.errors import EmptySplitError
     from ase_bptt.train.pretrain import pretrain
 
     with pytest.raises(FileNotFoundError, match="nope.db"):
@@ -199,7 +199,7 @@ def test_missing_database_and_empty_split_are_clear_errors(tmp_path):
 
 def test_configs_share_one_base_round_trip_and_errors():
     from ase_bptt.errors import AseBpttError
-    from ase_bptt.train.config import ConfigError, TrainConfig
+    from ase_bptt.runs.config import ConfigError, TrainConfig
     from ase_bptt.train.finetune import FinetuneConfig
     from ase_bptt.train.pretrain import PretrainConfig
 

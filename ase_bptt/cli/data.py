@@ -266,6 +266,6 @@ def check_cmd(db):
 def info_cmd(path):
     """Describe PATH: an ase-bptt trajectory database or an ase-bptt checkpoint
     (detected from the file's content)."""
-    from ase_bptt.train.info import describe
+    from ase_bptt.workflows.info import describe
 
     click.echo(describe(path))

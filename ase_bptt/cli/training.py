@@ -6,22 +6,22 @@ from pathlib import Path
 
 import click
 
-from ase_bptt.cli._group import cli, command
+from ase_bptt.cli._group import cli, command, one_line
+from ase_bptt.cli.config_options import config_params, recipe_config
 from ase_bptt.cli.options import (
     architecture_params,
     augment_params,
     baseline_specs,
-    config_params,
     float_list,
     model_changes,
     parse_candidates,
     parse_label_weights,
     progress_enabled,
-    recipe_config,
     recipe_params,
     runtime_options,
     training_options,
 )
+from ase_bptt.relax.defaults import REFINE_OPTIMIZERS
 
 # ---------------------------------------------------------------- training
 _PRETRAIN_FIELDS = ("max_steps", "epochs", "time_budget", "batch_size", "lr", "patience")
@@ -73,7 +73,10 @@ def _pretrain_params() -> list[click.Parameter]:
     short_help="Force (and energy) matching on the frames of the train split.",
     params=_pretrain_params,
 )
-@training_options(init_help="Continue from this checkpoint instead of a fresh model.")
+@training_options(
+    init_help="Continue from this checkpoint, or start from a universal MLIP's shipped weights by name (e.g. chgnet, "
+    "or chgnet:0.3.0), instead of a fresh model."
+)
 def pretrain_cmd(
     ctx, db, out, init, overwrite, workers, recipe, architecture, d_model, n_layers, n_heads, augment, **options
 ):
@@ -140,7 +143,10 @@ def _finetune_params() -> list[click.Parameter]:
     short_help="BPTT fine-tuning through whole relaxations (pretrains first without --init).",
     params=_finetune_params,
 )
-@training_options(init_help="Pretrained checkpoint to start from  [default: pretrain first, into <out>-pretrained.pt]")
+@training_options(
+    init_help="Model to start from: a pretrained checkpoint, or a universal MLIP by name (e.g. chgnet)  "
+    "[default: pretrain first, into <out>-pretrained.pt]"
+)
 def finetune_cmd(
     ctx,
     db,
@@ -266,6 +272,31 @@ def finetune_cmd(
     help="RMS per-atom distance to the reference (A) within which a structure counts as in the right basin.",
 )
 @click.option(
+    "--refine-with",
+    "refine_with",
+    default=None,
+    metavar="NAME|MODULE:CLASS[,KEY=VALUE...]",
+    help="Refine every method's final structures with this reference calculator (same forms as --baseline) and "
+    "report the steps it still needed: what a pre-relaxation saves your DFT.",
+)
+@click.option(
+    "--refine-optimizer",
+    type=click.Choice(list(REFINE_OPTIMIZERS)),
+    default="FIRE",
+    show_default=True,
+    help="ASE optimizer of the refinement.",
+)
+@click.option(
+    "--refine-fmax",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Force criterion of the refinement (eV/A).",
+)
+@click.option(
+    "--refine-steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Refinement step limit."
+)
+@click.option(
     "--plots/--no-plots",
     default=True,
     show_default=True,
@@ -289,16 +320,28 @@ def evaluate_cmd(
     batch_size,
     baselines,
     basin_rms,
+    refine_with,
+    refine_optimizer,
+    refine_fmax,
+    refine_steps,
     plots,
     device,
     dtype,
 ):
     """Evaluate CHECKPOINTS on a split of --db and write report.md, report.json and PNG plots.
     Structures with an element a checkpoint never saw are listed in the report, not scored."""
-    from ase_bptt.train.evaluate import evaluate
-    from ase_bptt.train.report import summary_text
-    from ase_bptt.train.worse_labels import worse_label_lines
+    from ase_bptt.evaluation.baselines import BaselineError
+    from ase_bptt.evaluation.compare import worse_label_lines
+    from ase_bptt.evaluation.pipeline import evaluate
+    from ase_bptt.evaluation.refine import RefineError, parse_refinement
+    from ase_bptt.evaluation.report import summary_text
 
+    refinement = None
+    if refine_with is not None:
+        try:
+            refinement = parse_refinement(refine_with, optimizer=refine_optimizer, fmax=refine_fmax, steps=refine_steps)
+        except (RefineError, BaselineError) as exc:
+            raise click.BadParameter(one_line(exc)) from None
     result = evaluate(
         list(checkpoints),
         db,
@@ -314,6 +357,7 @@ def evaluate_cmd(
         batch_size=batch_size,
         baselines=baselines,
         basin_rms=basin_rms,
+        refinement=refinement,
         device=device,
         dtype=dtype,
         progress=progress_enabled(ctx),

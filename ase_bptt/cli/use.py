@@ -55,7 +55,7 @@ def relax_cmd(ctx, input_path, model, output, optimizer, fmax, steps, input_form
     structures (with energies and forces) to --output."""
     import warnings
 
-    from ase_bptt.train.relax_files import relax_file
+    from ase_bptt.workflows.relax_files import relax_file
 
     with warnings.catch_warnings():
         # An input outside the model's training domain: one "Warning: ..." line, not a source listing.
@@ -106,7 +106,7 @@ def relax_cmd(ctx, input_path, model, output, optimizer, fmax, steps, input_form
 def demo_cmd(ctx, quick, out_dir, device, dtype, seed, workers):
     """Generate silicon point-defect relaxations, pretrain, fine-tune by BPTT,
     evaluate on the test split and print the Dq table with the report's path."""
-    from ase_bptt.train.demo import run_demo
+    from ase_bptt.workflows.demo import run_demo
 
     if ctx.get_parameter_source("workers") is click.core.ParameterSource.DEFAULT:
         workers = min(2, os.cpu_count() or 1)  # the reference relaxations are independent: use both cores

@@ -17,6 +17,8 @@ _LAZY = {
     "DuplicateTrajectoryError": "ase_bptt.data.db",
     "ImportReport": "ase_bptt.data.ingest",
     "import_paths": "ase_bptt.data.ingest",
+    "SplitFractions": "ase_bptt.data.splits",
+    "HoldOut": "ase_bptt.data.splits",
     "RECIPES": "ase_bptt.data.recipes",
     "MissingDependencyError": "ase_bptt.data.recipes",
     "FrameDataset": "ase_bptt.data.datasets",

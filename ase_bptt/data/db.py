@@ -21,7 +21,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ase_bptt.data.db_splits import SplitsMixin
-from ase_bptt.data.db_store import frame_row, open_store
+from ase_bptt.data.db_store import frame_row, is_backend_error, open_store
 from ase_bptt.data.db_types import (
     DatabaseAccessError,
     DatabasePathError,
@@ -127,7 +127,9 @@ class TrajectoryDB(SplitsMixin):
             )
         try:
             self._store = open_store(self.name)
-        except Exception as exc:  # e.g. a postgresql:// URL without its driver
+        except Exception as exc:
+            if not is_backend_error(exc):  # a bug shows its traceback
+                raise
             raise DatabaseAccessError(
                 f"{self.name}: ase.db cannot connect ({type(exc).__name__}: {exc}); for PostgreSQL install "
                 "ase-bptt[postgres]"
@@ -160,7 +162,7 @@ class TrajectoryDB(SplitsMixin):
             metadata = self._db.metadata
             n_rows = self._db.count()
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a database at all
-            if self._store.access_problem(exc, new=False) is not None:
+            if not is_backend_error(exc) or self._store.access_problem(exc, new=False) is not None:
                 raise
             raise NotATrajectoryDBError(
                 f"{self.name} is not an ase.db database ({type(exc).__name__}: {exc}); "
@@ -349,6 +351,19 @@ class TrajectoryDB(SplitsMixin):
                     **common,
                 )
         return traj_id
+
+    def remove_trajectories(self, traj_ids: Sequence[str]) -> None:
+        """Delete every frame of these trajectories, in one transaction.
+
+        Raises:
+            TrajectoryDBError: an id that is not stored (nothing is deleted then).
+        """
+        with self.transaction():
+            missing = sorted(set(traj_ids) - self.traj_ids())
+            if missing:
+                raise TrajectoryDBError(f"{self.name} holds no trajectory {missing[0]!r}; nothing was removed")
+            wanted = set(traj_ids)
+            self._db.delete([i for i, kvp in self._key_value_pairs() if kvp["traj_id"] in wanted])
 
     def _key_value_pairs(self) -> list[tuple[int, dict]]:
         """``(row id, key-value pairs)`` of every frame row."""

@@ -331,6 +331,19 @@ def _commit_only_at_the_end(db: Any) -> None:
     db.managed_connection = managed_connection
 
 
+#: DB-API drivers whose exceptions come from the database itself (:func:`is_backend_error`).
+DRIVER_MODULES = ("sqlite3", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    """True when ``exc`` comes from the database side: the file system, a missing driver, ase.db refusing the
+    URL or file (ValueError), or a DB-API driver's own error. Those become one error line; anything else
+    (a TypeError, an AttributeError, ...) is a bug in ase-bptt and keeps its traceback."""
+    if isinstance(exc, (OSError, ImportError, ValueError, sqlite3.Error)):
+        return True
+    return type(exc).__module__.split(".")[0] in DRIVER_MODULES
+
+
 def open_store(name: str) -> RowStore:
     """Connect to ``name`` (a file path, always SQLite, or an ``ase.db`` URL) and pick its row store."""
     is_url = "://" in name

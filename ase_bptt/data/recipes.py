@@ -60,6 +60,7 @@ __all__ = [
     "FCC_DEFECTS",
     "MissingDependencyError",
     "resolve_reference",
+    "stillinger_weber",
 ]
 
 SI_DEFECTS = (

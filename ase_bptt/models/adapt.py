@@ -30,7 +30,7 @@ cartesian      0.258 / 0.256  (train 0.235: learns nothing useful)
 periodic       0.192 / 0.193  (train 0.078)
 =============  =====================================================
 
-Reproduce with ``python examples/measure_coordinate_features.py 2000``.
+Reproduce with ``python -m studies.measure_coordinate_features 2000``.
 
 Raw Cartesian coordinates do no better than predicting zero forces (as the
 issue-7 prototype found), periodic features learn.

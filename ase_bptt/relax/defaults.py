@@ -8,7 +8,15 @@ one frame.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_ETA", "DEFAULT_TOL", "DEFAULT_MAX_STEPS", "DEFAULT_MAXSTEP", "DEFAULT_FMAX", "DEFAULT_ETA_GRID"]
+__all__ = [
+    "DEFAULT_ETA",
+    "DEFAULT_TOL",
+    "DEFAULT_MAX_STEPS",
+    "DEFAULT_MAXSTEP",
+    "DEFAULT_FMAX",
+    "DEFAULT_ETA_GRID",
+    "REFINE_OPTIMIZERS",
+]
 
 #: Step size (A^2/eV) used when none is given and the model carries no relax settings.
 DEFAULT_ETA = 0.05
@@ -25,3 +33,5 @@ DEFAULT_FMAX = 0.05
 #: ``geomspace(0.005, 0.3, 10)`` to 3 digits, the paper's Table 6 range and
 #: beyond it, up to where the 0.2 A per-frame cap dominates.
 DEFAULT_ETA_GRID: tuple[float, ...] = (0.005, 0.00788, 0.0124, 0.0196, 0.0309, 0.0486, 0.0766, 0.121, 0.19, 0.3)
+#: The ase.optimize classes ``evaluate --refine-optimizer`` accepts for the reference refinement.
+REFINE_OPTIMIZERS = ("FIRE", "BFGS", "LBFGS", "BFGSLineSearch", "LBFGSLineSearch", "GPMin", "MDMin")

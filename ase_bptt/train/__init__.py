@@ -1,6 +1,9 @@
-"""Training: pretrain (force/energy matching), finetune (BPTT), evaluate.
+"""Training: pretrain (force/energy matching) and finetune (BPTT).
 
-Entry points are imported lazily so ``import ase_bptt.train`` stays cheap.
+The entry points are ``ase_bptt.pretrain`` and ``ase_bptt.finetune`` (or
+``ase_bptt.train.pretrain.pretrain``): a function here named like its module
+would be shadowed by the module once imported. The rest is imported lazily so
+``import ase_bptt.train`` stays cheap.
 """
 
 from __future__ import annotations
@@ -9,15 +12,13 @@ import importlib
 
 _LAZY = {
     "PretrainConfig": "ase_bptt.train.pretrain",
-    "pretrain": "ase_bptt.train.pretrain",
     "FinetuneConfig": "ase_bptt.train.finetune",
-    "finetune": "ase_bptt.train.finetune",
     "grid_search_eta": "ase_bptt.train.finetune",
-    "TrainingError": "ase_bptt.train.common",
-    "TrainingInterrupted": "ase_bptt.train.common",
-    "ConfigMismatchError": "ase_bptt.train.common",
-    "EmptySplitError": "ase_bptt.train.common",
-    "StateError": "ase_bptt.train.state",
+    "TrainingError": "ase_bptt.runs.errors",
+    "TrainingInterrupted": "ase_bptt.runs.errors",
+    "ConfigMismatchError": "ase_bptt.runs.errors",
+    "EmptySplitError": "ase_bptt.runs.errors",
+    "StateError": "ase_bptt.runs.state",
 }
 
 __all__ = list(_LAZY)

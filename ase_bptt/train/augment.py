@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from ase_bptt.train.config import seed_generator
+from ase_bptt.runs.config import seed_generator
 
 __all__ = [
     "CUBIC_OPS",

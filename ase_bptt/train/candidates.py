@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ase_bptt.train.common import ConfigMismatchError
+from ase_bptt.runs.errors import ConfigMismatchError
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.launch import Job, db_argument, run_workers
 
@@ -41,7 +41,7 @@ def _slug(name: str) -> str:
 
 def _show(bar: Any, jobs: Sequence[Job]) -> None:
     """Steps done and budgets of the candidates, from their state files (written every few steps)."""
-    from ase_bptt.train.state import load_state, state_path
+    from ase_bptt.runs.state import load_state, state_path
 
     done = total = 0
     for job in jobs:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ase_bptt.data.datasets import RelaxationDataset
-from ase_bptt.train.distributed import DistContext
+from ase_bptt.runs.distributed import DistContext
 from ase_bptt.train.rollouts import evaluate_rollouts
 
 __all__ = [
@@ -137,13 +137,13 @@ def export_decision(
     the same decision (the rollouts are sharded by rank).
 
     Args:
-        init: the pretrained checkpoint.
+        init: the pretrained checkpoint (or a universal MLIP by name).
         tuned: the best tuned model (its weights loaded).
         rule: the step rule BPTT unrolled (``to_dict``), as the best evaluation left it.
         val: the val split, or None.
         config: the run's :class:`~ase_bptt.train.finetune_config.FinetuneConfig`.
     """
-    from ase_bptt.models.checkpoint import load_model
+    from ase_bptt.train.pretrain import load_initial_model
 
     own = own_relax(rule, config)
     if val is None:
@@ -161,7 +161,7 @@ def export_decision(
     chosen = min(tuned_scores, key=lambda k: (tuned_scores[k], k != "own"))
     relax = offered[chosen]
     export_record = {"offered": config.export, "val": tuned_scores, "chosen": chosen}
-    pretrained = load_model(init, device=ctx.device, dtype=dtype)
+    pretrained = load_initial_model(init, device=ctx.device, dtype=dtype)
     pre_scores = relax_scores(pretrained, pretrained_relaxations(config), val, **kw)
     pre_best = min(pre_scores, key=lambda k: pre_scores[k])
     tuned_wins = not math.isfinite(pre_scores[pre_best]) or tuned_scores[chosen] < pre_scores[pre_best]

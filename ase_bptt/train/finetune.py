@@ -13,7 +13,7 @@ every ``eval_every`` steps); the best model is exported, with the step rule it
 was tuned with, as an ordinary checkpoint for
 :class:`~ase_bptt.calculator.BPTTCalculator`, unless it loses to the pretrained
 model's best relaxation on val (train/export.py, which also chooses how the tuned model relaxes). Patience, the LR schedule and
-augmentation reuse pretraining's (:mod:`~ase_bptt.train.loop`, :mod:`~ase_bptt.train.augment`).
+augmentation reuse pretraining's (:mod:`~ase_bptt.runs.loop`, :mod:`~ase_bptt.train.augment`).
 """
 
 from __future__ import annotations
@@ -23,57 +23,48 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ase_bptt import metrics
+from ase_bptt.backends.registry import backend_names
 from ase_bptt.data.datasets import load_frames, load_relaxations, open_db
 from ase_bptt.models.checkpoint import load_checkpoint
 from ase_bptt.models.domain import DOMAIN_KEY, merge_training_domains, read_training_domain, training_domain
+from ase_bptt.models.universal import UniversalInit, universal_init
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.runs.config import ConfigError, seed_generator
+from ase_bptt.runs.errors import EmptySplitError
+from ase_bptt.runs.loop import local_share, lr_factor
+from ase_bptt.runs.run import TrainingRun
 from ase_bptt.train.augment import augment_rollouts, cube_applies, rollout_draws
-from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import ConfigError, seed_generator
 from ase_bptt.train.export import export_decision, refit_energy_head
 from ase_bptt.train.finetune_config import FinetuneConfig
-from ase_bptt.train.loop import local_share, lr_factor
 from ase_bptt.train.objectives import ForceTerm, check_energy_term, structure_weights, weight_summary
-from ase_bptt.train.presets import DataSummary, resolve_finetune
-from ase_bptt.train.pretrain import build_model, pretrain
-from ase_bptt.train.rollouts import evaluate_rollouts, grid_search_eta
-from ase_bptt.train.run import TrainingRun
+from ase_bptt.train.presets import data_summary, resolve_finetune
+from ase_bptt.train.pretrain import (
+    build_model,
+    fit_energy_reference,
+    load_initial_model,
+    pretrain,
+    starts_universal,
+)
+from ase_bptt.train.rollouts import current_eta, draw_stopping, evaluate_rollouts, grid_search_eta, loss_fn
 
 if TYPE_CHECKING:
-    from ase_bptt.models.base import ForceModel
     from ase_bptt.relax.base import StepRule
 
-__all__ = ["FinetuneConfig", "finetune", "grid_search_eta", "evaluate_rollouts", "draw_stopping", "DEFAULT_ETA_GRID"]
+__all__ = [
+    "FinetuneConfig",
+    "finetune",
+    "grid_search_eta",
+    "evaluate_rollouts",
+    "draw_stopping",
+    "freeze_parameters",
+    "DEFAULT_ETA_GRID",
+]
 
 log = logging.getLogger("ase_bptt.train")
-
-
-# --------------------------------------------------------------- rollouts
-def _loss_fn(name: str):
-    return metrics.dq if name == "dq" else metrics.mse
-
-
-def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float, int]:
-    """``(tol, max_steps)`` for one training batch.
-
-    Fixed stopping: ``config.tol`` and ``config.max_steps``. Variable stopping
-    (the paper's ablation): tol log-uniform in ``config.tol_range`` and max
-    steps uniform (inclusive) in ``config.max_steps_range``, drawn from a
-    generator seeded with ``(seed, epoch, batch)``, so every rank and every
-    resumed run draws the same values.
-    """
-    if config.stopping != "variable":
-        return config.decided("tol"), config.decided("max_steps")
-    gen = seed_generator(config.seed, epoch, batch, 23)
-    lo, hi = (math.log10(t) for t in config.tol_range)
-    tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
-    max_steps = int(torch.randint(config.max_steps_range[0], config.max_steps_range[1] + 1, (), generator=gen))
-    return tol, max_steps
 
 
 def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...], step: str | StepRule = "fixed") -> int:
@@ -103,16 +94,6 @@ def freeze_parameters(model: torch.nn.Module, prefixes: tuple[str, ...], step: s
             f"{rule.name} step rule has none of its own)"
         )
     return trainable
-
-
-def _current_eta(rule) -> float | None:
-    eta = getattr(rule, "eta", None)
-    if eta is None or callable(eta):
-        return None
-    try:
-        return float(eta.detach()) if isinstance(eta, torch.Tensor) else float(eta)
-    except (TypeError, ValueError):
-        return None
 
 
 # -------------------------------------------------------------------- main
@@ -154,9 +135,11 @@ def finetune(
         TrainingInterrupted: SIGINT; the state was saved.
     """
     from ase_bptt.train.candidates import race
-    from ase_bptt.train.presets import candidate_configs
+    from ase_bptt.train.presets import candidate_configs, recipe_for_init
 
-    config = FinetuneConfig() if config is None else config
+    config, note = recipe_for_init(FinetuneConfig() if config is None else config, starts_universal(init))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        log.info(note)
     runs = candidate_configs(config)
     first = FinetuneRun(db, out, runs[0][1], init, progress=progress, overwrite=overwrite)
     # What the data and the options say is one line before pretraining or racing, for every candidate.
@@ -177,9 +160,10 @@ def finetune(
 
 def pretrained_init(
     db, out: Path, config: FinetuneConfig, init, *, progress: bool, overwrite: bool, workers: int = 1
-) -> Path:
-    """The checkpoint BPTT starts from: ``init``, or, when None, a model pretrained first with
-    ``config.pretrain`` (and the run's seed, device and dtype) into ``<out stem>-pretrained.pt``."""
+) -> Path | UniversalInit:
+    """The model BPTT starts from: ``init`` (a checkpoint, or a universal MLIP's name: ``"chgnet"``), or, when
+    None, a model pretrained first with ``config.pretrain`` (and the run's seed, device and dtype) into
+    ``<out stem>-pretrained.pt``."""
     if init is None:
         init = out.with_name(f"{out.stem}-pretrained.pt")
         if int(os.environ.get("RANK", "0")) == 0:  # every rank would say it under torchrun
@@ -196,27 +180,15 @@ def pretrained_init(
             overwrite=overwrite,
             workers=workers,
         )
+    if (spec := universal_init(init)) is not None:
+        return spec
     init = Path(init)
     if not init.exists():
-        raise FileNotFoundError(f"initial model {init} does not exist; pretrain one first (ase-bptt pretrain).")
+        raise FileNotFoundError(
+            f"initial model {init} does not exist: give a checkpoint (ase-bptt pretrain makes one) or a universal "
+            f"MLIP ({', '.join(backend_names())})"
+        )
     return init
-
-
-def _data_summary(train, frames) -> DataSummary:
-    """What the data-aware settings read: the converged train relaxations, the train frames (all of them,
-    for the force term), whether every one has an energy, and how long the relaxations BPTT imitates are."""
-    from collections import Counter
-
-    import numpy as np
-
-    lengths = Counter(frames.traj_ids) if frames is not None else Counter()
-    used = [lengths[t] for t in train.trajectories if t in lengths] or [75]
-    return DataSummary(
-        relaxations=len(train),
-        frames=0 if frames is None else len(frames),
-        energies=frames is not None and frames.has_energy,
-        frames_p90=float(np.percentile(used, 90)),
-    )
 
 
 class FinetuneRun(TrainingRun):
@@ -232,8 +204,7 @@ class FinetuneRun(TrainingRun):
     def preflight(self, *others: FinetuneConfig) -> None:
         """Load the splits, decide the data-aware settings (announcing them once) and check the
         options, this run's and ``others``', against the data and the model, before anything is written."""
-        from ase_bptt.models.checkpoint import load_model
-        from ase_bptt.train.distributed import DistContext
+        from ase_bptt.runs.distributed import DistContext
 
         self.ctx = DistContext(rank=int(os.environ.get("RANK", "0")))  # no process group yet: only who logs
         self.db = open_db(self.db_arg)
@@ -244,7 +215,7 @@ class FinetuneRun(TrainingRun):
             structure_weights(self.train.labels, config.label_weights)
             if config.freeze:
                 if model is None:
-                    model = build_model(config.pretrain.model) if self.init is None else load_model(self.init)
+                    model = build_model(config.pretrain.model) if self.init is None else load_initial_model(self.init)
                 freeze_parameters(model, config.freeze, config.step)
 
     def load_data(self) -> None:
@@ -259,23 +230,24 @@ class FinetuneRun(TrainingRun):
         if self.val is None and self.ctx.is_main:
             log.warning("%s has no converged val trajectories: the best epoch is chosen on the train split", db.name)
         self.frames = load_frames(db, "train")  # the force and energy terms' frames
-        self.data = _data_summary(self.train, self.frames)
+        self.data = data_summary(self.train, self.frames)
         self.config, notes = resolve_finetune(config, self.data)
         for note in notes if self.ctx.is_main and not self._announced else ():
             log.info(note)
         self._announced = True
 
-    def prepare_init(self) -> Path:
+    def prepare_init(self) -> Path | UniversalInit:
         return pretrained_init(
             self.db, self.out, self.config, self.init, progress=self.progress, overwrite=self.overwrite
         )
 
     def build(self, state: dict | None) -> None:
-        from ase_bptt.models.checkpoint import load_model
         from ase_bptt.relax.steps import make_step_rule
 
         config, device, dtype = self.config, self.device, self.dtype
-        self.model = cast("ForceModel", load_model(self.init, device=device, dtype=dtype))
+        self.model = load_initial_model(self.init, device=device, dtype=dtype)
+        if config.decided("energy_weight") > 0:
+            fit_energy_reference(self.model, self.frames, config.seed, announce=self.ctx.is_main)
         self.model.check_species(self.train.initial.numbers, where="the train split")
         self.train = self.train.to(device, dtype)
         self.val = None if self.val is None else self.val.to(device, dtype)
@@ -310,7 +282,7 @@ class FinetuneRun(TrainingRun):
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.anchor = [p.detach().clone() for p in self.model_params] if config.proximal > 0 else None
         self.running = {"loss": 0.0, "frames": 0.0, "n": 0}
-        self.loss_fn = _loss_fn(config.loss)
+        self.loss_fn = loss_fn(config.loss)
         self.total = config.epochs * math.ceil(len(self.train) / config.batch_size)
         self.total = min(self.total, config.decided("max_batches") or self.total)
         if config.augment_cubic and self.ctx.is_main and (odd := int((~cube_applies(self.train.initial)).sum())):
@@ -434,7 +406,7 @@ class FinetuneRun(TrainingRun):
             out_metrics["force_mse"] = force_mse
             if config.decided("energy_weight") > 0:
                 out_metrics["energy_mse"] = energy_mse
-        eta = _current_eta(self.rule)
+        eta = current_eta(self.rule)
         if eta is not None and self.step_params:
             out_metrics["eta"] = eta
         return out_metrics
@@ -459,7 +431,7 @@ class FinetuneRun(TrainingRun):
         entry.update({f"{self._selection_split}_{k}": v for k, v in result.items()})
         if self.forces is not None:
             entry.update(self.forces.history_entry(self.model, self.ctx, batch_size=config.eval_batch_size))
-        eta = _current_eta(self.rule)
+        eta = current_eta(self.rule)
         if eta is not None:
             entry["eta"] = eta
         entry["elapsed_s"] = round(self.loop.elapsed, 2)
@@ -495,7 +467,8 @@ class FinetuneRun(TrainingRun):
             **decision.records,
             # The pretrained model's domain widened by the structures tuned on (models/domain.py).
             DOMAIN_KEY: merge_training_domains(
-                read_training_domain(load_checkpoint(self.init), str(self.init)), training_domain(self.train.initial)
+                None if universal_init(self.init) else read_training_domain(load_checkpoint(self.init), str(self.init)),
+                training_domain(self.train.initial),
             ),
         }
         return decision.relax, extra

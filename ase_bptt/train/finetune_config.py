@@ -4,7 +4,7 @@ The defaults are the package's default training recipe (:mod:`ase_bptt.train.pre
 where the measurements behind them are); ``"auto"`` marks a setting decided from
 the data when the run starts (:func:`ase_bptt.train.presets.resolve_finetune`).
 Every field with a ``help`` is also a command-line option of ``ase-bptt finetune``
-(:func:`ase_bptt.train.config.option`).
+(:func:`ase_bptt.runs.config.option`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, DEFAULT_MAXSTEP
 from ase_bptt.relax.registry import step_rule_names
-from ase_bptt.train.config import AUTO, TrainConfig, option
+from ase_bptt.runs.config import AUTO, TrainConfig, option
 from ase_bptt.train.objectives import check_label_weights
 from ase_bptt.train.pretrain import PretrainConfig
 

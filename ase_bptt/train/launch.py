@@ -41,7 +41,7 @@ log = logging.getLogger("ase_bptt.train")
 
 def default_workers(device: str | None) -> int:
     """Processes for one run: both cores of a CPU machine (at most 2), one on a GPU."""
-    from ase_bptt.train.distributed import resolve_device
+    from ase_bptt.runs.distributed import resolve_device
 
     if resolve_device(device).type != "cpu":
         return 1
@@ -113,10 +113,10 @@ def run_workers(jobs: Sequence[Job], *, parallel: int, watch: Callable[[], None]
     """Run ``jobs`` as worker processes, ``parallel`` at a time (all at once for the ranks of one run).
 
     Raises the first failed worker's error in this process (its class when it is one of ase-bptt's
-    user errors, else :class:`~ase_bptt.train.common.TrainingError` with the worker's last line), and
-    :class:`~ase_bptt.train.common.TrainingInterrupted` after Ctrl-C, once every worker has saved its state.
+    user errors, else :class:`~ase_bptt.runs.errors.TrainingError` with the worker's last line), and
+    :class:`~ase_bptt.runs.errors.TrainingInterrupted` after Ctrl-C, once every worker has saved its state.
     """
-    from ase_bptt.train.common import TrainingInterrupted
+    from ase_bptt.runs.errors import TrainingInterrupted
 
     pending = list(jobs)
     running: list[tuple[Job, subprocess.Popen, Any]] = []  # job, process, its log file (None: shown)
@@ -159,7 +159,7 @@ def run_workers(jobs: Sequence[Job], *, parallel: int, watch: Callable[[], None]
 
 def _raise(failed: list[tuple[Job, int]]) -> None:
     """One error for the failed workers: the first user error one of them recorded, with its class."""
-    import ase_bptt.train.common as common
+    import ase_bptt.runs.errors as common
 
     for job, _ in failed:
         path = Path(job.files["error"])
@@ -180,9 +180,9 @@ def _error_class(name: str) -> type[Exception] | None:
     import importlib
 
     for module in (
-        "ase_bptt.train.common",
-        "ase_bptt.train.config",
-        "ase_bptt.train.state",
+        "ase_bptt.runs.errors",
+        "ase_bptt.runs.config",
+        "ase_bptt.runs.state",
         "ase_bptt.models.checkpoint",
         "ase_bptt.errors",
     ):

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ase_bptt.data.datasets import FrameDataset, load_frames
-from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import ConfigError, seed_generator
-from ase_bptt.train.distributed import DistContext
-from ase_bptt.train.loop import local_share
+from ase_bptt.runs.config import ConfigError, seed_generator
+from ase_bptt.runs.distributed import DistContext
+from ase_bptt.runs.errors import EmptySplitError
+from ase_bptt.runs.loop import local_share
 from ase_bptt.train.pretrain import force_metrics
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class ForceTerm:
         seed: the run's seed.
         device, dtype: where the frames go.
         energy_weight: ``energy_weight`` (>= 0); > 0 needs a reference energy
-            on every train frame (else :class:`~ase_bptt.train.config.ConfigError`).
+            on every train frame (else :class:`~ase_bptt.runs.config.ConfigError`).
 
     The val split's frames are loaded too: their force MAE (and energy MAE)
     is reported at each evaluation (the train frames' when there is no val split).

@@ -50,7 +50,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ase_bptt.train.config import AUTO, ConfigError
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.runs.config import AUTO, ConfigError
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.pretrain import PretrainConfig
 
@@ -67,6 +68,9 @@ __all__ = [
     "resolve_pretrain",
     "resolve_finetune",
     "candidate_configs",
+    "recipe_for_init",
+    "FIRE_TOL",
+    "STEP_TOL",
 ]
 
 log = logging.getLogger("ase_bptt.train")
@@ -203,6 +207,43 @@ register_training_recipe(
 )
 
 
+register_training_recipe(
+    TrainingRecipe(
+        "universal",
+        "a universal MLIP (--init chgnet): force matching and BPTT at a low learning rate, short fixed-step "
+        "rollouts and small budgets (a CHGNet step costs ~25x ADAPT-MI's)",
+        pretrain={"max_steps": 150, "batch_size": 8, "lr": 3e-4, "eval_frames": 200, "eval_batch_size": 16},
+        finetune={
+            "step": "fixed",
+            "eta_grid": DEFAULT_ETA_GRID[1::2],
+            "grid_structures": 8,
+            "max_steps": 40,
+            "batch_size": 2,
+            "lr": 1e-4,
+            "max_batches": 60,
+            "eval_every": 10,
+            "checkpoint_frames": True,
+            "candidates": {},
+        },
+    )
+)
+
+
+def recipe_for_init(config: Any, universal: bool) -> tuple[Any, str | None]:
+    """``config`` (a :class:`PretrainConfig` or :class:`FinetuneConfig`) moved to the ``universal`` recipe when the
+    run starts from a universal MLIP and the user left the recipe at ``default``: the universal recipe's settings
+    replace every field still at the default recipe's value (a field the user set stays theirs). Returns the
+    config and the line announcing the switch (None when nothing changed)."""
+    if not universal or config.recipe != "default":
+        return config, None
+    kind = "pretrain" if isinstance(config, PretrainConfig) else "finetune"
+    default = pretrain_config() if kind == "pretrain" else finetune_config()
+    wanted = getattr(TRAINING_RECIPES["universal"], kind)
+    changes = {k: v for k, v in wanted.items() if getattr(config, k) == getattr(default, k)}
+    note = f"starting from a universal MLIP: the universal recipe's {kind} settings ({', '.join(sorted(changes))})"
+    return replace(config, recipe="universal", **changes), note
+
+
 # ----------------------------------------------------------- what the data decides
 @dataclass(frozen=True)
 class DataSummary:
@@ -321,3 +362,20 @@ def candidate_configs(config: FinetuneConfig) -> list[tuple[str, FinetuneConfig]
         )
         for run in runs
     ]
+
+
+def data_summary(train, frames) -> DataSummary:
+    """What the data-aware settings read: the converged train relaxations, the train frames (all of them,
+    for the force term), whether every one has an energy, and how long the relaxations BPTT imitates are."""
+    from collections import Counter
+
+    import numpy as np
+
+    lengths = Counter(frames.traj_ids) if frames is not None else Counter()
+    used = [lengths[t] for t in train.trajectories if t in lengths] or [75]
+    return DataSummary(
+        relaxations=len(train),
+        frames=0 if frames is None else len(frames),
+        energies=frames is not None and frames.has_energy,
+        frames_p90=float(np.percentile(used, 90)),
+    )

@@ -5,7 +5,7 @@ AdamW, gradient clipping, a warmup + cosine (or one-cycle) learning-rate
 schedule, early stopping on the validation force MAE, optional rotation and
 translation augmentation. Every frame of the split is loaded once into padded
 tensors; a batch is an index into them, so the inner loop does no per-frame
-Python work. Resumable (see :mod:`ase_bptt.train.loop`), and runs unchanged
+Python work. Resumable (see :mod:`ase_bptt.runs.loop`), and runs unchanged
 under ``torchrun``.
 """
 
@@ -23,17 +23,17 @@ import torch
 from ase_bptt.data.datasets import FrameDataset, load_frames
 from ase_bptt.models.domain import DOMAIN_KEY, training_domain
 from ase_bptt.relax.defaults import DEFAULT_ETA, DEFAULT_MAX_STEPS, DEFAULT_TOL
+from ase_bptt.runs.config import AUTO, TrainConfig, option, seed_generator
+from ase_bptt.runs.distributed import DistContext, shard_chunks
+from ase_bptt.runs.errors import EmptySplitError
+from ase_bptt.runs.loop import local_share, lr_factor
+from ase_bptt.runs.run import TrainingRun
 from ase_bptt.train.augment import augment, random_rotations
-from ase_bptt.train.common import EmptySplitError
-from ase_bptt.train.config import AUTO, TrainConfig, option, seed_generator
-from ase_bptt.train.distributed import DistContext, shard_chunks
-from ase_bptt.train.loop import local_share, lr_factor
-from ase_bptt.train.run import TrainingRun
 
 if TYPE_CHECKING:
     from ase_bptt.models.base import ForceModel
 
-__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "PretrainConfig", "build_model", "pretrain"]
+__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "PretrainConfig", "build_model", "force_metrics", "pretrain"]
 
 #: ``PretrainConfig.model["model_name"]`` (``ase-bptt pretrain --model``) -> (module, model class, config class).
 ARCHITECTURES = {
@@ -192,11 +192,59 @@ def build_model(model: dict[str, Any]) -> ForceModel:
     return model_cls(config_cls.from_dict(model_config))
 
 
-def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtype):
+def load_initial_model(init, *, device=None, dtype=None) -> ForceModel:
+    """The model a run starts from: a checkpoint file, or a universal MLIP's shipped weights for an ``init``
+    that names one (``"chgnet"``, ``"sevenn"``; :func:`~ase_bptt.models.universal.universal_init`)."""
     from ase_bptt.models.checkpoint import load_model
+    from ase_bptt.models.universal import universal_init
 
+    if (spec := universal_init(init)) is not None:
+        return spec.load(device=device, dtype=dtype)
+    return cast("ForceModel", load_model(init, device=device, dtype=dtype))
+
+
+def starts_universal(init) -> bool:
+    """Whether a run from ``init`` tunes a universal MLIP: ``init`` names one (``"chgnet"``) or is a checkpoint
+    of one (e.g. made by ``pretrain --init chgnet``)."""
+    from ase_bptt.models.checkpoint import load_checkpoint
+    from ase_bptt.models.universal import universal_init
+
+    if init is None:
+        return False
+    if universal_init(init) is not None:
+        return True
+    return Path(init).is_file() and load_checkpoint(init)["model"].get("name") == "universal"
+
+
+#: Train frames the energy reference of a universal model is fitted on (CHGNet: ~0.06 s a 64-atom frame).
+ENERGY_REFERENCE_FRAMES = 64
+
+
+def fit_energy_reference(model, frames: FrameDataset | None, seed: int, *, announce: bool) -> None:
+    """Fit a universal MLIP's per-element energy reference to the train frames' energies, once (a model whose
+    reference is already fitted, e.g. one pretrained here, keeps it); nothing for other models or without
+    energies. See :meth:`~ase_bptt.models.universal.UniversalModel.fit_energy_reference`."""
+    reference = getattr(model, "energy_reference", None)
+    if reference is None or bool(reference.any()) or frames is None or not frames.has_energy:
+        return
+    n = min(ENERGY_REFERENCE_FRAMES, len(frames))
+    batch, _, energy = frames.take(torch.randperm(len(frames), generator=seed_generator(seed, 17))[:n])
+    assert energy is not None  # has_energy
+    ref = next(iter(model.parameters()))
+    fit = model.fit_energy_reference(batch.to(ref.device, ref.dtype), energy.to(ref.device, ref.dtype))
+    if announce:
+        log.info(
+            "energy reference fitted per element on %d train frames: energy MAE %.1f -> %.1f meV/atom "
+            "(the data's zero of energy is not the base model's)",
+            n,
+            fit["mae_before"],
+            fit["mae_after"],
+        )
+
+
+def _build_model(config: PretrainConfig, train: FrameDataset, init, device, dtype):
     if init is not None:
-        loaded = cast("ForceModel", load_model(init, device=device, dtype=dtype))
+        loaded = load_initial_model(init, device=device, dtype=dtype)
         loaded.check_species(train.batch.numbers, where="the train split")
         return loaded, False
     species = tuple(sorted({int(z) for z in train.batch.numbers[train.batch.mask].tolist()}))
@@ -246,7 +294,11 @@ def pretrain(
             database or init checkpoint.
         TrainingInterrupted: SIGINT; the state was saved.
     """
-    config = PretrainConfig() if config is None else config
+    from ase_bptt.train.presets import recipe_for_init
+
+    config, note = recipe_for_init(PretrainConfig() if config is None else config, starts_universal(init))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        log.info(note)
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         from ase_bptt.train.launch import run_distributed
 
@@ -291,6 +343,7 @@ class PretrainRun(TrainingRun):
         s_batch, s_forces, s_energy = train.take(sample)
         if fresh:  # every architecture of ARCHITECTURES fits its standardisation from data
             cast(Any, self.model).fit_standardisation(s_batch, s_forces, s_energy)
+        fit_energy_reference(self.model, train, config.seed, announce=self.ctx.is_main)
         self.force_var = float(s_forces[s_batch.mask].pow(2).mean().clamp(min=1e-6))
         self.use_energy = config.energy_weight > 0 and train.has_energy
         self.energy_var = 1.0

@@ -4,16 +4,20 @@ the grid search for the fixed step size BPTT starts from."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ase_bptt import metrics
 from ase_bptt.data.datasets import RelaxationDataset
 from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS, DEFAULT_MAXSTEP, DEFAULT_TOL
-from ase_bptt.train.config import seed_generator
-from ase_bptt.train.distributed import DistContext, shard_chunks
+from ase_bptt.runs.config import seed_generator
+from ase_bptt.runs.distributed import DistContext, shard_chunks
 
-__all__ = ["evaluate_rollouts", "grid_search_eta"]
+if TYPE_CHECKING:
+    from ase_bptt.train.finetune_config import FinetuneConfig
+
+__all__ = ["evaluate_rollouts", "grid_search_eta", "draw_stopping", "loss_fn", "current_eta"]
 
 
 @torch.no_grad()
@@ -88,7 +92,7 @@ def grid_search_eta(
     (2/largest Hessian eigenvalue, about 0.07 A^2/eV for silicon), and BPTT
     from the best eta there diverged within a few epochs where a smaller eta
     of nearly the same loss trained stably (measured: val-best 0.065 diverged,
-    0.035 went from val Dq 3.43 to 3.08; examples/reproduce_paper.py).
+    0.035 went from val Dq 3.43 to 3.08; studies/reproduce_paper.py).
     Use the TRAIN split: choosing eta on the test split would leak it.
 
     Returns:
@@ -120,3 +124,37 @@ def grid_search_eta(
         raise ValueError(f"every step size in the grid {list(etas)} diverged; try smaller values.")
     limit = min(finite.values()) * (1.0 + margin)
     return min(float(k) for k, v in finite.items() if v <= limit), scores
+
+
+def loss_fn(name: str):
+    """The rollout loss by name: ``metrics.dq`` or ``metrics.mse``."""
+    return metrics.dq if name == "dq" else metrics.mse
+
+
+def draw_stopping(config: FinetuneConfig, epoch: int, batch: int) -> tuple[float, int]:
+    """``(tol, max_steps)`` for one training batch.
+
+    Fixed stopping: ``config.tol`` and ``config.max_steps``. Variable stopping
+    (the paper's ablation): tol log-uniform in ``config.tol_range`` and max
+    steps uniform (inclusive) in ``config.max_steps_range``, drawn from a
+    generator seeded with ``(seed, epoch, batch)``, so every rank and every
+    resumed run draws the same values.
+    """
+    if config.stopping != "variable":
+        return config.decided("tol"), config.decided("max_steps")
+    gen = seed_generator(config.seed, epoch, batch, 23)
+    lo, hi = (math.log10(t) for t in config.tol_range)
+    tol = 10.0 ** (lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)))
+    max_steps = int(torch.randint(config.max_steps_range[0], config.max_steps_range[1] + 1, (), generator=gen))
+    return tol, max_steps
+
+
+def current_eta(rule) -> float | None:
+    """The step rule's scalar eta (A^2/eV) for the logs, or None (a learned or per-atom eta)."""
+    eta = getattr(rule, "eta", None)
+    if eta is None or callable(eta):
+        return None
+    try:
+        return float(eta.detach()) if isinstance(eta, torch.Tensor) else float(eta)
+    except (TypeError, ValueError):
+        return None

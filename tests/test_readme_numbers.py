@@ -1,0 +1,59 @@
+"""Every number of the README's user-path table is the committed raw file's, rounded as printed.
+
+Each row links the folder its run wrote (``studies/results/user-path/<set>/``, by ``studies/user_path.py``):
+``results.json`` holds the wall time, the ratios and the errors; ``commands.txt`` the commands run, which must
+be the README's workflow block with no option beyond the paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\| \[[^\]]+\]\((studies/results/user-path/\w+)/\) \((\d+)\) \|(.*)\|$", re.M)
+
+
+def table_rows() -> list[tuple[Path, int, list[str]]]:
+    rows = [
+        (ROOT / folder, int(n), [cell.strip() for cell in rest.split("|")])
+        for folder, n, rest in ROW.findall((ROOT / "README.md").read_text())
+    ]
+    assert len(rows) == 3, "the README's user-path table lost a row"
+    return rows
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
+
+
+@pytest.mark.parametrize("row", range(3))
+def test_each_readme_row_is_its_raw_file(row):
+    folder, n_test, cells = table_rows()[row]
+    results = json.loads((folder / "results.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    assert results["n_test"] == n_test == report["n_structures"]
+    wall, fixed, fire, force, energy = cells
+    assert numbers(wall) == [round(results["wall_s"]["user_path_total"] / 60, 1)]
+    for cell, key in ((fixed, "vs_best_fixed_step"), (fire, "vs_ase_fire")):
+        ratio = results[key]
+        assert numbers(cell) == [
+            round(ratio["mean_ratio"], 3),
+            round(ratio["median_ratio"], 3),
+            round(100 * ratio["improved"]),
+        ]
+    assert numbers(force) == [round(results["force_mae"]["ratio"], 2)]
+    assert numbers(energy) == [round(results["energy_mae_mev_per_atom"]["ratio"], 2)]
+
+
+def test_the_runs_are_the_readme_commands_with_no_options():
+    for folder, _, _ in table_rows():
+        commands = [line.split()[2:] for line in (folder / "commands.txt").read_text().splitlines()]  # "$ ase-bptt ..."
+        commands = [args[1:] if args[0] == "-q" else args for args in commands]
+        finetune = [args for args in commands if args[0] == "finetune"]
+        assert finetune == [["finetune", "traj.db", "-o", "model.pt"]]
+        evaluate = [args for args in commands if args[0] == "evaluate"]
+        assert evaluate == [["evaluate", "model-pretrained.pt", "model.pt", "--db", "traj.db", "-o", "report"]]
