@@ -1,6 +1,7 @@
-"""A foreign reference set: point defects in zincblende GaAs relaxed by CHGNet, written as extxyz files.
+"""A foreign reference set: point defects in zincblende GaAs (or ZnS) relaxed by CHGNet, written as extxyz files.
 
     python -m studies.foreign_gaas --out gaas-files --n-train 150 --n-test 30 --workers 2
+    python -m studies.foreign_gaas --compound ZnS --seed 1 --out zns-files --n-train 120 --n-test 30 --workers 2
 
 No setting of ase-bptt was tuned on this set: another host crystal (a III-V compound, two elements),
 other defect kinds (vacancies on either sublattice, antisites, tetrahedral interstitials, a
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("V_Ga", "V_As", "Ga_As", "As_Ga", "Ga_i", "As_i", "V_Ga+V_As")
+#: Zincblende compounds: (cation, anion, the lattice-constant scan's range in A for CHGNet's minimum).
+COMPOUNDS = {"GaAs": ("Ga", "As", 5.55, 5.85), "ZnS": ("Zn", "S", 5.25, 5.65)}
+#: Defect kinds, for the cation c and the anion a (GaAs: V_Ga, V_As, Ga_As, As_Ga, Ga_i, As_i, V_Ga+V_As).
+KINDS = ("V_{c}", "V_{a}", "{c}_{a}", "{a}_{c}", "{c}_i", "{a}_i", "V_{c}+V_{a}")
 RATTLE = 0.1  # A
 FMAX = 0.01  # eV/A
 MAX_STEPS = 600
@@ -41,14 +45,15 @@ def _calculator():
     return CHGNetCalculator(CHGNet.load(verbose=False), use_device="cpu")
 
 
-def lattice_constant(calc) -> float:
+def lattice_constant(calc, compound: str = "GaAs") -> float:
     """CHGNet's equilibrium zincblende lattice constant (A), from a bulk energy scan refined by a parabola."""
     from ase.build import bulk
 
-    grid = np.linspace(5.55, 5.85, 13)
+    _, _, low, high = COMPOUNDS[compound]
+    grid = np.linspace(low, high, 13)
     energies = []
     for a in grid:
-        atoms = bulk("GaAs", "zincblende", a=float(a), cubic=True)
+        atoms = bulk(compound, "zincblende", a=float(a), cubic=True)
         atoms.calc = calc
         energies.append(atoms.get_potential_energy())
     k = int(np.argmin(energies))
@@ -57,30 +62,32 @@ def lattice_constant(calc) -> float:
     return float(-c[1] / (2 * c[0]))
 
 
-def build(index: int, seed: int, a: float):
+def build(index: int, seed: int, a: float, compound: str = "GaAs"):
     """Structure ``index``: (atoms, label)."""
     from ase.build import bulk
 
+    cation, anion = COMPOUNDS[compound][:2]
     rng = np.random.default_rng((seed, index))
-    atoms = bulk("GaAs", "zincblende", a=a, cubic=True) * (2, 2, 2)
-    kind = KINDS[rng.integers(len(KINDS))]
+    atoms = bulk(compound, "zincblende", a=a, cubic=True) * (2, 2, 2)
+    generic = KINDS[rng.integers(len(KINDS))]
+    kind = generic.format(c=cation, a=anion)
     symbols = np.array(atoms.get_chemical_symbols())
-    ga, as_ = np.flatnonzero(symbols == "Ga"), np.flatnonzero(symbols == "As")
+    ga, as_ = np.flatnonzero(symbols == cation), np.flatnonzero(symbols == anion)
     remove: list[int] = []
-    if kind == "V_Ga":
+    if generic == "V_{c}":
         remove = [int(rng.choice(ga))]
-    elif kind == "V_As":
+    elif generic == "V_{a}":
         remove = [int(rng.choice(as_))]
-    elif kind == "Ga_As":  # Ga on an As site
-        atoms.symbols[int(rng.choice(as_))] = "Ga"
-    elif kind == "As_Ga":
-        atoms.symbols[int(rng.choice(ga))] = "As"
-    elif kind in ("Ga_i", "As_i"):
+    elif generic == "{c}_{a}":  # a cation on an anion site
+        atoms.symbols[int(rng.choice(as_))] = cation
+    elif generic == "{a}_{c}":
+        atoms.symbols[int(rng.choice(ga))] = anion
+    elif generic in ("{c}_i", "{a}_i"):
         # The tetrahedral interstitial site next to a random cation: the cation's position + a(1/2,1/2,1/2)/... ;
         # in zincblende the empty tetrahedral sites sit at the anion positions shifted by a/2 along x.
         host = int(rng.choice(as_))
         site = atoms.positions[host] + np.array([a / 2, 0.0, 0.0])
-        atoms.append(kind.split("_")[0])
+        atoms.append(cation if generic == "{c}_i" else anion)
         atoms.positions[-1] = site
     else:  # nearest-neighbour divacancy
         i = int(rng.choice(ga))
@@ -95,7 +102,7 @@ def build(index: int, seed: int, a: float):
 
 
 def relax_one(job):
-    index, seed, a, path = job
+    index, seed, a, path, compound = job
     if Path(path).exists():
         return path, "exists"
     from ase.io import write
@@ -103,7 +110,7 @@ def relax_one(job):
     from ase_bptt.data.generate import relax_frames
 
     calc = _worker_calc()
-    atoms, label = build(index, seed, a)
+    atoms, label = build(index, seed, a, compound)
     frames = relax_frames(atoms, calc, fmax=FMAX, max_steps=MAX_STEPS)
     for f in frames:
         f.info["label"] = label
@@ -130,6 +137,7 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compound", choices=sorted(COMPOUNDS), default="GaAs", help="the zincblende host (default GaAs)")
     args = p.parse_args()
     (args.out / "train").mkdir(parents=True, exist_ok=True)
     (args.out / "test").mkdir(parents=True, exist_ok=True)
@@ -137,13 +145,17 @@ def main() -> None:
     if a_file.exists():
         a = float(a_file.read_text())
     else:
-        a = lattice_constant(_worker_calc())
+        a = lattice_constant(_worker_calc(), args.compound)
         a_file.write_text(f"{a:.6f}\n")
-    print(f"CHGNet zincblende GaAs lattice constant: {a:.4f} A", flush=True)
-    jobs = [(i, args.seed, a, str(args.out / "train" / f"gaas-{i:04d}.extxyz")) for i in range(args.n_train)]
+    print(f"CHGNet zincblende {args.compound} lattice constant: {a:.4f} A", flush=True)
+    stem = args.compound.lower()
+    jobs = [
+        (i, args.seed, a, str(args.out / "train" / f"{stem}-{i:04d}.extxyz"), args.compound)
+        for i in range(args.n_train)
+    ]
     jobs += [
-        (args.n_train + i, args.seed, a, str(args.out / "test" / f"gaas-{args.n_train + i:04d}.extxyz"))
-        for i in range(args.n_test)
+        (k, args.seed, a, str(args.out / "test" / f"{stem}-{k:04d}.extxyz"), args.compound)
+        for k in range(args.n_train, args.n_train + args.n_test)
     ]
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:

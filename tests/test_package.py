@@ -64,6 +64,23 @@ def test_modules_are_small():
     assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
 
 
+#: The longest function body (its docstring left out) a module may hold.
+MAX_FUNCTION_LINES = 80
+
+
+def test_functions_are_short():
+    import ast
+
+    too_long = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+                if body and (n := body[-1].end_lineno - body[0].lineno + 1) > MAX_FUNCTION_LINES:
+                    too_long[f"{name}.{node.name}"] = n
+    assert not too_long, f"function bodies over {MAX_FUNCTION_LINES} lines: {too_long}"
+
+
 def test_every_public_error_derives_from_the_base():
     offenders = []
     for info in pkgutil.walk_packages(ase_bptt.__path__, "ase_bptt."):

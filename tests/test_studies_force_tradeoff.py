@@ -62,11 +62,8 @@ def test_choice_follows_the_rule_on_val(quick):
 
 
 def test_choose_without_an_eligible_weight_says_so():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from force_tradeoff import choose
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    from studies.force_tradeoff import choose
+
     points = [
         {"weight": 0.0, "val": {"dq": 1.0, "force_mae": 5.0}},
         {"weight": 3.0, "val": {"dq": 2.0, "force_mae": 0.9}},

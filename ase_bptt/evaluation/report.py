@@ -28,8 +28,32 @@ __all__ = [
 
 # ----------------------------------------------------------------- markdown
 def _markdown(result: Mapping[str, Any], plots: bool = True) -> str:
+    """report.md: the settings, the main table, then one section per view of the same numbers."""
+    lines = [*_header_section(result), "", "## Dq by method", "", _method_table(result, markdown=True)]
+    lines += [
+        "",
+        f"*In basin*: the fraction of structures whose final positions lie within {result['settings']['basin_rms']:g} "
+        "A RMS per atom (minimum image) of the reference relaxed structure, i.e. that ended in the reference's "
+        "minimum. *Force MAE* (eV/A) and *energy MAE* (meV/atom): the row's model on every frame of the split.",
+    ]
+    lines += _comparisons_section(result)
+    lines += _refinement_section(result)
+    lines += _per_label_sections(result)
+    lines += _worse_labels_section(result)
+    lines += _not_evaluated(result)
+    lines += _force_errors_section(result)
+    lines += _eta_curve_sections(result)
+    lines += ["", "## Plots", ""]
+    if plots:
+        lines += [f"### {_PLOT_CAPTIONS[role]}\n\n![{role}]({name})\n" for role, name in PLOT_FILES.items()]
+    else:
+        lines.append("Not drawn (`--no-plots`); every number behind them is in report.json.")
+    return "\n".join(lines)
+
+
+def _header_section(result: Mapping[str, Any]) -> list[str]:
     s = result["settings"]
-    lines = [
+    return [
         "# ase-bptt evaluation report",
         "",
         f"- database: `{result['database']}`",
@@ -51,52 +75,38 @@ def _markdown(result: Mapping[str, Any], plots: bool = True) -> str:
             else ""
         )
         + (f" **Note:** {result['selection_note']}." if result.get("selection_note") else ""),
-        "",
-        "## Dq by method",
-        "",
     ]
-    rows = method_rows(result)
-    lines.append(_method_table(result, markdown=True))
-    lines += [
-        "",
-        f"*In basin*: the fraction of structures whose final positions lie within {s['basin_rms']:g} A RMS per atom "
-        "(minimum image) of the reference relaxed structure, i.e. that ended in the reference's minimum. "
-        "*Force MAE* (eV/A) and *energy MAE* (meV/atom): the row's model on every frame of the split.",
-    ]
-    lines += _comparisons_section(result)
-    lines += _refinement_section(result)
+
+
+def _per_label_sections(result: Mapping[str, Any]) -> list[str]:
     labels = sorted(result["label_counts"])
-    if labels:
-        for title, key in (
-            ("Mean Dq per label", "per_label"),
-            (f"Fraction in the reference's basin per label (<= {s['basin_rms']:g} A RMS)", "per_label_basin"),
-        ):
-            lines += ["", f"## {title}", ""]
-            lines.append(
-                format_table(
-                    ["method", "model", *labels],
-                    [[r["method"], r["model"], *(r[key].get(l) for l in labels)] for r in rows],
-                )
-            )
-    lines += _worse_labels_section(result)
-    lines += _not_evaluated(result)
-    lines += ["", "## Force errors on the split's frames", ""]
-    lines.append(
-        format_table(
-            ["model", "frames", "MAE (eV/A)", "RMSE (eV/A)", "L2 (eV/A)", "energy MAE (meV/atom)"],
-            [
-                [
-                    ck["name"],
-                    ck["forces"]["n_frames"],
-                    ck["forces"]["mae"],
-                    ck["forces"]["rmse"],
-                    ck["forces"]["l2"],
-                    ck["forces"].get("energy_mae_mev_per_atom"),
-                ]
-                for ck in result["checkpoints"]
-            ],
-        )
-    )
+    if not labels:
+        return []
+    rows, lines = method_rows(result), []
+    basin = result["settings"]["basin_rms"]
+    for title, key in (
+        ("Mean Dq per label", "per_label"),
+        (f"Fraction in the reference's basin per label (<= {basin:g} A RMS)", "per_label_basin"),
+    ):
+        lines += ["", f"## {title}", ""]
+        table = [[r["method"], r["model"], *(r[key].get(label) for label in labels)] for r in rows]
+        lines.append(format_table(["method", "model", *labels], table))
+    return lines
+
+
+def _force_errors_section(result: Mapping[str, Any]) -> list[str]:
+    header = ["model", "frames", "MAE (eV/A)", "RMSE (eV/A)", "L2 (eV/A)", "energy MAE (meV/atom)"]
+    rows = [
+        [f["n_frames"], f["mae"], f["rmse"], f["l2"], f.get("energy_mae_mev_per_atom")]
+        for f in (ck["forces"] for ck in result["checkpoints"])
+    ]
+    names = [ck["name"] for ck in result["checkpoints"]]
+    table = format_table(header, [[name, *row] for name, row in zip(names, rows)])
+    return ["", "## Force errors on the split's frames", "", table]
+
+
+def _eta_curve_sections(result: Mapping[str, Any]) -> list[str]:
+    lines = []
     for ck in result["checkpoints"]:
         lines += ["", f"## Eta curve: {ck['name']}", "", f"checkpoint `{ck['path']}`", ""]
         sel = {p["eta"]: p["dq"]["mean"] for p in ck.get("selection_eta_curve") or []}
@@ -116,12 +126,7 @@ def _markdown(result: Mapping[str, Any], plots: bool = True) -> str:
                 "",
                 f"ASE FIRE: {f['steps_mean']:.1f} steps on average, {100 * f['converged_fraction']:.0f}% reached fmax.",
             ]
-    lines += ["", "## Plots", ""]
-    if plots:
-        lines += [f"### {_PLOT_CAPTIONS[role]}\n\n![{role}]({name})\n" for role, name in PLOT_FILES.items()]
-    else:
-        lines.append("Not drawn (`--no-plots`); every number behind them is in report.json.")
-    return "\n".join(lines)
+    return lines
 
 
 _PLOT_CAPTIONS = {

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -247,128 +247,17 @@ def run_epochs(
         evaluate_first: evaluate before the first epoch (epoch 0), as the
             baseline the run must beat.
     """
-    from tqdm.auto import tqdm
-
-    def record(epoch: float, metric: float, entry: dict) -> None:
-        entry = {"epoch": epoch, **entry, "step": loop.step, "skipped": loop.skipped}
-        loop.history.append(entry)
-        if loop.best_metric is None or (math.isfinite(metric) and metric < loop.best_metric):
-            loop.best_metric, loop.best_epoch, loop.since_best = float(metric), epoch, 0
-            hooks.keep_best()
-        else:
-            loop.since_best += 1
-        if ctx.is_main:
-            log.info(
-                "%s epoch %s: %s",
-                spec.kind,
-                epoch,
-                ", ".join(
-                    f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in entry.items()
-                    if k not in ("epoch",)
-                ),
-            )
-
     if loop.finished:
         return loop
-    started = time.monotonic()
-    base_elapsed = loop.elapsed
-
-    def clock() -> float:
-        return base_elapsed + time.monotonic() - started
-
+    run = _EpochRunner(spec, loop, ctx, hooks, progress)
     if evaluate_first and not loop.history:
         metric, entry = hooks.validate(0)
-        record(0, metric, entry)
-        loop.elapsed = clock()
+        run.record(0, metric, entry)
+        loop.elapsed = run.clock()
         write_state(spec, loop, hooks.state_payload(), ctx)
-
-    def evaluated_now() -> bool:
-        return bool(loop.history) and loop.history[-1].get("step") == loop.step
-
-    def patience_spent() -> str:
-        if spec.patience is not None and loop.since_best >= spec.patience:
-            return f"early stopping: no improvement for {spec.patience} evaluations"
-        return ""
-
     with sigint_flag() as interrupted:
         while loop.epoch < spec.epochs and not loop.finished:
-            epoch = loop.epoch
-            batches = epoch_batches(spec, epoch)
-            # With a step budget the bar counts the run's optimiser steps (what remains of the budget);
-            # without one, the epoch's batches.
-            budget = spec.max_steps if spec.max_steps is not None else None
-            bar = tqdm(
-                total=budget if budget is not None else len(batches),
-                initial=loop.step if budget is not None else loop.batch,
-                desc=spec.stage or spec.kind,
-                disable=not (progress and ctx.is_main),
-                leave=False,
-                dynamic_ncols=True,
-            )
-            bar.set_description_str(f"{spec.stage or spec.kind}, epoch {epoch + 1}", refresh=False)
-            stop = ""
-            try:
-                for b in range(loop.batch, len(batches)):
-                    metrics = hooks.train_batch(epoch, b, batches[b])
-                    loop.batch, loop.step = b + 1, loop.step + 1
-                    if metrics is None:
-                        loop.skipped += 1
-                    elif bar is not None:
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-                    bar.update(1)
-                    loop.elapsed = clock()
-                    if spec.max_steps is not None and loop.step >= spec.max_steps:
-                        stop = f"reached the limit of {spec.max_steps} optimiser steps"
-                    elif spec.time_budget is not None and ctx.any(loop.elapsed >= spec.time_budget):
-                        stop = f"time budget of {spec.time_budget:g} s used"
-                    if ctx.any(interrupted["set"]):
-                        write_state(spec, loop, hooks.state_payload(), ctx)
-                        raise TrainingInterrupted(
-                            f"{spec.kind} interrupted at epoch {epoch + 1}, batch {b + 1}/{len(batches)}; "
-                            f"state saved to {spec.state_file}. Run the same command again to continue."
-                        )
-                    if stop:
-                        break
-                    if spec.eval_every and loop.step % spec.eval_every == 0 and b + 1 < len(batches):
-                        # An evaluation inside the epoch: its "epoch" is fractional (1.25: a
-                        # quarter into the second epoch); the state is written right after it.
-                        metric, entry = hooks.validate(epoch + 1)
-                        record(round(epoch + loop.batch / len(batches), 4), metric, entry)
-                        stop = patience_spent()
-                        loop.elapsed = clock()
-                        if stop:
-                            break
-                        write_state(spec, loop, hooks.state_payload(), ctx)
-                    elif spec.checkpoint_every and loop.step % spec.checkpoint_every == 0 and b + 1 < len(batches):
-                        write_state(spec, loop, hooks.state_payload(), ctx)
-                    _maybe_kill_self(loop.step)
-            finally:
-                bar.close()
-            if loop.skipped and loop.skipped == loop.step:
-                raise TrainingError(
-                    f"{spec.kind}: every batch so far ({loop.skipped}) had a non-finite loss or gradient; "
-                    "lower the learning rate or the step size (eta), or check the data for bad forces."
-                )
-            partial = loop.batch < len(batches)
-            if not partial:
-                loop.epoch, loop.batch = epoch + 1, 0
-            last = bool(stop) or loop.epoch >= spec.epochs
-            due = spec.eval_every is None or loop.step % spec.eval_every == 0 or last
-            if due and not evaluated_now():
-                metric, entry = hooks.validate(epoch + 1)
-                if partial:
-                    entry["partial_epoch"] = round(loop.batch / len(batches), 4)
-                record(epoch + 1, metric, entry)
-                stop = patience_spent() or stop
-            if not stop and loop.epoch >= spec.epochs:
-                stop = f"completed {spec.epochs} epochs"
-            if stop:
-                loop.finished, loop.stop_reason = True, stop
-            loop.elapsed = clock()
-            write_state(spec, loop, hooks.state_payload(), ctx)
-            if not stop:
-                _maybe_kill_self(loop.step)
+            run.epoch(interrupted)
     if not loop.finished:
         loop.finished, loop.stop_reason = True, f"completed {spec.epochs} epochs"
     if ctx.is_main:
@@ -380,3 +269,129 @@ def run_epochs(
             loop.best_metric if loop.best_metric is not None else float("nan"),
         )
     return loop
+
+
+class _EpochRunner:
+    """One call of :func:`run_epochs`: its clock, its records and one epoch at a time."""
+
+    def __init__(self, spec: LoopSpec, loop: LoopState, ctx: DistContext, hooks: EpochHooks, progress: bool) -> None:
+        self.spec, self.loop, self.ctx, self.hooks, self.progress = spec, loop, ctx, hooks, progress
+        self.started, self.base_elapsed = time.monotonic(), loop.elapsed
+
+    def clock(self) -> float:
+        return self.base_elapsed + time.monotonic() - self.started
+
+    def record(self, epoch: float, metric: float, entry: dict) -> None:
+        loop = self.loop
+        entry = {"epoch": epoch, **entry, "step": loop.step, "skipped": loop.skipped}
+        loop.history.append(entry)
+        if loop.best_metric is None or (math.isfinite(metric) and metric < loop.best_metric):
+            loop.best_metric, loop.best_epoch, loop.since_best = float(metric), epoch, 0
+            self.hooks.keep_best()
+        else:
+            loop.since_best += 1
+        if self.ctx.is_main:
+            shown = ", ".join(
+                f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "epoch"
+            )
+            log.info("%s epoch %s: %s", self.spec.kind, epoch, shown)
+
+    def evaluated_now(self) -> bool:
+        return bool(self.loop.history) and self.loop.history[-1].get("step") == self.loop.step
+
+    def patience_spent(self) -> str:
+        if self.spec.patience is not None and self.loop.since_best >= self.spec.patience:
+            return f"early stopping: no improvement for {self.spec.patience} evaluations"
+        return ""
+
+    def save(self) -> None:
+        write_state(self.spec, self.loop, self.hooks.state_payload(), self.ctx)
+
+    def epoch(self, interrupted: dict) -> None:
+        """Train the rest of the current epoch, evaluate when due, and record why the run stops, if it does."""
+        from tqdm.auto import tqdm
+
+        spec, loop = self.spec, self.loop
+        epoch = loop.epoch
+        batches = epoch_batches(spec, epoch)
+        # With a step budget the bar counts the run's optimiser steps (what remains of the budget);
+        # without one, the epoch's batches.
+        budget = spec.max_steps
+        bar = tqdm(
+            total=budget if budget is not None else len(batches),
+            initial=loop.step if budget is not None else loop.batch,
+            desc=spec.stage or spec.kind,
+            disable=not (self.progress and self.ctx.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        bar.set_description_str(f"{spec.stage or spec.kind}, epoch {epoch + 1}", refresh=False)
+        try:
+            stop = self.train_batches(epoch, batches, bar, interrupted)
+        finally:
+            bar.close()
+        if loop.skipped and loop.skipped == loop.step:
+            raise TrainingError(
+                f"{spec.kind}: every batch so far ({loop.skipped}) had a non-finite loss or gradient; "
+                "lower the learning rate or the step size (eta), or check the data for bad forces."
+            )
+        partial = loop.batch < len(batches)
+        if not partial:
+            loop.epoch, loop.batch = epoch + 1, 0
+        last = bool(stop) or loop.epoch >= spec.epochs
+        due = spec.eval_every is None or loop.step % spec.eval_every == 0 or last
+        if due and not self.evaluated_now():
+            metric, entry = self.hooks.validate(epoch + 1)
+            if partial:
+                entry["partial_epoch"] = round(loop.batch / len(batches), 4)
+            self.record(epoch + 1, metric, entry)
+            stop = self.patience_spent() or stop
+        if not stop and loop.epoch >= spec.epochs:
+            stop = f"completed {spec.epochs} epochs"
+        if stop:
+            loop.finished, loop.stop_reason = True, stop
+        loop.elapsed = self.clock()
+        self.save()
+        if not stop:
+            _maybe_kill_self(loop.step)
+
+    def train_batches(self, epoch: int, batches: list, bar: Any, interrupted: dict) -> str:
+        """Optimiser steps over the epoch's remaining batches, with the evaluations and states due inside it;
+        returns why the run stops ("" when the epoch ended normally)."""
+        spec, loop, ctx = self.spec, self.loop, self.ctx
+        for b in range(loop.batch, len(batches)):
+            metrics = self.hooks.train_batch(epoch, b, batches[b])
+            loop.batch, loop.step = b + 1, loop.step + 1
+            if metrics is None:
+                loop.skipped += 1
+            else:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            bar.update(1)
+            loop.elapsed = self.clock()
+            stop = ""
+            if spec.max_steps is not None and loop.step >= spec.max_steps:
+                stop = f"reached the limit of {spec.max_steps} optimiser steps"
+            elif spec.time_budget is not None and ctx.any(loop.elapsed >= spec.time_budget):
+                stop = f"time budget of {spec.time_budget:g} s used"
+            if ctx.any(interrupted["set"]):
+                self.save()
+                raise TrainingInterrupted(
+                    f"{spec.kind} interrupted at epoch {epoch + 1}, batch {b + 1}/{len(batches)}; "
+                    f"state saved to {spec.state_file}. Run the same command again to continue."
+                )
+            if stop:
+                return stop
+            if spec.eval_every and loop.step % spec.eval_every == 0 and b + 1 < len(batches):
+                # An evaluation inside the epoch: its "epoch" is fractional (1.25: a
+                # quarter into the second epoch); the state is written right after it.
+                metric, entry = self.hooks.validate(epoch + 1)
+                self.record(round(epoch + loop.batch / len(batches), 4), metric, entry)
+                loop.elapsed = self.clock()
+                stop = self.patience_spent()
+                if stop:
+                    return stop
+                self.save()
+            elif spec.checkpoint_every and loop.step % spec.checkpoint_every == 0 and b + 1 < len(batches):
+                self.save()
+            _maybe_kill_self(loop.step)
+        return ""

@@ -165,8 +165,6 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
     from ase_bptt.data.db import TrajectoryDB
     from ase_bptt.data.generate import generate
     from ase_bptt.evaluation.pipeline import evaluate
-    from ase_bptt.evaluation.report import model_error_lines
-    from ase_bptt.evaluation.rows import format_table
     from ase_bptt.train.finetune import finetune
     from ase_bptt.train.presets import finetune_config
 
@@ -216,7 +214,22 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
     else:
         echo("    reusing the report (newer than both checkpoints)")
     stages.total()
-    timings = stages.wall
+    table = _print_summary(result, stages, paths["report_dir"], echo)
+    return {
+        "result": result,
+        "table": table,
+        "report": paths["report_dir"] / "report.md",
+        "timings": stages.wall,
+        "cpu_times": stages.cpu,
+        "paths": paths,
+    }
+
+
+def _print_summary(result: dict[str, Any], stages: _Stages, report_dir: Path, echo: Callable[[str], Any]) -> str:
+    """The demo's closing lines: the Dq table, the comparisons, the model errors, where the report is and the
+    time each stage took; returns the table."""
+    from ase_bptt.evaluation.report import model_error_lines
+    from ase_bptt.evaluation.rows import format_table
 
     table = format_table(
         ["method", "model", "eta", "Dq mean", "Dq median", "frames", "force MAE", "energy MAE"],
@@ -235,18 +248,11 @@ def _run_demo(out_dir, quick, settings, device, dtype, seed, workers, progress, 
         for line in model_error_lines(result):
             echo(line)
         echo(per_kind)
-    echo(f"report: {paths['report_dir'] / 'report.md'}")
-    echo("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    echo(f"report: {report_dir / 'report.md'}")
+    echo("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.wall.items()))
     echo("CPU time: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.cpu.items()))
     echo(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    return {
-        "result": result,
-        "table": table,
-        "report": paths["report_dir"] / "report.md",
-        "timings": timings,
-        "cpu_times": stages.cpu,
-        "paths": paths,
-    }
+    return table
 
 
 def _resumable(echo: Callable[[str], Any], train: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:

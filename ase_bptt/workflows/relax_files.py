@@ -91,12 +91,8 @@ def relax_file(
         NonFiniteResultError: the model gave NaN or infinite results for a frame.
         ValueError: an unknown optimizer.
     """
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.optimize import FIRE
-
     from ase_bptt.calculator import BPTTCalculator
     from ase_bptt.models.checkpoint import atomic_write
-    from ase_bptt.models.domain import NonFiniteResultError
 
     if optimizer not in ("learned", "fire"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use learned or fire")
@@ -120,7 +116,6 @@ def relax_file(
     calc = BPTTCalculator(Path(model), device=resolve_device(device), dtype=resolve_dtype(dtype))
     for i, atoms in enumerate(images):
         calc.check_structure(atoms, where=f"{src} (frame {i}, {atoms.get_chemical_formula()})")
-
     if optimizer == "learned" and not calc.relax_settings:
         raise NoStepRuleError(
             f"{model} stores no step rule (relax settings); relax with --optimizer fire, or fine-tune it first"
@@ -128,43 +123,47 @@ def relax_file(
     if steps is None:
         relax = calc.relax_settings or {}
         steps = int(relax.get("max_steps") or DEFAULT_MAX_STEPS) if optimizer == "learned" else 300
-    done: list[RelaxedStructure] = []
-    for i, atoms in enumerate(_progress(images, enabled=progress, desc=f"relax ({optimizer})")):
-        start = atoms.get_positions()
-        atoms.calc = calc
-        try:
-            if optimizer == "fire":
-                opt = FIRE(atoms, logfile=None)
-                converged = bool(opt.run(fmax=fmax, steps=steps))
-            else:
-                from ase_bptt.relax.optimizer import LearnedStepOptimizer
-
-                opt = LearnedStepOptimizer(atoms, logfile=None)
-                converged = bool(opt.run(steps=steps))
-            forces = atoms.get_forces()
-            if not np.isfinite(atoms.positions).all():
-                raise NonFiniteResultError(f"the {optimizer} optimizer moved atoms to non-finite positions")
-        except NonFiniteResultError as e:
-            raise NonFiniteResultError(f"{src} (frame {i}): {e}; nothing was written") from None
-        energy = atoms.calc.results.get("energy")
-        # The calculator is shared by all frames: freeze this frame's results so
-        # the output file carries its own energy and forces.
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces.copy())
-        moved = atoms.get_positions() - start
-        done.append(
-            RelaxedStructure(
-                index=i,
-                formula=atoms.get_chemical_formula(),
-                n_atoms=len(atoms),
-                steps=int(opt.nsteps),
-                converged=converged,
-                fmax=float(np.linalg.norm(forces, axis=1).max()),
-                displacement_rms=float(np.sqrt((moved**2).sum(axis=1).mean())),
-            )
-        )
+    done = [
+        _relax_frame(atoms, calc, optimizer, fmax=fmax, steps=steps, index=i, where=src)
+        for i, atoms in enumerate(_progress(images, enabled=progress, desc=f"relax ({optimizer})"))
+    ]
     frames = images[0] if len(images) == 1 else images
     atomic_write(out, lambda tmp: ase.io.write(tmp, frames, format=out_format))
     return done
+
+
+def _relax_frame(atoms, calc, optimizer: str, *, fmax: float, steps: int, index: int, where: Path) -> RelaxedStructure:
+    """Relax one frame in place with ``calc`` and freeze its own energy and forces on it."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.optimize import FIRE
+
+    from ase_bptt.models.domain import NonFiniteResultError
+    from ase_bptt.relax.optimizer import LearnedStepOptimizer
+
+    start = atoms.get_positions()
+    atoms.calc = calc
+    try:
+        opt = FIRE(atoms, logfile=None) if optimizer == "fire" else LearnedStepOptimizer(atoms, logfile=None)
+        converged = bool(opt.run(fmax=fmax, steps=steps) if optimizer == "fire" else opt.run(steps=steps))
+        forces = atoms.get_forces()
+        if not np.isfinite(atoms.positions).all():
+            raise NonFiniteResultError(f"the {optimizer} optimizer moved atoms to non-finite positions")
+    except NonFiniteResultError as e:
+        raise NonFiniteResultError(f"{where} (frame {index}): {e}; nothing was written") from None
+    energy = atoms.calc.results.get("energy")
+    # The calculator is shared by all frames: freeze this frame's results so
+    # the output file carries its own energy and forces.
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces.copy())
+    moved = atoms.get_positions() - start
+    return RelaxedStructure(
+        index=index,
+        formula=atoms.get_chemical_formula(),
+        n_atoms=len(atoms),
+        steps=int(opt.nsteps),
+        converged=converged,
+        fmax=float(np.linalg.norm(forces, axis=1).max()),
+        displacement_rms=float(np.sqrt((moved**2).sum(axis=1).mean())),
+    )
 
 
 def read_structures(path: Path, input_format: str | None = None) -> list:
