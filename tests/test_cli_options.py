@@ -125,3 +125,21 @@ def test_pretrain_recipe_and_model_options(monkeypatch, tmp_path):
     assert CliRunner().invoke(cli, [*args, "--architecture", "adapt-mi", "--n-layers", "3", "--augment"]).exit_code == 0
     c = seen["config"]
     assert c.model == {**DEFAULT_MODEL, "n_layers": 3} and c.augment_rotation and c.augment_translation
+
+
+def test_evaluate_options_default_to_the_functions_defaults():
+    """`ase-bptt evaluate`'s defaults are evaluate()'s and Refinement's, never typed twice."""
+    import dataclasses
+    import inspect
+
+    from ase_bptt.cli import cli
+    from ase_bptt.evaluation.pipeline import evaluate
+    from ase_bptt.evaluation.refine import Refinement
+
+    params = {p.name: p.default for p in cli.commands["evaluate"].params}
+    signature = inspect.signature(evaluate).parameters
+    for name in ("fire_fmax", "fire_steps", "tol", "max_steps", "metric", "batch_size", "basin_rms", "split"):
+        assert params[name] == signature[name].default, name
+    refinement = {f.name: f.default for f in dataclasses.fields(Refinement)}
+    for name in ("optimizer", "fmax", "steps"):
+        assert params[f"refine_{name}"] == refinement[name], name

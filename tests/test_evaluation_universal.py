@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from ase.optimize import FIRE
+from conftest import small_backend, tiny_adapt
 from test_evaluation_baselines import silicon_relaxation
 from test_evaluation_evaluate import independent_dq
 
@@ -62,3 +63,14 @@ def test_the_untouched_base_model_is_a_baseline_row(tmp_path):
     # and the tuned model is compared with it, structure by structure
     against = {(c["method"], c["against_model"]) for c in result["comparisons"]}
     assert ("own_rule", "chgnet 0.3.0 (untouched)") in against
+
+
+def test_a_universal_checkpoint_gets_the_short_eta_grid():
+    from ase_bptt.evaluation.pipeline import Evaluation
+    from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, UNIVERSAL_ETA_GRID
+
+    job = Evaluation.__new__(Evaluation)
+    job.models = {"tuned": small_backend("chgnet")}
+    assert job._default_grid() == UNIVERSAL_ETA_GRID and len(UNIVERSAL_ETA_GRID) == 4
+    job.models = {"adapt": tiny_adapt()}
+    assert job._default_grid() == DEFAULT_ETA_GRID

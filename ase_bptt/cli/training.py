@@ -21,7 +21,16 @@ from ase_bptt.cli.options import (
     runtime_options,
     training_options,
 )
-from ase_bptt.relax.defaults import REFINE_OPTIMIZERS
+from ase_bptt.metrics import CORRECT_BASIN_RMS
+from ase_bptt.relax.defaults import (
+    DEFAULT_FIRE_STEPS,
+    DEFAULT_FMAX,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_TOL,
+    EVAL_BATCH_SIZE,
+    REFINE_OPTIMIZERS,
+    REFINE_STEPS,
+)
 
 # ---------------------------------------------------------------- training
 _PRETRAIN_FIELDS = ("max_steps", "epochs", "time_budget", "batch_size", "lr", "patience")
@@ -227,24 +236,37 @@ def finetune_cmd(
     callback=float_list,
     default=None,
     metavar="ETA,ETA,...",
-    help="Fixed step sizes to try (A^2/eV)  [default: 10 values from 0.005 to 0.3, log-spaced]",
+    help="Fixed step sizes to try (A^2/eV)  [default: 10 values from 0.005 to 0.3, log-spaced; 4 from 0.00788 to "
+    "0.121 when a checkpoint holds a universal MLIP]",
 )
 @click.option(
     "--fire-fmax",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
+    default=DEFAULT_FMAX,
     show_default=True,
     help="ASE FIRE force criterion (eV/A).",
 )
-@click.option("--fire-steps", type=click.IntRange(min=1), default=300, show_default=True, help="ASE FIRE step limit.")
+@click.option(
+    "--fire-steps",
+    type=click.IntRange(min=1),
+    default=DEFAULT_FIRE_STEPS,
+    show_default=True,
+    help="ASE FIRE step limit.",
+)
 @click.option(
     "--tol",
     type=click.FloatRange(min=0, min_open=True),
-    default=1e-3,
+    default=DEFAULT_TOL,
     show_default=True,
     help="Fixed-step stopping tolerance: RMS displacement of one frame (A).",
 )
-@click.option("--max-steps", type=click.IntRange(min=1), default=75, show_default=True, help="Fixed-step frame limit.")
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_STEPS,
+    show_default=True,
+    help="Fixed-step frame limit.",
+)
 @click.option(
     "--metric",
     type=click.Choice(["dq", "mse"]),
@@ -253,7 +275,11 @@ def finetune_cmd(
     help="Dq (mass-weighted) or MSE (pure crystals).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Structures per rollout batch."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=EVAL_BATCH_SIZE,
+    show_default=True,
+    help="Structures per rollout batch.",
 )
 @click.option(
     "--baseline",
@@ -267,7 +293,7 @@ def finetune_cmd(
 @click.option(
     "--basin-rms",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.1,
+    default=CORRECT_BASIN_RMS,
     show_default=True,
     help="RMS per-atom distance to the reference (A) within which a structure counts as in the right basin.",
 )
@@ -289,12 +315,12 @@ def finetune_cmd(
 @click.option(
     "--refine-fmax",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
+    default=DEFAULT_FMAX,
     show_default=True,
     help="Force criterion of the refinement (eV/A).",
 )
 @click.option(
-    "--refine-steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Refinement step limit."
+    "--refine-steps", type=click.IntRange(min=1), default=REFINE_STEPS, show_default=True, help="Refinement step limit."
 )
 @click.option(
     "--plots/--no-plots",

@@ -8,6 +8,7 @@ import click
 
 from ase_bptt.cli._group import cli, command
 from ase_bptt.cli.options import progress_enabled, runtime_options
+from ase_bptt.relax.defaults import DEFAULT_FIRE_STEPS, DEFAULT_FMAX
 
 
 # ------------------------------------------------------------------- using
@@ -30,7 +31,7 @@ from ase_bptt.cli.options import progress_enabled, runtime_options
 @click.option(
     "--fmax",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
+    default=DEFAULT_FMAX,
     show_default=True,
     help="FIRE force criterion (eV/A).",
 )
@@ -38,7 +39,7 @@ from ase_bptt.cli.options import progress_enabled, runtime_options
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Step limit  [default: the checkpoint's max_steps (learned) or 300 (fire)]",
+    help=f"Step limit  [default: the checkpoint's max_steps (learned) or {DEFAULT_FIRE_STEPS} (fire)]",
 )
 @click.option("--input-format", default=None, help="ase.io format of INPUT (default: from the name).")
 @click.option(

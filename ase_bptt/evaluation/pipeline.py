@@ -59,7 +59,15 @@ from ase_bptt.evaluation.relaxations import (
 from ase_bptt.evaluation.rows import method_label
 from ase_bptt.evaluation.split import evaluable, force_errors, load_split, method_entry, selection_split, unique_stems
 from ase_bptt.outputs import check_not_inputs, check_writable_output
-from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.relax.defaults import (
+    DEFAULT_ETA_GRID,
+    DEFAULT_FIRE_STEPS,
+    DEFAULT_FMAX,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_TOL,
+    EVAL_BATCH_SIZE,
+    UNIVERSAL_ETA_GRID,
+)
 from ase_bptt.runs.config import resolve_dtype, to_jsonable
 from ase_bptt.runs.distributed import resolve_device
 from ase_bptt.runs.errors import EmptySplitError
@@ -81,13 +89,13 @@ def evaluate(
     split: str = "test",
     select_eta_on: str | None = "val",
     eta_grid: Sequence[float] | None = None,
-    fire_fmax: float = 0.05,
-    fire_steps: int = 300,
-    tol: float = 1e-3,
-    max_steps: int = 75,
+    fire_fmax: float = DEFAULT_FMAX,
+    fire_steps: int = DEFAULT_FIRE_STEPS,
+    tol: float = DEFAULT_TOL,
+    max_steps: int = DEFAULT_MAX_STEPS,
     maxstep: float = 0.2,
     metric: str = "dq",
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     names: Sequence[str] | None = None,
     baselines: Sequence[str | Baseline] = (),
     refinement: Refinement | None = None,
@@ -109,7 +117,8 @@ def evaluate(
         select_eta_on: a second split on which the honest fixed-step eta is
             chosen (falls back to "train" when it is empty, saying so as a
             warning and in the report's ``selection_note``; None to skip).
-        eta_grid: fixed step sizes in A^2/eV (default :data:`DEFAULT_ETA_GRID`).
+        eta_grid: fixed step sizes in A^2/eV (default :data:`DEFAULT_ETA_GRID`, or
+            :data:`~ase_bptt.relax.defaults.UNIVERSAL_ETA_GRID` when a checkpoint holds a universal MLIP).
         fire_fmax: ASE FIRE's force criterion (eV/A), for models and baselines.
         fire_steps: ASE FIRE's step limit, for models and baselines.
         tol: RMS per-atom displacement that stops a fixed-step rollout (A).
@@ -145,7 +154,7 @@ def evaluate(
             file is an input, or cannot be created (checked first).
     """
     settings = {
-        "eta_grid": [float(e) for e in (eta_grid if eta_grid is not None else DEFAULT_ETA_GRID)],
+        "eta_grid": None if eta_grid is None else [float(e) for e in eta_grid],  # None: decided in load()
         "fire_fmax": fire_fmax,
         "fire_steps": fire_steps,
         "tol": tol,
@@ -229,7 +238,7 @@ class Evaluation:
             check_not_inputs(written, inputs, option="-o/--out")
             check_writable_output(self.out_dir, option="-o/--out", directory=True)
         grid, s = self.settings["eta_grid"], self.settings
-        if not grid or any(not (e > 0 and math.isfinite(e)) for e in grid):
+        if grid is not None and (not grid or any(not (e > 0 and math.isfinite(e)) for e in grid)):
             raise ValueError(f"eta grid must be positive finite step sizes, got {grid}")
         if self.metric not in ("dq", "mse"):
             raise ValueError(f"unknown metric {self.metric!r}: use dq or mse")
@@ -249,6 +258,8 @@ class Evaluation:
             name: load_model(ck, device=self.device, dtype=self.dtype, name=files[name]).eval()
             for name, ck in self.ckpts.items()
         }
+        if self.settings["eta_grid"] is None:
+            self.settings["eta_grid"] = list(self._default_grid())
         self.database = open_db(self.db_arg)
         self.data, self.skipped = evaluable(load_split(self.database, self.split_name), self.models)
         if len(self.skipped) == len(self.data):
@@ -263,6 +274,14 @@ class Evaluation:
             log.warning("%s", self.selection_note)
         self.finals[("-", "do_nothing")] = self.data.batch64.positions
         self.labels[("-", "do_nothing")] = "do nothing (initial structure)"
+
+    def _default_grid(self) -> tuple[float, ...]:
+        from ase_bptt.models.universal import UniversalModel
+
+        if any(isinstance(model, UniversalModel) for model in self.models.values()):
+            log.info("a universal MLIP: fixed steps over the eta grid %s", ", ".join(map(str, UNIVERSAL_ETA_GRID)))
+            return UNIVERSAL_ETA_GRID
+        return DEFAULT_ETA_GRID
 
     def header(self) -> dict[str, Any]:
         """What was evaluated, how, and the do-nothing row."""

@@ -29,6 +29,7 @@ from ase_bptt.errors import AseBpttError
 from ase_bptt.evaluation.baselines import Baseline, parse_baseline
 from ase_bptt.evaluation.compare import ratio_stats
 from ase_bptt.evaluation.split import EvalSplit
+from ase_bptt.relax.defaults import DEFAULT_FMAX, REFINE_STEPS
 from ase_bptt.relax.defaults import REFINE_OPTIMIZERS as OPTIMIZERS
 
 __all__ = ["Refinement", "RefineError", "parse_refinement", "refine", "OPTIMIZERS"]
@@ -45,12 +46,12 @@ class Refinement:
 
     calculator: Baseline
     optimizer: str = "FIRE"
-    fmax: float = 0.05
-    steps: int = 1000
+    fmax: float = DEFAULT_FMAX
+    steps: int = REFINE_STEPS
 
 
 def parse_refinement(
-    spec: str | Baseline, *, optimizer: str = "FIRE", fmax: float = 0.05, steps: int = 1000
+    spec: str | Baseline, *, optimizer: str = "FIRE", fmax: float = DEFAULT_FMAX, steps: int = REFINE_STEPS
 ) -> Refinement:
     """The :class:`Refinement` of ``--refine-with SPEC`` and its options, checked before anything runs.
 

@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
+from ase_bptt.relax.defaults import UNIVERSAL_ETA_GRID
 from ase_bptt.runs.config import AUTO, ConfigError
 from ase_bptt.train.finetune_config import FinetuneConfig
 from ase_bptt.train.pretrain import PretrainConfig
@@ -215,7 +215,7 @@ register_training_recipe(
         pretrain={"max_steps": 150, "batch_size": 8, "lr": 3e-4, "eval_frames": 200, "eval_batch_size": 16},
         finetune={
             "step": "fixed",
-            "eta_grid": DEFAULT_ETA_GRID[1::2],
+            "eta_grid": UNIVERSAL_ETA_GRID,
             "grid_structures": 8,
             "max_steps": 40,
             "batch_size": 2,

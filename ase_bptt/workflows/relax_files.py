@@ -15,7 +15,7 @@ from ase_bptt.errors import AseBpttError
 from ase_bptt.evaluation.pipeline import NoStepRuleError
 from ase_bptt.evaluation.relaxations import progress_bar as _progress
 from ase_bptt.outputs import check_not_inputs, check_writable_output
-from ase_bptt.relax.defaults import DEFAULT_MAX_STEPS
+from ase_bptt.relax.defaults import DEFAULT_FIRE_STEPS, DEFAULT_MAX_STEPS
 from ase_bptt.runs.config import resolve_dtype
 from ase_bptt.runs.distributed import resolve_device
 
@@ -122,7 +122,7 @@ def relax_file(
         )
     if steps is None:
         relax = calc.relax_settings or {}
-        steps = int(relax.get("max_steps") or DEFAULT_MAX_STEPS) if optimizer == "learned" else 300
+        steps = int(relax.get("max_steps") or DEFAULT_MAX_STEPS) if optimizer == "learned" else DEFAULT_FIRE_STEPS
     done = [
         _relax_frame(atoms, calc, optimizer, fmax=fmax, steps=steps, index=i, where=src)
         for i, atoms in enumerate(_progress(images, enabled=progress, desc=f"relax ({optimizer})"))
