@@ -157,3 +157,27 @@ def test_energy_reference_fit_is_exact_for_a_constant_per_atom_offset(tmp_path):
     torch.testing.assert_close(after.forces, before.forces, rtol=0, atol=0)  # forces never read it
     loaded = load_model(save_checkpoint(tmp_path / "m.pt", model))
     assert loaded.energy_reference[14].item() == pytest.approx(2.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_an_option_given_with_the_default_recipes_value_stays_the_users(silicon, monkeypatch, command):
+    """--init chgnet switches to the universal recipe, but --lr 5e-4 (the default recipe's lr) is the user's."""
+    import ase_bptt.train.finetune as finetune_module
+    import ase_bptt.train.pretrain as pretrain_module
+    from ase_bptt.train.presets import TRAINING_RECIPES
+
+    seen = {}
+
+    def capture(db, out, *, config, **kwargs):
+        seen["config"] = config
+        return Path(out)
+
+    module = pretrain_module if command == "pretrain" else finetune_module
+    monkeypatch.setattr(module, command, capture)
+    db, out = str(silicon / "si.db"), str(silicon / "never.pt")
+    run(command, db, "--init", "chgnet", "-o", out, "--lr", "5e-4")
+    universal = getattr(TRAINING_RECIPES["universal"], command)
+    assert seen["config"].recipe == "universal" and seen["config"].lr == 5e-4 != universal["lr"]
+    assert seen["config"].batch_size == universal["batch_size"]  # the rest from the universal recipe
+    run(command, db, "--init", "chgnet", "-o", out, "--recipe", "default")
+    assert seen["config"].recipe == "default"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -99,7 +100,7 @@ def pretrain_cmd(
     config = recipe_config(
         pretrain_config,
         PretrainConfig,
-        recipe=recipe,
+        recipe=recipe_for(ctx, recipe, init),
         model=model_changes(architecture, d_model, n_layers, n_heads) or None,
         augment_rotation=augment,
         augment_translation=augment,
@@ -110,6 +111,22 @@ def pretrain_cmd(
         db, out, config=config, init=init, progress=progress_enabled(ctx), overwrite=overwrite, workers=workers
     )
     click.echo(f"wrote {path}")
+
+
+def recipe_for(ctx: click.Context, recipe: str, init: str | None) -> str:
+    """The recipe the given options go on top of: ``universal`` when ``--init`` starts from a universal MLIP and
+    ``--recipe`` was not given, so an option given with the default recipe's value (``--lr 5e-4``) stays the
+    user's instead of being taken for an untouched default."""
+    from click.core import ParameterSource
+
+    from ase_bptt.train.pretrain import starts_universal
+
+    if ctx.get_parameter_source("recipe") is ParameterSource.DEFAULT and starts_universal(init):
+        logging.getLogger("ase_bptt.train").info(
+            "starting from a universal MLIP: the universal recipe (--recipe default keeps the default one)"
+        )
+        return "universal"
+    return recipe
 
 
 def _finetune_params() -> list[click.Parameter]:
@@ -192,7 +209,7 @@ def finetune_cmd(
     config = recipe_config(
         finetune_config,
         FinetuneConfig,
-        recipe=recipe,
+        recipe=recipe_for(ctx, recipe, init),
         label_weights=label_weights,
         augment_translation=augment,
         augment_cubic=augment,
