@@ -211,3 +211,23 @@ def test_split_declares_named_trajectories(tmp_path, traj_files, test_set):
     result = run("split", str(path), "--split", "val", "--traj-id", ids["t3"])
     assert result.exit_code == 1 and "held out in test" in error_line(result)
     assert splits_by_file(path)["t3"] == "test" and sha(path) == before
+
+
+def test_generate_takes_a_comma_separated_defect_list_and_refuses_a_bad_one_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ase_bptt.cli import cli
+    from ase_bptt.data.db import TrajectoryDB
+
+    db = tmp_path / "si.db"
+    res = CliRunner().invoke(
+        cli, ["-q", "generate", "si-defects", str(db), "-n", "2", "--option", "defects=vacancy, divacancy"]
+    )
+    assert res.exit_code == 0, res.output
+    labels = {t.label for t in TrajectoryDB(db).trajectories(converged_only=False)}
+    assert labels <= {"vacancy", "divacancy"}
+    bad = tmp_path / "bad.db"
+    res = CliRunner().invoke(cli, ["-q", "generate", "si-defects", str(bad), "-n", "2", "--option", "defects=vacncy"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert "unknown defect(s) ['vacncy']" in res.output and "--option" in res.output
+    assert not bad.exists()

@@ -34,7 +34,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.optimize import FIRE
 
 from ase_bptt.data.db import TrajectoryDB
-from ase_bptt.data.recipes import RECIPES, Recipe, resolve_reference
+from ase_bptt.data.recipes import RECIPES, Recipe, RecipeOptionError, resolve_reference
 from ase_bptt.data.splits import SplitFractions, hold_out_in_force, target_splits
 
 __all__ = ["generate", "relax_frames", "make_trajectory", "traj_id_for"]
@@ -168,14 +168,17 @@ def generate(
     from tqdm.auto import tqdm
 
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+        raise RecipeOptionError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     rec = RECIPES[recipe]
     opts = rec.options(options)
     if reference is None:
         reference = rec.default_reference
     factory, ref_name = resolve_reference(reference)
     # Build one structure now so bad options fail before any work starts.
-    rec.build(np.random.default_rng([seed, 0]), reference, **opts)
+    try:
+        rec.build(np.random.default_rng([seed, 0]), reference, **opts)
+    except ValueError as exc:  # the recipe's own check of an option value
+        raise RecipeOptionError(f"recipe {recipe!r}, --option: {exc}") from None
     db.check_writable()
 
     existing = db.traj_ids()

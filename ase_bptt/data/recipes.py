@@ -59,6 +59,7 @@ __all__ = [
     "ALLOY_ELEMENTS",
     "FCC_DEFECTS",
     "MissingDependencyError",
+    "RecipeOptionError",
     "resolve_reference",
     "stillinger_weber",
 ]
@@ -76,6 +77,10 @@ FCC_DEFECTS = ("vacancy", "divacancy", "substitution", "interstitial", "substitu
 DUMBBELL_SEPARATION = 0.6  # in units of the lattice constant: about the EMT <100> dumbbell of Cu (2.2 A)
 SI_LATTICE_CONSTANT = 5.431  # A; the equilibrium of Stillinger-Weber (and close to Tersoff's 5.432)
 SPLIT110_SEPARATION = 2.3  # A; dumbbell bond length, roughly the DFT value
+
+
+class RecipeOptionError(AseBpttError, ValueError):
+    """A recipe name or ``--option`` value the recipe cannot use; the message names it and the choices."""
 
 
 class MissingDependencyError(AseBpttError, ImportError):
@@ -195,16 +200,16 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
 
     def options(self, given: dict) -> dict:
-        """The full option dict; element and defect lists accept one name as a string."""
+        """The full option dict; element and defect lists accept one name or a comma-separated string."""
         unknown = set(given) - set(self.defaults)
         if unknown:
-            raise ValueError(
+            raise RecipeOptionError(
                 f"recipe {self.name!r} has no option(s) {sorted(unknown)}; its options are {sorted(self.defaults)}"
             )
         out = {**self.defaults, **given}
         for key in ("defects", "substituents", "elements"):
             if isinstance(out.get(key), str):
-                out[key] = (out[key],)
+                out[key] = tuple(name.strip() for name in out[key].split(",") if name.strip())
             elif out.get(key) is not None:
                 out[key] = tuple(out[key])
         return out
