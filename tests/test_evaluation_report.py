@@ -169,3 +169,24 @@ def test_no_plots_writes_the_same_report_without_pngs(report, tmp_path):
     # The full report's own file list names exactly what it wrote.
     on_disk = json.loads((root / "out" / "report.json").read_text())
     assert {Path(p).name for p in on_disk["files"].values()} == {"report.md", "report.json", *PLOT_FILES.values()}
+
+
+def test_the_console_prints_report_jsons_numbers(report):
+    """Every row of the console table carries report.json's mean, median, force and energy MAE, and every
+    comparison line its mean ratio, median ratio and fraction improved, as printed (3 decimals, whole percent)."""
+    from ase_bptt.evaluation.rows import fmt, method_rows
+
+    root, _, result = report
+    on_disk = json.loads((root / "out" / "report.json").read_text())
+    text = summary_text(on_disk)
+    lines = text.splitlines()
+    for row in method_rows(on_disk):
+        printed = next(line for line in lines if line.startswith(row["method"]) and f" {row['model']} " in line)
+        cells = printed[len(row["method"]) :].split()
+        for value in (row["dq_mean"], row["dq_median"], row["force_mae"], row["energy_mae"]):
+            assert fmt(value) in cells, (row["method"], value, printed)
+    assert on_disk["comparisons"]
+    for c in on_disk["comparisons"]:
+        printed = [line for line in lines if line.lstrip().startswith(c["model"]) and c["against_label"] in line]
+        expected = [fmt(c["mean_ratio"]), fmt(c["median_ratio"]), f"{round(100 * c['improved'])}%"]
+        assert any(all(e in line.split() for e in expected) for line in printed), (c, printed)
