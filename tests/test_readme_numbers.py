@@ -61,3 +61,26 @@ def test_the_runs_are_the_readme_commands_with_no_options():
         assert finetune == [["finetune", "traj.db", "-o", "model.pt"]]
         evaluate = [args for args in commands if args[0] == "evaluate"]
         assert evaluate == [["evaluate", "model-pretrained.pt", "model.pt", "--db", "traj.db", "-o", "report"]]
+
+
+def test_the_demo_numbers_are_the_committed_reports():
+    """README and docs/demo.md quote the demo's report (docs/demo-report/report.json) as printed."""
+    from ase_bptt.evaluation.compare import ratio_stats
+
+    report = json.loads((ROOT / "docs" / "demo-report" / "report.json").read_text())
+    pre, tuned = report["checkpoints"]
+    own = tuned["own_rule"]
+    quoted = []
+    for base in (pre["fixed_step_selected"], pre["fire"]):
+        stats = ratio_stats(own["per_structure"], base["per_structure"])
+        quoted += [f"{own['dq']['mean'] / base['dq']['mean']:.3f}", f"{stats['median_ratio']:.3f}"]
+        assert stats["improved"] == 1.0
+    quoted += [
+        f"{tuned['forces']['mae'] / pre['forces']['mae']:.2f}x",
+        f"{tuned['forces']['energy_mae_mev_per_atom'] / pre['forces']['energy_mae_mev_per_atom']:.2f}x",
+    ]
+    for doc in ("README.md", "docs/demo.md"):
+        text = (ROOT / doc).read_text()
+        for number in quoted:
+            assert number in text, (doc, number)
+    assert (ROOT / "docs" / "demo-report" / "output.txt").read_text().count(f"{quoted[0]} (median") == 1
