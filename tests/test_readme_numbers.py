@@ -11,8 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| \[[^\]]+\]\((studies/results/user-path/[\w-]+)/\) \((\d+)\) \|(.*)\|$", re.M)
 
