@@ -82,3 +82,14 @@ def test_the_demo_numbers_are_the_committed_reports():
         for number in quoted:
             assert number in text, (doc, number)
     assert (ROOT / "docs" / "demo-report" / "output.txt").read_text().count(f"{quoted[0]} (median") == 1
+
+
+def test_the_reference_steps_saved_are_the_committed_refinements():
+    """README quotes docs/demo-report/refine-sw/report.json's mean (and median) reference steps."""
+    refinement = json.loads((ROOT / "docs" / "demo-report" / "refine-sw" / "report.json").read_text())["refinement"]
+    by_label = {m["label"]: m for m in refinement["methods"]}
+    text = (ROOT / "README.md").read_text()
+    tuned = by_label["model: as exported (FIREStep)"]
+    assert f"need {tuned['steps_mean']:.1f} reference steps on average (median {tuned['steps_median']:.0f})" in text
+    for label in ("do nothing (initial structure)", "model-pretrained: ASE FIRE"):
+        assert f"{by_label[label]['steps_mean']:.1f} from the" in text, label
