@@ -66,11 +66,9 @@ def test_the_untouched_base_model_is_a_baseline_row(tmp_path):
 
 
 def test_a_universal_checkpoint_gets_the_short_eta_grid():
-    from ase_bptt.evaluation.pipeline import Evaluation
+    from ase_bptt.evaluation.universal import default_eta_grid
     from ase_bptt.relax.defaults import DEFAULT_ETA_GRID, UNIVERSAL_ETA_GRID
 
-    job = Evaluation.__new__(Evaluation)
-    job.models = {"tuned": small_backend("chgnet")}
-    assert job._default_grid() == UNIVERSAL_ETA_GRID and len(UNIVERSAL_ETA_GRID) == 4
-    job.models = {"adapt": tiny_adapt()}
-    assert job._default_grid() == DEFAULT_ETA_GRID
+    assert default_eta_grid({"tuned": small_backend("chgnet"), "adapt": tiny_adapt()}) == UNIVERSAL_ETA_GRID
+    assert len(UNIVERSAL_ETA_GRID) == 4
+    assert default_eta_grid({"adapt": tiny_adapt()}) == DEFAULT_ETA_GRID

@@ -58,16 +58,10 @@ from ase_bptt.evaluation.relaxations import (
 )
 from ase_bptt.evaluation.rows import method_label
 from ase_bptt.evaluation.split import evaluable, force_errors, load_split, method_entry, selection_split, unique_stems
+from ase_bptt.evaluation.universal import default_eta_grid, forgetting_entry, untouched_bases
 from ase_bptt.outputs import check_not_inputs, check_writable_output
-from ase_bptt.relax.defaults import (
-    DEFAULT_ETA_GRID,
-    DEFAULT_FIRE_STEPS,
-    DEFAULT_FMAX,
-    DEFAULT_MAX_STEPS,
-    DEFAULT_TOL,
-    EVAL_BATCH_SIZE,
-    UNIVERSAL_ETA_GRID,
-)
+from ase_bptt.relax import defaults
+from ase_bptt.relax.defaults import DEFAULT_ETA_GRID
 from ase_bptt.runs.config import resolve_dtype, to_jsonable
 from ase_bptt.runs.distributed import resolve_device
 from ase_bptt.runs.errors import EmptySplitError
@@ -89,13 +83,13 @@ def evaluate(
     split: str = "test",
     select_eta_on: str | None = "val",
     eta_grid: Sequence[float] | None = None,
-    fire_fmax: float = DEFAULT_FMAX,
-    fire_steps: int = DEFAULT_FIRE_STEPS,
-    tol: float = DEFAULT_TOL,
-    max_steps: int = DEFAULT_MAX_STEPS,
+    fire_fmax: float = defaults.DEFAULT_FMAX,
+    fire_steps: int = defaults.DEFAULT_FIRE_STEPS,
+    tol: float = defaults.DEFAULT_TOL,
+    max_steps: int = defaults.DEFAULT_MAX_STEPS,
     maxstep: float = 0.2,
     metric: str = "dq",
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: int = defaults.EVAL_BATCH_SIZE,
     names: Sequence[str] | None = None,
     baselines: Sequence[str | Baseline] = (),
     refinement: Refinement | None = None,
@@ -259,7 +253,7 @@ class Evaluation:
             for name, ck in self.ckpts.items()
         }
         if self.settings["eta_grid"] is None:
-            self.settings["eta_grid"] = list(self._default_grid())
+            self.settings["eta_grid"] = list(default_eta_grid(self.models))
         self.database = open_db(self.db_arg)
         self.data, self.skipped = evaluable(load_split(self.database, self.split_name), self.models)
         if len(self.skipped) == len(self.data):
@@ -274,14 +268,6 @@ class Evaluation:
             log.warning("%s", self.selection_note)
         self.finals[("-", "do_nothing")] = self.data.batch64.positions
         self.labels[("-", "do_nothing")] = "do nothing (initial structure)"
-
-    def _default_grid(self) -> tuple[float, ...]:
-        from ase_bptt.models.universal import UniversalModel
-
-        if any(isinstance(model, UniversalModel) for model in self.models.values()):
-            log.info("a universal MLIP: fixed steps over the eta grid %s", ", ".join(map(str, UNIVERSAL_ETA_GRID)))
-            return UNIVERSAL_ETA_GRID
-        return DEFAULT_ETA_GRID
 
     def header(self) -> dict[str, Any]:
         """What was evaluated, how, and the do-nothing row."""
@@ -352,24 +338,15 @@ class Evaluation:
 
     def universal_entries(self, checkpoints: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """For every checkpoint that tuned a universal MLIP: its untouched base model with ASE FIRE as a baseline
-        row (what the user would relax with without tuning), and in the checkpoint's entry ``forgetting``, the
-        force deviation from that base on structures of other elements
-        (:func:`~ase_bptt.backends.forgetting.forgetting`)."""
-        from ase_bptt.backends.forgetting import forgetting
-        from ase_bptt.models.universal import UniversalModel, base_model
-
-        out, bases = [], {}
+        row (what the user would relax with without tuning), and ``forgetting`` in the checkpoint's entry."""
+        names, bases = untouched_bases(
+            {e["name"]: self.models[e["name"]] for e in checkpoints}, self.device, self.dtype
+        )
+        out = [self.baseline_entry(calc, forces=self._forces(label, base)) for label, (calc, base) in bases.items()]
         for entry in checkpoints:
-            model = self.models[entry["name"]]
-            if not isinstance(model, UniversalModel) or model.config.model is None:
-                continue
-            c = model.config
-            label = f"{c.backend} {c.model} (untouched)"
-            if label not in bases:
-                bases[label] = base = base_model(model).eval()
-                calc = Baseline(label, lambda base=base: BPTTCalculator(base, device=self.device, dtype=self.dtype))
-                out.append(self.baseline_entry(calc, forces=self._forces(label, base)))
-            entry["forgetting"] = {"against": label, **forgetting(model, bases[label]).to_dict()}
+            if entry["name"] in names:
+                label = names[entry["name"]]
+                entry["forgetting"] = forgetting_entry(self.models[entry["name"]], bases[label][1], label)
         return out
 
     def compare(self, result: dict[str, Any]) -> None:
