@@ -76,7 +76,7 @@ class Settings:
 
 _MODEL = {"d_model": 32, "d_ff": 64, "n_layers": 2, "n_heads": 4}
 
-#: The demo's data and budgets (ase_bptt/train/demo.py FULL), one BPTT run per weight.
+#: The demo's data and budgets (ase_bptt/workflows/demo.py FULL), one BPTT run per weight.
 FULL = Settings(
     n_trajectories=120,
     val=0.15,

@@ -4,7 +4,7 @@
     python -m studies.interstitial_limits --out limits --stages oracle  # one stage (others are reused)
     python -m studies.interstitial_limits --out /tmp/l --quick          # a smoke run of every stage
 
-On the demo's data (ase_bptt/train/demo.py: four defect kinds at random sites
+On the demo's data (ase_bptt/workflows/demo.py: four defect kinds at random sites
 of 64-site silicon cells) BPTT gains much more on vacancies than on
 interstitials. This script measures why, on the VAL split only (it never reads
 the test split; every choice it makes, the fixed step eta included, is made on
@@ -101,7 +101,7 @@ class Settings:
 
 _MI_BPTT = {"max_batches": 60, "batch_size": 8, "lr": 5e-4, "eval_every": 10}
 
-#: The demo's data (ase_bptt/train/demo.py FULL) and the budgets of the lead's measurements.
+#: The demo's data (ase_bptt/workflows/demo.py FULL) and the budgets of the lead's measurements.
 FULL = Settings(
     n_trajectories=DEMO_FULL.n_trajectories,
     val=0.15,
