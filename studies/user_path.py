@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ase_bptt.evaluation.compare import ratio_stats
 
 
 def run(args: list[str], cwd: Path, log) -> float:
@@ -43,12 +44,8 @@ def run(args: list[str], cwd: Path, log) -> float:
 
 def compare(tuned: list[float], base: list[float]) -> dict[str, float]:
     """Mean ratio, median per-structure ratio and the fraction improved of ``tuned`` against ``base``."""
-    ratios = [t / b for t, b in zip(tuned, base)]
-    return {
-        "mean_ratio": sum(tuned) / sum(base),
-        "median_ratio": statistics.median(ratios),
-        "improved": sum(t < b for t, b in zip(tuned, base)) / len(tuned),
-    }
+    stats = ratio_stats(tuned, base)
+    return {key: stats[key] for key in ("mean_ratio", "median_ratio", "improved")}
 
 
 def summarise(report: dict) -> dict:
